@@ -1,0 +1,1 @@
+"""Subcommands of the ``dynsparse`` CLI, one module each, discovered by ``dynsparse.cli``."""

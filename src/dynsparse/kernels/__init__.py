@@ -1,0 +1,4 @@
+"""Fast CPU execution of conditional computation (numba), each kernel with a plain reference."""
+from .tree_infer import numba_available, tree_forward_kernel
+
+__all__ = ["numba_available", "tree_forward_kernel"]

@@ -1,0 +1,39 @@
+"""Replace a model's MLP blocks with tree FF layers, in place (torchao-style verb)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from ..mlps import FilterFn, find_mlps
+from .layer import TreeFF
+
+
+@dataclass
+class TreeConfig:
+    """What to build in place of each MLP block. d_model and d_out follow the block being replaced."""
+
+    depth: int
+    trees: int = 1
+    activation: str = "gelu"
+    act_position: str = "node"
+    bias: bool = True
+    impl: str | None = None
+
+    def build(self, d_model: int, d_out: int | None = None, **factory) -> TreeFF:
+        return TreeFF(d_model, d_out=d_out, **asdict(self), **factory)
+
+
+def treeify_(model: nn.Module, config: TreeConfig, filter_fn: FilterFn | None = None) -> list[str]:
+    """Swap every MLP block ``find_mlps`` finds (and ``filter_fn(module, fqn)`` accepts) for a fresh
+    ``TreeFF`` on the same device and dtype. Returns the names of the replaced blocks."""
+    if not isinstance(config, TreeConfig):
+        raise TypeError(f"config must be a TreeConfig, got {type(config).__name__}")
+    blocks = find_mlps(model, filter_fn)
+    if not blocks:
+        raise ValueError(f"no MLP blocks found in {type(model).__name__} (fc1/act/fc2, c_fc/c_proj, up/down, ...)")
+    for name, block in blocks.items():
+        w1, _, w2, _ = block.linear_weights()
+        tree = config.build(block.d_model, d_out=w2.shape[0], device=w1.device, dtype=w1.dtype)
+        block.replace(tree)
+    return list(blocks)

@@ -1,0 +1,196 @@
+"""TreeFF: a feed-forward block made of K binary trees of single neurons, with hard routing."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..kernels import numba_available, tree_forward_kernel
+from .activations import ACTIVATION_CODES, get_activation
+from .gather import tree_ff_gather
+from .reference import tree_ff_masked
+from .telemetry import TreeUsage, usage_from_leaf_visits
+
+MAX_DEPTH = 24
+IMPLS = ("masked", "gather", "kernel")
+ACT_POSITIONS = ("node", "path")
+
+
+class TreeFF(nn.Module):
+    """A drop-in replacement for a transformer MLP block that activates trees * (depth+1) neurons per token.
+
+    Semantics (the contract the tests check):
+
+    * Parameters ``w_in`` (trees, nodes, d_model), ``b_in`` (trees, nodes) when ``bias``, and
+      ``w_out`` (trees, nodes, d_out), with ``nodes = 2**(depth+1) - 1`` in heap order: the children
+      of node i are 2i+1 (taken when z <= 0) and 2i+2 (taken when z > 0).
+    * For a token x, in every tree: start at the root, compute ``z = w_in[n] . x + b_in[n]``, move to
+      the child picked by the sign of z, and repeat for depth+1 nodes (root to leaf). The routing
+      decision carries no gradient.
+    * ``act_position="node"`` (UltraFastBERT's form): ``y = sum_trees sum_path act(z_n) * w_out[n]``.
+    * ``act_position="path"``: the activation comes after each tree's path is accumulated,
+      ``y = sum_trees act(sum_path z_n * w_out[n])``; z then enters linearly, so both branches of a
+      node receive gradients of the same form (the variant that keeps trees balanced).
+    * Input (..., d_model) -> output (..., d_out).
+
+    Execution (all three compute the same function):
+    ``impl="masked"`` computes every node and masks the path (reference); ``impl="gather"`` touches
+    only visited rows, forward and backward (default when training or when gradients are needed);
+    ``impl="kernel"`` is the numba CPU inference kernel (default in eval on CPU). ``impl=None`` picks.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        depth: int,
+        trees: int = 1,
+        d_out: int | None = None,
+        activation: str = "gelu",
+        act_position: str = "node",
+        bias: bool = True,
+        impl: str | None = None,
+        check_finite: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        _check_int("d_model", d_model, 1)
+        _check_int("depth", depth, 0, MAX_DEPTH)
+        _check_int("trees", trees, 1)
+        d_out = d_model if d_out is None else d_out
+        _check_int("d_out", d_out, 1)
+        get_activation(activation)
+        if act_position not in ACT_POSITIONS:
+            raise ValueError(f"act_position must be one of {ACT_POSITIONS}, got {act_position!r}")
+        _check_impl(impl)
+
+        self.d_model, self.depth, self.trees, self.d_out = d_model, depth, trees, d_out
+        self.activation, self.act_position = activation, act_position
+        self.impl, self.check_finite = impl, check_finite
+        self.nodes = 2 ** (depth + 1) - 1
+        kw = {"device": device, "dtype": dtype}
+        self.w_in = nn.Parameter(torch.empty(trees, self.nodes, d_model, **kw))
+        self.b_in = nn.Parameter(torch.empty(trees, self.nodes, **kw)) if bias else None
+        self.w_out = nn.Parameter(torch.empty(trees, self.nodes, d_out, **kw))
+        # Routing telemetry: per-leaf visit counts (they determine every node's visits and turns).
+        self.register_buffer("leaf_visits", torch.zeros(trees, 2**depth, dtype=torch.int64, device=device))
+        self._tracking = False
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ set-up
+    def reset_parameters(self) -> None:
+        """The published neuron-tree initialisation: U(+-1/sqrt(d_model)) in, U(+-1/sqrt(trees*(depth+1))) out."""
+        bound_in = 1.0 / math.sqrt(self.d_model)
+        bound_out = 1.0 / math.sqrt(self.trees * (self.depth + 1))
+        with torch.no_grad():
+            self.w_in.uniform_(-bound_in, bound_in)
+            if self.b_in is not None:
+                self.b_in.uniform_(-bound_in, bound_in)
+            self.w_out.uniform_(-bound_out, bound_out)
+
+    @property
+    def active_fraction(self) -> float:
+        """Share of the layer's neurons that work for one token: (depth+1) / nodes."""
+        return (self.depth + 1) / self.nodes
+
+    @property
+    def flops_per_token(self) -> int:
+        """Multiply-adds x2 on the hard path: per tree and level a dot (d_model) and an axpy (d_out)."""
+        return 2 * self.trees * (self.depth + 1) * (self.d_model + self.d_out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, depth={self.depth}, trees={self.trees}, d_out={self.d_out}, "
+            f"activation={self.activation!r}, act_position={self.act_position!r}, "
+            f"bias={self.b_in is not None}, active={self.active_fraction:.2%}"
+        )
+
+    # ------------------------------------------------------------------ telemetry
+    def track_usage(self, enabled: bool = True) -> "TreeFF":
+        """Count visits per leaf (hence per node) on every forward while enabled."""
+        self._tracking = bool(enabled)
+        return self
+
+    @property
+    def tracking(self) -> bool:
+        return self._tracking
+
+    def reset_usage(self) -> None:
+        self.leaf_visits.zero_()
+
+    def usage_stats(self) -> TreeUsage:
+        return usage_from_leaf_visits(self.leaf_visits.cpu())
+
+    # ------------------------------------------------------------------ forward
+    def resolve_impl(self, x: torch.Tensor) -> str:
+        if self.impl is not None:
+            return self.impl
+        if not self.training and not self._needs_grad(x) and x.device.type == "cpu" and numba_available():
+            return "kernel"
+        return "gather"
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    def _weights_for(self, x: torch.Tensor):
+        """The parameters in x's dtype: under autocast the layer follows the autocast dtype."""
+        params = (self.w_in, self.b_in, self.w_out)
+        if x.dtype == self.w_in.dtype:
+            return params
+        return tuple(None if p is None else p.to(x.dtype) for p in params)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.d_model)
+        impl = self.resolve_impl(x2)
+        args = self._weights_for(x2)
+        if impl == "masked":
+            y, leaves = tree_ff_masked(x2, *args, self.depth, self.activation, self.act_position)
+        elif impl == "gather":
+            y, leaves = tree_ff_gather(x2, *args, self.depth, self.activation, self.act_position)
+        else:
+            if self._needs_grad(x2):
+                raise RuntimeError("impl='kernel' is inference-only: run under torch.no_grad() or use impl='gather'")
+            y, leaves = tree_forward_kernel(
+                x2, *args, self.depth, ACTIVATION_CODES[self.activation], self.act_position == "path"
+            )
+        if self._tracking:
+            self._count(leaves)
+        return y.reshape(*lead, self.d_out)
+
+    def _count(self, leaves: torch.Tensor) -> None:
+        n_leaves = self.leaf_visits.shape[1]
+        flat = (leaves.to(self.leaf_visits.device) + torch.arange(self.trees, device=self.leaf_visits.device) * n_leaves)
+        counts = torch.bincount(flat.reshape(-1), minlength=self.trees * n_leaves)
+        self.leaf_visits += counts.view(self.trees, n_leaves)
+
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"TreeFF input must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"TreeFF input must be floating point, got dtype {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"TreeFF input's last dimension must be d_model={self.d_model}, got shape {tuple(x.shape)}"
+            )
+        if x.dtype != self.w_in.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"TreeFF input dtype {x.dtype} differs from the layer's {self.w_in.dtype}")
+        if self.check_finite and not torch.isfinite(x).all():
+            raise ValueError("TreeFF input contains NaN or Inf (check_finite=True)")
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        expect = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {expect}, got {value}")
+
+
+def _check_impl(impl) -> None:
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
