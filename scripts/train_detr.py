@@ -1,0 +1,129 @@
+"""Train the built-in small DETR on the synthetic shapes set (CPU, one thread, time-boxed).
+
+    python scripts/train_detr.py --minutes 55
+
+1. writes the synthetic COCO set (dynsparse.detection.synthetic) if --data does not exist;
+2. preprocesses the train split once with the DETR image processor (images are 128 px, no resizing);
+3. trains DetrForObjectDetection (dynsparse.detection.model.small_detr_config) with AdamW, Hungarian-matched
+   DETR loss incl. auxiliary decoder losses, random horizontal flips, grad-norm clip 0.1, lr / 10 for the
+   last 20 % of the time budget;
+4. every --eval-minutes evaluates val AP with pycocotools and checkpoints (last + best) under --workdir;
+5. exports the best checkpoint in float16 safetensors + config + image-processor config to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dynsparse.detection.coco import CocoDetection, make_collate
+from dynsparse.detection.evaluate import evaluate_detr
+from dynsparse.detection.model import build_small_detr, small_detr_processor
+from dynsparse.detection.synthetic import make_synthetic_coco
+
+
+def save_atomic(model, processor, out: Path, dtype=None, extra: dict | None = None) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    m = model if dtype is None else model.to(dtype)
+    m.save_pretrained(tmp, safe_serialization=True)
+    if dtype is not None:
+        model.float()
+    processor.save_pretrained(tmp)
+    if extra:
+        (tmp / "train_info.json").write_text(json.dumps(extra, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="data/synth_coco")
+    ap.add_argument("--workdir", default="runs/detr")
+    ap.add_argument("--out", default="src/dynsparse/assets/detr")
+    ap.add_argument("--minutes", type=float, default=55.0)
+    ap.add_argument("--eval-minutes", type=float, default=6.0)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-train", type=int, default=3000)
+    ap.add_argument("--n-val", type=int, default=400)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    data, workdir, out = Path(args.data), Path(args.workdir), Path(args.out)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not data.exists():
+        make_synthetic_coco(data, args.n_train, args.n_val, seed=args.seed)
+    train, val = CocoDetection(data, "train"), CocoDetection(data, "val")
+    processor = small_detr_processor()
+    collate = make_collate(processor)
+    batches = [collate([train[j] for j in range(i, min(i + 64, len(train)))]) for i in range(0, len(train), 64)]
+    pixels = torch.cat([b["pixel_values"] for b in batches])
+    labels = [lab for b in batches for lab in b["labels"]]
+    print(f"train {len(train)} images {tuple(pixels.shape)}, val {len(val)} images", flush=True)
+
+    model = build_small_detr(train.id2label).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    t0, last_eval, step, best = time.time(), time.time(), 0, -1.0
+    budget = args.minutes * 60
+    history = []
+    while True:
+        elapsed = time.time() - t0
+        if elapsed > budget:
+            break
+        lr = args.lr if elapsed < 0.8 * budget else args.lr / 10
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(len(labels), (args.batch_size,))
+        x = pixels[idx].clone()
+        ys = []
+        flip = torch.rand(args.batch_size) < 0.5
+        x[flip] = x[flip].flip(-1)
+        for k, i in enumerate(idx.tolist()):
+            y = {"class_labels": labels[i]["class_labels"], "boxes": labels[i]["boxes"].clone()}
+            if flip[k]:
+                y["boxes"][:, 0] = 1 - y["boxes"][:, 0]
+            ys.append(y)
+        outputs = model(pixel_values=x, pixel_mask=torch.ones(x.shape[0], *x.shape[2:], dtype=torch.long), labels=ys)
+        opt.zero_grad(set_to_none=True)
+        outputs.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            ld = outputs.loss_dict
+            print(f"step {step} {elapsed / 60:.1f} min lr {lr:.0e} loss {outputs.loss.item():.3f} "
+                  f"ce {ld['loss_ce'].item():.3f} l1 {ld['loss_bbox'].item():.3f} giou {ld['loss_giou'].item():.3f}",
+                  flush=True)
+        if time.time() - last_eval > args.eval_minutes * 60 or time.time() - t0 > budget:
+            stats = evaluate_detr(model.eval(), processor, val, batch_size=16, verbose=False)
+            model.train()
+            history.append({"step": step, "minutes": round((time.time() - t0) / 60, 2), **stats})
+            print(f"eval step {step}: AP {stats['AP']:.3f} AP50 {stats['AP50']:.3f} AP75 {stats['AP75']:.3f}", flush=True)
+            info = {"args": vars(args), "history": history}
+            save_atomic(model, processor, workdir / "last", extra=info)
+            if stats["AP"] > best:
+                best = stats["AP"]
+                save_atomic(model, processor, workdir / "best", extra=info)
+            last_eval = time.time()
+
+    from transformers import DetrForObjectDetection
+
+    model = DetrForObjectDetection.from_pretrained(workdir / "best").eval()
+    save_atomic(model, processor, out, dtype=torch.float16)
+    print(f"exported {workdir / 'best'} (val AP {best:.3f}) to {out} in float16", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
