@@ -1,0 +1,104 @@
+"""The LM's HF config: one class, one field (``ff``) that picks the feed-forward block, and named presets."""
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+FF_KINDS = ("dense", "tree")
+POSITIONS = ("learned", "rope")
+
+
+class DynSparseLMConfig(PretrainedConfig):
+    """A GPT-style decoder. ``ff="dense"``: GELU MLP of width ``intermediate_size``;
+    ``ff="tree"``: ``TreeFF(hidden_size, tree_depth, tree_trees, ...)`` in each block instead.
+
+    Field names follow HF conventions (hidden_size, num_hidden_layers, ...) so HF utilities and
+    lm-evaluation-harness find the context length and sizes without help.
+    """
+
+    model_type = "dynsparse_lm"
+    keys_to_ignore_at_inference = ["cache"]
+
+    vocab_size: int = 2048
+    max_position_embeddings: int = 256
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int | None = None  # dense FF width; None -> 4 * hidden_size
+    ff: str = "dense"
+    tree_depth: int = 7
+    tree_trees: int = 8
+    tree_activation: str = "gelu"
+    tree_act_position: str = "node"
+    position_embedding: str = "learned"  # "learned" or "rope"
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+    bias: bool = True
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        self.check()
+        super().__post_init__(**kwargs)
+
+    def check(self) -> None:
+        """Reject configs that would build a broken model, naming the field."""
+        for name in ("vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers",
+                     "num_attention_heads", "intermediate_size", "tree_trees"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.ff not in FF_KINDS:
+            raise ValueError(f"ff must be one of {FF_KINDS}, got {self.ff!r}")
+        if self.position_embedding not in POSITIONS:
+            raise ValueError(f"position_embedding must be one of {POSITIONS}, got {self.position_embedding!r}")
+        if self.position_embedding == "rope" and (self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError("rope needs an even head dimension (hidden_size / num_attention_heads)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def ff_active_fraction(self) -> float:
+        """Share of the FF block's neurons that work for one token (1.0 for dense)."""
+        if self.ff == "dense":
+            return 1.0
+        return (self.tree_depth + 1) / (2 ** (self.tree_depth + 1) - 1)
+
+    @property
+    def ff_flops_per_token(self) -> int:
+        """FLOPs (2 x multiply-adds) of one FF block for one token, on the hard path for trees."""
+        d = self.hidden_size
+        if self.ff == "dense":
+            return 2 * 2 * d * self.intermediate_size
+        return 2 * self.tree_trees * (self.tree_depth + 1) * 2 * d
+
+
+# Architecture presets. tiny trains in CPU minutes; small is ~20M parameters; 125m and 1.3b are the
+# published scales (GPT-2/OPT shapes), configuration only here: train them on real hardware.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=256,
+                 vocab_size=2048, tree_depth=7, tree_trees=8),
+    "small": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, max_position_embeddings=512,
+                  vocab_size=8192, tree_depth=8, tree_trees=16),
+    "125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=1024,
+                 vocab_size=50304, tree_depth=11, tree_trees=8),
+    "1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, max_position_embeddings=2048,
+                 vocab_size=50304, tree_depth=11, tree_trees=16),
+}
+
+
+def preset_config(name: str, **overrides) -> DynSparseLMConfig:
+    """A config from a named preset; keyword arguments override its fields."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return DynSparseLMConfig(**{**PRESETS[name], **overrides})
