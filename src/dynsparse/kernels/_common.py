@@ -1,0 +1,57 @@
+"""Pieces every numba kernel shares: availability, thread count, activations, tensor <-> array glue."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+try:
+    import numba
+    from numba import njit
+
+    NUMBA = True
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    NUMBA = False
+
+# LLVM flags for the kernels' inner loops: "reassoc" lets dot products use SIMD partial sums and
+# "contract" allows fused multiply-adds. No "afn"/"nnan": erf/exp stay exact and NaN still propagates.
+# Reassociation changes the last bits of a dot product; a routing or gating decision can flip only
+# when |z| is within rounding of zero, which the tests exclude by margin.
+FAST = {"reassoc", "contract"}
+
+
+def numba_available() -> bool:
+    return NUMBA
+
+
+def sync_threads() -> None:
+    """Use torch's thread count so the kernels and the dense baselines share the same cores."""
+    if NUMBA:
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def as_f32(t: torch.Tensor) -> np.ndarray:
+    """A contiguous float32 numpy view (no copy when t already is one)."""
+    t = t.detach()
+    if t.dtype != torch.float32:
+        t = t.to(torch.float32)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.numpy()
+
+
+if NUMBA:
+
+    @njit(inline="always", cache=True)
+    def act(z, code):
+        """Activation by code (dynsparse.tree.activations.ACTIVATION_CODES): gelu(erf), relu, silu, tanh, identity."""
+        if code == 0:
+            return 0.5 * z * (1.0 + math.erf(z * 0.7071067811865476))
+        if code == 1:
+            return z if z > 0.0 else 0.0
+        if code == 2:
+            return z / (1.0 + math.exp(-z))
+        if code == 3:
+            return math.tanh(z)
+        return z

@@ -1,0 +1,407 @@
+"""Gated sparse MLP execution on CPU: gates that emit index lists, and MLPs that touch only those neurons.
+
+An MLP block ``y = fc2(act(fc1(x)))`` whose activations are mostly zero (ReLU) or gated off (MGS) wastes
+most of its work. These kernels read only the weight rows of active neurons:
+
+* gates (``lowrank_gate_indices``, ``grouped_gate_indices``) write each token's active neurons straight
+  into CSR lists (``indptr`` int64 (M+1,), ``indices`` int32 (nnz,)); a dense d_ff-wide bool mask and a
+  nonzero() pass would cost as much as the sparse MLP itself;
+* ``sparse_mlp`` works per token: for each listed neuron a dot with an fc1 row, then an axpy with the
+  matching row of fc2's transpose (``w2_t`` (d_ff, d_out), contiguous, so both reads are rows);
+* ``union_sparse_mlp`` serves batches whose active sets overlap: gather the union's rows once, run
+  dense matmuls, mask each token back to its own set;
+* ``relu_skip_mlp`` is the exact ReLU baseline: dense fc1, then fc2 over each token's non-zeros only;
+* ``gated_sparse_mlp`` picks per-token or union from the measured sizes.
+
+Every kernel computes in float32 and returns x's dtype. Each has a pure-torch path (used when numba
+is missing, and by the tests as the reference). Activation codes: gelu 0, relu 1, silu 2, tanh 3,
+identity 4 (``dynsparse.tree.activations.ACTIVATION_CODES``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ._common import FAST, NUMBA, as_f32, sync_threads
+
+if NUMBA:
+    import numba
+    from numba import njit, prange
+
+    from ._common import act as _act
+
+ACT_FUNCTIONS = {0: F.gelu, 1: F.relu, 2: F.silu, 3: torch.tanh, 4: lambda z: z}
+
+# Union path vs per-token path: the union runs dense BLAS over |union| rows for every token, the
+# per-token path does nnz dot+axpy pairs at a lower rate. Union wins when
+# M * |union| < UNION_SPEEDUP * nnz; the factor is the measured BLAS / per-token throughput ratio on
+# a 2-core AVX2 machine (see ``dynsparse bench mgs``).
+UNION_SPEEDUP = 4.0
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _check_x(x: torch.Tensor, d: int, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+    if x.dim() != 2 or x.shape[1] != d:
+        raise ValueError(f"x must have shape (M, {d}) to match {what}, got {tuple(x.shape)}")
+
+
+def _check_csr(indptr: torch.Tensor, indices: torch.Tensor, m: int, d_ff: int) -> None:
+    if indptr.dtype != torch.int64 or indptr.dim() != 1 or indptr.numel() != m + 1:
+        raise ValueError(f"indptr must be int64 of shape ({m + 1},), got {indptr.dtype} {tuple(indptr.shape)}")
+    if indices.dtype != torch.int32 or indices.dim() != 1:
+        raise ValueError(f"indices must be a 1-D int32 tensor, got {indices.dtype} {tuple(indices.shape)}")
+    if int(indptr[0]) != 0 or int(indptr[-1]) != indices.numel():
+        raise ValueError("indptr must start at 0 and end at len(indices)")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= d_ff):
+        raise ValueError(f"indices must lie in [0, {d_ff})")
+
+
+def _thresholds(threshold, n: int) -> torch.Tensor:
+    t = torch.as_tensor(threshold, dtype=torch.float32).detach()
+    if t.dim() == 0:
+        return t.expand(n).contiguous()
+    if t.shape != (n,):
+        raise ValueError(f"threshold must be a scalar or have shape ({n},), got {tuple(t.shape)}")
+    return t.contiguous()
+
+
+def _check_mlp(x, w1, b1, w2_t, b2):
+    if w1.dim() != 2 or w2_t.dim() != 2 or w1.shape[0] != w2_t.shape[0]:
+        raise ValueError(
+            f"w1 must be (d_ff, d) and w2_t (d_ff, d_out) with the same d_ff, got {tuple(w1.shape)} and {tuple(w2_t.shape)}"
+        )
+    _check_x(x, w1.shape[1], "w1 (d_ff, d)")
+    if b1 is not None and b1.shape != (w1.shape[0],):
+        raise ValueError(f"b1 must have shape ({w1.shape[0]},), got {tuple(b1.shape)}")
+    if b2 is not None and b2.shape != (w2_t.shape[1],):
+        raise ValueError(f"b2 must have shape ({w2_t.shape[1]},), got {tuple(b2.shape)}")
+
+
+def _use_numba(*tensors) -> bool:
+    return NUMBA and all(t is None or t.device.type == "cpu" for t in tensors)
+
+
+def _opt(t, n):
+    return as_f32(t) if t is not None else np.zeros(n, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- gates
+def lowrank_gate_indices(x, A, B, c, threshold):
+    """Active neurons per token from a rank-r gate: logit[m, j] = (x[m] @ A) @ B[:, j] + c[j] > threshold[j].
+
+    x (M, d), A (d, r), B (r, d_ff), c (d_ff,) or None, threshold scalar or (d_ff,).
+    Returns CSR lists (indptr int64 (M+1,), indices int32 (nnz,)), indices ascending per token.
+    """
+    if A.dim() != 2 or B.dim() != 2 or A.shape[1] != B.shape[0]:
+        raise ValueError(f"A must be (d, r) and B (r, d_ff), got {tuple(A.shape)} and {tuple(B.shape)}")
+    _check_x(x, A.shape[0], "A (d, r)")
+    d_ff = B.shape[1]
+    thr = _thresholds(threshold, d_ff)
+    if c is not None and c.shape != (d_ff,):
+        raise ValueError(f"c must have shape ({d_ff},), got {tuple(c.shape)}")
+    with torch.no_grad():
+        u = x.float() @ A.float()  # (M, r): the cheap half, dense BLAS
+        if not _use_numba(x, A, B):
+            logits = u @ B.float() + (c.float() if c is not None else 0.0)
+            return _csr_from_mask(logits > thr.to(logits.device))
+        sync_threads()
+        m = u.shape[0]
+        counts = np.empty(m, dtype=np.int64)
+        scratch = np.empty((m, d_ff), dtype=np.int32)
+        _lowrank_scan(as_f32(u), as_f32(B), _opt(c, d_ff), thr.numpy(), scratch, counts)
+        return _compact(scratch, counts)
+
+
+def grouped_gate_indices(x, G, c, threshold, group_size):
+    """Active neurons per token from a grouped gate: one logit per block of ``group_size`` consecutive neurons.
+
+    x (M, d), G (d, n_groups), c (n_groups,) or None, threshold scalar or (n_groups,). Group g is on
+    when x[m] @ G[:, g] + c[g] > threshold[g]; it expands to neurons g*group_size ... (g+1)*group_size-1.
+    Returns CSR lists (indptr int64 (M+1,), indices int32 (nnz,)).
+    """
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if G.dim() != 2:
+        raise ValueError(f"G must be (d, n_groups), got {tuple(G.shape)}")
+    _check_x(x, G.shape[0], "G (d, n_groups)")
+    n_groups = G.shape[1]
+    thr = _thresholds(threshold, n_groups)
+    if c is not None and c.shape != (n_groups,):
+        raise ValueError(f"c must have shape ({n_groups},), got {tuple(c.shape)}")
+    with torch.no_grad():
+        logits = x.float() @ G.float()  # (M, d_ff / group_size): small, dense BLAS
+        if c is not None:
+            logits += c.float()
+        if not _use_numba(x, G):
+            on = logits > thr.to(logits.device)
+            return _csr_from_mask(on.repeat_interleave(group_size, dim=1))
+        sync_threads()
+        m = logits.shape[0]
+        counts = np.empty(m, dtype=np.int64)
+        scratch = np.empty((m, n_groups * group_size), dtype=np.int32)
+        _grouped_scan(as_f32(logits), thr.numpy(), group_size, scratch, counts)
+        return _compact(scratch, counts)
+
+
+def _csr_from_mask(mask: torch.Tensor):
+    """Reference/fallback conversion of a dense (M, d_ff) bool mask to CSR lists."""
+    counts = mask.sum(1)
+    indptr = torch.zeros(mask.shape[0] + 1, dtype=torch.int64, device=mask.device)
+    indptr[1:] = torch.cumsum(counts, 0)
+    indices = mask.nonzero()[:, 1].to(torch.int32)
+    return indptr, indices
+
+
+def _compact(scratch: np.ndarray, counts: np.ndarray):
+    indptr = np.zeros(counts.shape[0] + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    indices = np.empty(int(indptr[-1]), dtype=np.int32)
+    _gather_rows(scratch, counts, indptr, indices)
+    return torch.from_numpy(indptr), torch.from_numpy(indices)
+
+
+if NUMBA:
+
+    @njit(parallel=True, fastmath=FAST, cache=True)
+    def _lowrank_scan(u, B, c, thr, scratch, counts):
+        # Tiles of 8 tokens x 512 neurons keep the logits in L1 while the r rows of B stream past.
+        m, r = u.shape
+        d_ff = B.shape[1]
+        tb, tj = 8, 512
+        for b in prange((m + tb - 1) // tb):
+            i0 = b * tb
+            nt = min(m, i0 + tb) - i0
+            acc = np.empty((tb, tj), dtype=np.float32)
+            ns = np.zeros(tb, dtype=np.int64)
+            for j0 in range(0, d_ff, tj):
+                nj = min(tj, d_ff - j0)
+                for t in range(nt):
+                    for j in range(nj):
+                        acc[t, j] = c[j0 + j]
+                for k in range(r):
+                    row = B[k, j0:j0 + nj]
+                    for t in range(nt):
+                        uk = u[i0 + t, k]
+                        a = acc[t]
+                        for j in range(nj):
+                            a[j] += uk * row[j]
+                for t in range(nt):
+                    out = scratch[i0 + t]
+                    n = ns[t]
+                    for j in range(nj):
+                        if acc[t, j] > thr[j0 + j]:
+                            out[n] = j0 + j
+                            n += 1
+                    ns[t] = n
+            for t in range(nt):
+                counts[i0 + t] = ns[t]
+
+    @njit(parallel=True, cache=True)
+    def _grouped_scan(logits, thr, group_size, scratch, counts):
+        m, n_groups = logits.shape
+        for i in prange(m):
+            n = 0
+            out = scratch[i]
+            for g in range(n_groups):
+                if logits[i, g] > thr[g]:
+                    base = g * group_size
+                    for q in range(group_size):
+                        out[n] = base + q
+                        n += 1
+            counts[i] = n
+
+    @njit(parallel=True, cache=True)
+    def _gather_rows(scratch, counts, indptr, indices):
+        for i in prange(counts.shape[0]):
+            start = indptr[i]
+            row = scratch[i]
+            for q in range(counts[i]):
+                indices[start + q] = row[q]
+
+
+# ---------------------------------------------------------------------------------------------- MLPs
+def sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code):
+    """Per-token sparse MLP: y[m] = b2 + sum_{j in list m} act(w1[j] . x[m] + b1[j]) * w2_t[j].
+
+    x (M, d), w1 (d_ff, d) (nn.Linear weight), b1 (d_ff,) or None, w2_t (d_ff, d_out) (fc2.weight.T,
+    contiguous), b2 (d_out,) or None, CSR lists from a gate. Returns (M, d_out) in x's dtype.
+    """
+    _check_mlp(x, w1, b1, w2_t, b2)
+    _check_csr(indptr, indices, x.shape[0], w1.shape[0])
+    _check_act(act_code)
+    with torch.no_grad():
+        if not _use_numba(x, w1, w2_t):
+            return sparse_mlp_torch(x, w1, b1, w2_t, b2, indptr, indices, act_code)
+        sync_threads()
+        d_ff, d_out = w2_t.shape
+        y = np.empty((x.shape[0], d_out), dtype=np.float32)
+        args = (as_f32(x), as_f32(w1), _opt(b1, d_ff), as_f32(w2_t), _opt(b2, d_out), indptr.numpy(), indices.numpy())
+        threads = numba.get_num_threads()
+        if x.shape[0] < threads:
+            _sparse_mlp_split(*args, act_code, y, np.empty((threads, d_out), dtype=np.float32))
+        else:
+            _sparse_mlp(*args, act_code, y)
+        return torch.from_numpy(y).to(x.dtype)
+
+
+def sparse_mlp_torch(x, w1, b1, w2_t, b2, indptr, indices, act_code):
+    """Pure-torch sparse_mlp (fallback and reference): gather the (token, neuron) pairs, scatter-add back."""
+    m = x.shape[0]
+    xf = x.float()
+    rows = torch.repeat_interleave(torch.arange(m, device=x.device), indptr[1:] - indptr[:-1])
+    cols = indices.long()
+    z = (w1.float()[cols] * xf[rows]).sum(-1)
+    if b1 is not None:
+        z = z + b1.float()[cols]
+    h = ACT_FUNCTIONS[act_code](z)
+    y = torch.zeros(m, w2_t.shape[1], dtype=torch.float32, device=x.device)
+    y.index_add_(0, rows, h.unsqueeze(1) * w2_t.float()[cols])
+    if b2 is not None:
+        y += b2.float()
+    return y.to(x.dtype)
+
+
+def union_sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code):
+    """The same result as ``sparse_mlp`` via the batch's union of active neurons: gather those rows once,
+    run dense matmuls over them, and zero each token's neurons outside its own list. Wins when the
+    tokens' sets overlap a lot (small batches, shared hot neurons)."""
+    _check_mlp(x, w1, b1, w2_t, b2)
+    _check_csr(indptr, indices, x.shape[0], w1.shape[0])
+    _check_act(act_code)
+    with torch.no_grad():
+        m = x.shape[0]
+        cols = indices.long()
+        union, local = torch.unique(cols, return_inverse=True)
+        rows = torch.repeat_interleave(torch.arange(m, device=x.device), indptr[1:] - indptr[:-1])
+        mask = torch.zeros(m, union.numel(), dtype=torch.float32, device=x.device)
+        mask[rows, local] = 1.0
+        z = F.linear(x.float(), w1.float()[union], None if b1 is None else b1.float()[union])
+        h = ACT_FUNCTIONS[act_code](z) * mask
+        y = h @ w2_t.float()[union]
+        if b2 is not None:
+            y += b2.float()
+        return y.to(x.dtype)
+
+
+def relu_skip_mlp(x, w1, b1, w2_t, b2):
+    """Exact ReLU MLP that skips zeros: dense fc1 + ReLU (BLAS), then fc2 only over each token's non-zeros.
+
+    The strongest honest baseline for activation sparsity: no gate, no accuracy loss.
+    """
+    _check_mlp(x, w1, b1, w2_t, b2)
+    with torch.no_grad():
+        h = F.relu(F.linear(x.float(), w1.float(), None if b1 is None else b1.float()))
+        if not _use_numba(x, w1, w2_t):
+            y = h @ w2_t.float()
+            if b2 is not None:
+                y += b2.float()
+            return y.to(x.dtype)
+        sync_threads()
+        d_out = w2_t.shape[1]
+        y = np.empty((x.shape[0], d_out), dtype=np.float32)
+        _skip_fc2(as_f32(h), as_f32(w2_t), _opt(b2, d_out), y)
+        return torch.from_numpy(y).to(x.dtype)
+
+
+def gated_sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code):
+    """Sparse MLP with the execution picked by measured sizes: union (dense BLAS over the union of
+    active neurons) when M * |union| < UNION_SPEEDUP * nnz, else per-token."""
+    _check_csr(indptr, indices, x.shape[0], w1.shape[0])
+    return choose_path(x.shape[0], indices, w1.shape[0])(x, w1, b1, w2_t, b2, indptr, indices, act_code)
+
+
+def choose_path(m: int, indices: torch.Tensor, d_ff: int):
+    """The kernel ``gated_sparse_mlp`` will run for these lists (exposed for tests and benchmarks)."""
+    nnz = indices.numel()
+    if nnz == 0 or not NUMBA:
+        return sparse_mlp if NUMBA else union_sparse_mlp
+    union = int(torch.bincount(indices.long(), minlength=d_ff).count_nonzero())
+    return union_sparse_mlp if m * union < UNION_SPEEDUP * nnz else sparse_mlp
+
+
+def _check_act(act_code) -> None:
+    if act_code not in ACT_FUNCTIONS:
+        raise ValueError(f"act_code must be one of {sorted(ACT_FUNCTIONS)} (gelu, relu, silu, tanh, identity), got {act_code!r}")
+
+
+if NUMBA:
+
+    @njit(inline="always", fastmath=FAST, cache=True)
+    def _accumulate(xi, w1, b1, w2_t, indices, start, end, act_code, yi):
+        """yi += sum over indices[start:end] of act(w1[j] . xi + b1[j]) * w2_t[j], four neurons at a
+        time so each load of x (dot) and of y (axpy) serves four rows."""
+        d = xi.shape[0]
+        d_out = yi.shape[0]
+        p = start
+        while p + 4 <= end:
+            j0, j1, j2, j3 = indices[p], indices[p + 1], indices[p + 2], indices[p + 3]
+            r0, r1, r2, r3 = w1[j0], w1[j1], w1[j2], w1[j3]
+            z0, z1, z2, z3 = b1[j0], b1[j1], b1[j2], b1[j3]
+            for k in range(d):
+                xk = xi[k]
+                z0 += r0[k] * xk
+                z1 += r1[k] * xk
+                z2 += r2[k] * xk
+                z3 += r3[k] * xk
+            h0, h1 = _act(z0, act_code), _act(z1, act_code)
+            h2, h3 = _act(z2, act_code), _act(z3, act_code)
+            o0, o1, o2, o3 = w2_t[j0], w2_t[j1], w2_t[j2], w2_t[j3]
+            for q in range(d_out):
+                yi[q] += h0 * o0[q] + h1 * o1[q] + h2 * o2[q] + h3 * o3[q]
+            p += 4
+        while p < end:
+            j = indices[p]
+            row = w1[j]
+            z = b1[j]
+            for k in range(d):
+                z += row[k] * xi[k]
+            h = _act(z, act_code)
+            out = w2_t[j]
+            for q in range(d_out):
+                yi[q] += h * out[q]
+            p += 1
+
+    @njit(parallel=True, fastmath=FAST, cache=True)
+    def _sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code, y):
+        for i in prange(x.shape[0]):
+            yi = y[i]
+            yi[:] = b2
+            _accumulate(x[i], w1, b1, w2_t, indices, indptr[i], indptr[i + 1], act_code, yi)
+
+    @njit(parallel=True, fastmath=FAST, cache=True)
+    def _sparse_mlp_split(x, w1, b1, w2_t, b2, indptr, indices, act_code, y, parts):
+        """Few tokens, more threads: each thread takes a slice of a token's list, partial sums add up."""
+        n_parts, d_out = parts.shape
+        for i in range(x.shape[0]):
+            start, end = indptr[i], indptr[i + 1]
+            step = (end - start + n_parts - 1) // n_parts
+            for t in prange(n_parts):
+                part = parts[t]
+                part[:] = 0.0
+                a = min(end, start + t * step)
+                _accumulate(x[i], w1, b1, w2_t, indices, a, min(end, a + step), act_code, part)
+            yi = y[i]
+            yi[:] = b2
+            for t in range(n_parts):
+                for q in range(d_out):
+                    yi[q] += parts[t, q]
+
+    @njit(parallel=True, fastmath=FAST, cache=True)
+    def _skip_fc2(h, w2_t, b2, y):
+        m, d_ff = h.shape
+        d_out = w2_t.shape[1]
+        for i in prange(m):
+            hi = h[i]
+            yi = y[i]
+            yi[:] = b2
+            for j in range(d_ff):
+                v = hi[j]
+                if v != 0.0:
+                    out = w2_t[j]
+                    for q in range(d_out):
+                        yi[q] += v * out[q]
