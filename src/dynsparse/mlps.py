@@ -121,9 +121,10 @@ def _match(name: str, module: nn.Module):
             continue  # not an in -> hidden -> in block
         act_name, act = _find_act(module, act_names)
         gated = _is_linear(children.get("gate_proj"))
-        linears = [n for n, c in children.items() if _is_linear(c)]
         own = {first, second} | ({"gate_proj"} if gated else set())
-        kind = "module" if set(linears) <= own else "inline"
+        # Any other child with parameters (attention, norms) means the module does more than the MLP.
+        others = [n for n, c in children.items() if n not in own and any(True for _ in c.parameters())]
+        kind = "inline" if others or any(True for _ in module.parameters(recurse=False)) else "module"
         if kind == "inline" and gated:
             continue
         return MLPBlock(

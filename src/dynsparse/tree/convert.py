@@ -32,8 +32,10 @@ def treeify_(model: nn.Module, config: TreeConfig, filter_fn: FilterFn | None = 
     blocks = find_mlps(model, filter_fn)
     if not blocks:
         raise ValueError(f"no MLP blocks found in {type(model).__name__} (fc1/act/fc2, c_fc/c_proj, up/down, ...)")
-    for name, block in blocks.items():
+    trees = {}
+    for name, block in blocks.items():  # build every tree before touching the model: all or nothing
         w1, _, w2, _ = block.linear_weights()
-        tree = config.build(block.d_model, d_out=w2.shape[0], device=w1.device, dtype=w1.dtype)
-        block.replace(tree)
+        trees[name] = config.build(block.d_model, d_out=w2.shape[0], device=w1.device, dtype=w1.dtype)
+    for name, block in blocks.items():
+        block.replace(trees[name])
     return list(blocks)

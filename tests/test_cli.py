@@ -1,0 +1,27 @@
+import subprocess
+import sys
+
+import pytest
+
+from dynsparse import __version__
+from dynsparse.cli import main
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert __version__ in capsys.readouterr().out
+    assert main([]) == 0
+    assert "usage: dynsparse" in capsys.readouterr().out
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "dynsparse.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "Dynamic activation sparsity" in out.stdout
+
+
+def test_unknown_command_is_an_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["no-such-command"])
+    assert e.value.code == 2
