@@ -227,3 +227,17 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="dtype"):
         layer(torch.randn(3, 4, dtype=torch.float64))
     TreeFF(4, 2)(torch.tensor([[0.0, float("nan"), 0.0, 0.0]]))  # unchecked by default
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("position", ["node", "path"])
+def test_cuda_matches_cpu(position):
+    layer = TreeFF(16, 5, trees=4, act_position=position)
+    x = unambiguous_inputs(layer, 32, margin=1e-3)
+    y_cpu, g_cpu = _grads(layer, x, "masked")
+    layer.cuda()
+    for impl in ("masked", "gather"):
+        y, g = _grads(layer, x.cuda(), impl)
+        torch.testing.assert_close(y.cpu(), y_cpu, atol=1e-4, rtol=1e-4)
+        for name in g_cpu:
+            torch.testing.assert_close(g[name].cpu(), g_cpu[name], atol=1e-4, rtol=1e-3)
