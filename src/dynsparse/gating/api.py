@@ -1,0 +1,176 @@
+"""``sparsify_(model, MGSConfig | SIBSConfig, calib=...)``: record, fit and install, in place (torchao style).
+
+What a method learns per block is a handful of tensors (SIBS: kept indices + bias shift; MGS: gate
+weights, threshold, compensation). They are kept in a ``GateSet`` keyed by the block names of the
+*dense* model, saved as one safetensors file (``gates.safetensors``) with the method, config and
+per-layer shapes in its metadata, and re-applied to a freshly loaded dense model by ``load_gates``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..mlps import FilterFn, find_mlps
+from .mgs import MGSConfig, build_gated, mgs_tensors
+from .record import LayerStats, activation_name, record_activations
+from .sibs import SIBSConfig, build_sliced, sibs_tensors
+
+GATES_FILE = "gates.safetensors"
+_FORMAT = "dynsparse-gates/1"
+
+
+@dataclass
+class GateSet:
+    method: str  # "sibs" or "mgs"
+    config: dict
+    layers: dict[str, dict]  # block name -> {"activation", "d_model", "d_ff"}
+    tensors: dict[str, dict[str, torch.Tensor]]  # block name -> tensors
+    report: dict[str, dict] = field(default_factory=dict)
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write ``out_dir/gates.safetensors`` atomically (temp file + os.replace)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        flat = {f"{name}::{k}": v.contiguous() for name, ts in self.tensors.items() for k, v in ts.items()}
+        meta = {"format": _FORMAT, "method": self.method, "config": json.dumps(self.config),
+                "layers": json.dumps(self.layers), "report": json.dumps(self.report)}
+        fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(flat, tmp, metadata=meta)
+            os.replace(tmp, out_dir / GATES_FILE)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return out_dir / GATES_FILE
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "GateSet":
+        path = Path(path)
+        if path.is_dir():
+            path = path / GATES_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no gate file {path}")
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            flat = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{path}: not a dynsparse gate file (format {meta.get('format')!r})")
+        tensors: dict[str, dict[str, torch.Tensor]] = {}
+        for key, v in flat.items():
+            name, k = key.split("::", 1)
+            tensors.setdefault(name, {})[k] = v
+        return cls(meta["method"], json.loads(meta["config"]), json.loads(meta["layers"]), tensors,
+                   json.loads(meta.get("report", "{}")))
+
+
+def _config_method(config) -> str:
+    if isinstance(config, SIBSConfig):
+        return "sibs"
+    if isinstance(config, MGSConfig):
+        return "mgs"
+    raise TypeError(f"config must be SIBSConfig or MGSConfig, got {type(config).__name__}")
+
+
+def fit_gates(model: nn.Module, config, calib: Iterable | None = None, filter_fn: FilterFn | None = None,
+              stats: dict[str, LayerStats] | None = None) -> GateSet:
+    """Record ``calib`` (unless ``stats`` are given) and compute the method's tensors for every block."""
+    method = _config_method(config)
+    blocks = find_mlps(model, filter_fn)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no recognisable MLP blocks (fc1 -> act -> fc2)")
+    if stats is None:
+        if calib is None:
+            raise ValueError("pass calib= (calibration batches) or stats=")
+        stats = record_activations(model, calib, blocks, eps=getattr(config, "eps", 1e-3),
+                                   max_samples=config.max_samples if method == "mgs" else 0)
+    layers, tensors, report = {}, {}, {}
+    for name, block in blocks.items():
+        if name not in stats:
+            raise ValueError(f"no recorded statistics for block {name}")
+        s = stats[name]
+        layers[name] = {"activation": s.activation, "d_model": s.d_model, "d_ff": s.d_ff}
+        if method == "sibs":
+            tensors[name] = sibs_tensors(block, s, config)
+            kept = len(tensors[name]["kept"])
+            report[name] = {"kept": kept, "removed_fraction": 1 - kept / s.d_ff, "natural_sparsity": s.sparsity}
+        else:
+            tensors[name], report[name] = mgs_tensors(block, s, config)
+    return GateSet(method, dataclasses.asdict(config), layers, tensors, report)
+
+
+def apply_gates(model: nn.Module, gates: GateSet, impl: str | None = None) -> list[str]:
+    """Install the gate set's modules in ``model`` (a dense model with the same MLP blocks)."""
+    blocks = find_mlps(model)
+    missing = [n for n in gates.layers if n not in blocks]
+    if missing:
+        raise ValueError(f"gate file does not match the model: no MLP block(s) {missing[:3]} in {type(model).__name__}")
+    for name, info in gates.layers.items():
+        b = blocks[name]
+        if (b.d_model, b.d_ff) != (info["d_model"], info["d_ff"]):
+            raise ValueError(f"gate file does not match the model at {name}: gates for d_model={info['d_model']}, "
+                             f"d_ff={info['d_ff']}, model has {b.d_model}, {b.d_ff}")
+        if activation_name(b) != info["activation"]:
+            raise ValueError(f"{name}: gates were fitted for activation {info['activation']}, model has {activation_name(b)}")
+    for name, info in gates.layers.items():
+        b = blocks[name]
+        if gates.method == "sibs":
+            new = build_sliced(b, gates.tensors[name], info["activation"])
+        else:
+            new = build_gated(b, gates.tensors[name], info["activation"], impl=impl)
+        p = next(b.fc1.parameters())
+        b.replace(new.to(p.device))
+    return list(gates.layers)
+
+
+def sparsify_(model: nn.Module, config, calib: Iterable | None = None, filter_fn: FilterFn | None = None,
+              stats: dict[str, LayerStats] | None = None) -> GateSet:
+    """Fit SIBS or MGS on ``calib`` and install it in ``model`` in place; returns the GateSet (``.save``)."""
+    gates = fit_gates(model, config, calib, filter_fn, stats)
+    apply_gates(model, gates)
+    return gates
+
+
+def load_gates(model: nn.Module, path: str | os.PathLike, impl: str | None = None) -> GateSet:
+    """Apply a saved gate set to a freshly loaded dense ``model``."""
+    gates = GateSet.load(path)
+    apply_gates(model, gates, impl=impl)
+    return gates
+
+
+def save_sparsified_dir(gates: GateSet, out_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None) -> Path:
+    """Write ``out_dir`` with gates.safetensors (+ a copy of the dense model's files when ``model_dir``),
+    built in a temporary sibling and moved into place only when complete."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        if model_dir is not None:
+            for f in Path(model_dir).iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+        gates.save(tmp)
+        (tmp / "sparsify_report.json").write_text(json.dumps({"method": gates.method, "config": gates.config,
+                                                               "layers": gates.report}, indent=1))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

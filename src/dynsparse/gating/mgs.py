@@ -1,0 +1,170 @@
+"""MGS: micro-gated sparsification. A small gate per MLP block predicts, from the block's input, which
+hidden neurons will be active; only those are computed.
+
+The paper does not publish the gate, loss or thresholds; our choices:
+
+* Gate forms. A full d -> d_ff gate costs as much as fc1, so only cheap forms are offered: low-rank
+  (d -> r -> d_ff, ``gate="lowrank"``) and grouped (one logit per ``group_size`` consecutive neurons,
+  ``gate="grouped"``).
+* Initialisation. The low-rank gate starts as the best rank-r approximation of the block's own
+  pre-activations on the calibration inputs (Z = X W1^T + b1; A = W1^T V_r, B = V_r^T with V_r the top
+  right singular vectors of Z), i.e. it starts by predicting sign(z); the grouped gate starts from the
+  group-mean rows of W1.
+* Training. The model stays frozen; the gate learns from recorded (input, a > 0) pairs with binary
+  cross-entropy, positives up-weighted by ``pos_weight`` (default: negatives/positives, capped at 10)
+  because active neurons are rare. A grouped gate's label is "any neuron of the group active".
+* Threshold. Per layer, on held-out calibration rows the gate never trained on: the logit quantile that
+  keeps ``target_recall`` of the truly active (token, neuron) pairs, or that gates off ``target_sparsity``
+  of all pairs.
+* Compensation (smooth activations only): a gated-off neuron contributes E[a | a <= 0] instead of 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..mlps import MLPBlock
+from .modules import GatedMLP, GroupedGate, LowRankGate
+from .record import LayerStats
+
+
+@dataclass
+class MGSConfig:
+    gate: str = "lowrank"  # "lowrank" or "grouped"
+    rank: int = 32
+    group_size: int = 16
+    target_recall: float | None = 0.99
+    target_sparsity: float | None = None  # set this (and target_recall=None) to gate a fixed share off
+    steps: int = 300
+    lr: float = 3e-3
+    batch_size: int = 1024
+    pos_weight: float | None = None
+    holdout: float = 0.2
+    max_samples: int = 16384  # rows per layer kept for gate training (reservoir sample)
+    min_samples: int = 64
+    compensate: bool = True  # only changes smooth activations
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.gate not in ("lowrank", "grouped"):
+            raise ValueError(f"gate must be 'lowrank' or 'grouped', got {self.gate!r}")
+        if (self.target_recall is None) == (self.target_sparsity is None):
+            raise ValueError("MGSConfig needs exactly one of target_recall= or target_sparsity=")
+        if self.target_recall is not None and not 0 < self.target_recall <= 1:
+            raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
+        if self.target_sparsity is not None and not 0 <= self.target_sparsity < 1:
+            raise ValueError(f"target_sparsity must be in [0, 1), got {self.target_sparsity}")
+        if self.rank < 1 or self.group_size < 1:
+            raise ValueError("rank and group_size must be >= 1")
+
+
+def _init_lowrank(gate: LowRankGate, w1, b1, x) -> None:
+    xw = x @ w1.t()  # the input-dependent part of z; the bias b1 is per neuron, so the gate keeps it exactly
+    # top right singular vectors of X W1^T from the (d_ff x d_ff) Gram matrix: cheaper than an SVD
+    evals, evecs = torch.linalg.eigh((xw.t() @ xw).double())
+    v = evecs[:, -gate.A.shape[1]:].float()  # (d_ff, r)
+    with torch.no_grad():
+        gate.A.copy_(w1.t() @ v)
+        gate.B.copy_(v.t())
+        gate.c.copy_(b1 if b1 is not None else torch.zeros(w1.shape[0]))
+
+
+def _init_grouped(gate: GroupedGate, w1, b1) -> None:
+    g = gate.group_size
+    with torch.no_grad():
+        gate.G.copy_(w1.reshape(-1, g, w1.shape[1]).mean(1).t())
+        if b1 is not None:
+            gate.c.copy_(b1.reshape(-1, g).mean(1))
+
+
+def _labels(gate, active: torch.Tensor) -> torch.Tensor:
+    if isinstance(gate, GroupedGate):
+        return active.reshape(active.shape[0], -1, gate.group_size).any(-1)
+    return active
+
+
+def _quantile(v: torch.Tensor, q: float) -> float:
+    v = v.flatten().float()
+    if v.numel() > 4_000_000:
+        v = v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))[:4_000_000]]
+    k = min(max(int(q * v.numel()), 1), v.numel())
+    return v.kthvalue(k).values.item()
+
+
+def train_gate(block: MLPBlock, stats: LayerStats, cfg: MGSConfig):
+    """(gate, threshold, report) for one block from its recorded samples."""
+    if stats.samples_x is None or stats.samples_x.shape[0] < cfg.min_samples:
+        n = 0 if stats.samples_x is None else stats.samples_x.shape[0]
+        raise ValueError(f"{block.name}: {n} recorded calibration rows, need >= {cfg.min_samples} to train a gate")
+    w1, b1, _, _ = (t.detach().float() if t is not None else None for t in block.linear_weights())
+    x, active = stats.samples_x, stats.samples_active
+    g = torch.Generator().manual_seed(cfg.seed)
+    perm = torch.randperm(x.shape[0], generator=g)
+    n_hold = max(1, int(cfg.holdout * x.shape[0]))
+    hold, train = perm[:n_hold], perm[n_hold:]
+    d, d_ff = stats.d_model, stats.d_ff
+    if cfg.gate == "lowrank":
+        gate = LowRankGate(d, d_ff, min(cfg.rank, d, d_ff))
+        _init_lowrank(gate, w1, b1, x[train])
+    else:
+        gate = GroupedGate(d, d_ff, cfg.group_size)
+        _init_grouped(gate, w1, b1)
+    y_all = _labels(gate, active).float()
+    pos = y_all[train].mean().clamp(1e-6, 1 - 1e-6).item()
+    pw = cfg.pos_weight if cfg.pos_weight is not None else min(max((1 - pos) / pos, 1.0), 10.0)
+    opt = torch.optim.Adam(gate.parameters(), lr=cfg.lr)
+    for _ in range(cfg.steps):
+        idx = train[torch.randint(len(train), (min(cfg.batch_size, len(train)),), generator=g)]
+        loss = F.binary_cross_entropy_with_logits(gate(x[idx]), y_all[idx], pos_weight=torch.tensor(pw))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    gate.requires_grad_(False)
+    with torch.no_grad():
+        logits = gate(x[hold])  # per neuron (lowrank) or per group (grouped)
+        truth = active[hold]
+        if cfg.target_recall is not None:
+            pos_logits = logits[_labels(gate, truth)]
+            thr = _quantile(pos_logits, 1 - cfg.target_recall) - 1e-6 if pos_logits.numel() else float("inf")
+        else:
+            thr = _quantile(logits, cfg.target_sparsity)
+        pred = logits > thr
+        if isinstance(gate, GroupedGate):
+            pred = pred.repeat_interleave(gate.group_size, dim=-1)
+        tp = (pred & truth).sum().item()
+        report = {
+            "holdout_rows": len(hold),
+            "natural_density": truth.float().mean().item(),
+            "gated_density": pred.float().mean().item(),
+            "recall": tp / max(truth.sum().item(), 1),
+            "precision": tp / max(pred.sum().item(), 1),
+            "threshold": thr,
+            "pos_weight": pw,
+            "gate_flops_per_token": gate.flops_per_token,
+            "mlp_flops_per_token": 4 * d * d_ff,
+        }
+    return gate, torch.tensor(thr), report
+
+
+def mgs_tensors(block: MLPBlock, stats: LayerStats, cfg: MGSConfig):
+    gate, thr, report = train_gate(block, stats, cfg)
+    t = {f"gate.{k}": v.detach().clone() for k, v in gate.state_dict().items()}
+    t["threshold"] = thr.reshape(())
+    if cfg.compensate and stats.activation != "relu":
+        t["compensation"] = stats.mean_inactive_activation.float()
+    return t, report
+
+
+def build_gated(block: MLPBlock, tensors: dict[str, torch.Tensor], activation: str, impl=None) -> GatedMLP:
+    w1, b1, w2, b2 = block.linear_weights()
+    d_model, d_ff = block.d_model, block.d_ff
+    if "gate.A" in tensors:
+        gate = LowRankGate(d_model, d_ff, tensors["gate.A"].shape[1])
+    else:
+        group = d_ff // tensors["gate.G"].shape[1]
+        gate = GroupedGate(d_model, d_ff, group)
+    gate.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("gate.")})
+    gate.requires_grad_(False)
+    return GatedMLP(w1, b1, w2, b2, gate, tensors["threshold"], activation, tensors.get("compensation"), impl=impl)

@@ -1,0 +1,191 @@
+"""Modules that replace an MLP block (x -> fc2(act(fc1(x)))) and compute less of it.
+
+* ``SlicedMLP`` (SIBS): a smaller dense MLP over the kept neurons; removed neurons' mean outputs folded
+  into fc2's bias (the MSE-best constant for a neuron that is always dropped).
+* ``GatedMLP`` (MGS): a per-token gate picks the neurons to compute. The fast path asks the gate kernel
+  for CSR index lists and runs ``dynsparse.kernels.gated_mlp.gated_sparse_mlp`` (only listed rows of fc1
+  and fc2 are read); ``forward_reference`` is the plain torch definition the fast path is tested against.
+* ``ReLUSkipMLP``: the exact ReLU skip (dense fc1, fc2 only over non-zeros), the zero-loss baseline.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..tree.activations import ACTIVATION_CODES
+
+
+def _kernels():
+    """The gated-MLP kernel module, or None while it is unavailable (then the torch path runs)."""
+    try:
+        from ..kernels import gated_mlp
+    except ImportError:
+        return None
+    return gated_mlp
+
+
+def act_fn(name: str):
+    fns = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+    if name not in fns:
+        raise ValueError(f"unsupported MLP activation {name!r}; supported: {sorted(fns)}")
+    return fns[name]
+
+
+class SlicedMLP(nn.Module):
+    """fc2(act(fc1(x))) over the ``kept`` neurons only; ``bias_shift`` = W2[:, removed] @ mean(a[removed])."""
+
+    def __init__(self, w1, b1, w2, b2, kept: torch.Tensor, activation: str, bias_shift: torch.Tensor | None = None):
+        super().__init__()
+        kept = kept.long()
+        d_ff_kept, d_in, d_out = len(kept), w1.shape[1], w2.shape[0]
+        self.activation = activation
+        self.act = act_fn(activation)
+        self.fc1 = nn.Linear(d_in, d_ff_kept, bias=b1 is not None)
+        self.fc2 = nn.Linear(d_ff_kept, d_out)
+        self.register_buffer("kept", kept)
+        with torch.no_grad():
+            self.fc1.weight.copy_(w1[kept])
+            if b1 is not None:
+                self.fc1.bias.copy_(b1[kept])
+            self.fc2.weight.copy_(w2[:, kept])
+            bias = b2.detach().clone() if b2 is not None else torch.zeros(d_out)
+            if bias_shift is not None:
+                bias += bias_shift
+            self.fc2.bias.copy_(bias)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LowRankGate(nn.Module):
+    """logit = (x @ A) @ B + c: costs r * (d + d_ff) per token instead of d * d_ff."""
+
+    def __init__(self, d_model: int, d_ff: int, rank: int):
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(d_model, rank) / d_model**0.5)
+        self.B = nn.Parameter(torch.randn(rank, d_ff) / rank**0.5)
+        self.c = nn.Parameter(torch.zeros(d_ff))
+
+    @property
+    def flops_per_token(self) -> int:
+        return 2 * self.A.shape[1] * (self.A.shape[0] + self.B.shape[1])
+
+    def forward(self, x):
+        return (x @ self.A) @ self.B + self.c
+
+    def neuron_logits(self, x):
+        return self(x)
+
+
+class GroupedGate(nn.Module):
+    """One logit per group of ``group_size`` consecutive neurons: logit_g = x @ G[:, g] + c_g."""
+
+    def __init__(self, d_model: int, d_ff: int, group_size: int):
+        super().__init__()
+        if d_ff % group_size:
+            raise ValueError(f"group_size {group_size} must divide d_ff {d_ff}")
+        self.group_size = group_size
+        self.G = nn.Parameter(torch.randn(d_model, d_ff // group_size) / d_model**0.5)
+        self.c = nn.Parameter(torch.zeros(d_ff // group_size))
+
+    @property
+    def flops_per_token(self) -> int:
+        return 2 * self.G.shape[0] * self.G.shape[1]
+
+    def forward(self, x):
+        return x @ self.G + self.c
+
+    def neuron_logits(self, x):
+        return self(x).repeat_interleave(self.group_size, dim=-1)
+
+
+class GatedMLP(nn.Module):
+    """MLP that computes only the neurons whose gate logit exceeds ``threshold`` (per neuron or group).
+
+    ``compensation`` (d_ff,), optional: the expected output of a skipped neuron (mean of a over tokens
+    where it is inactive, zero for ReLU); skipped neurons then contribute it instead of zero. The kernels
+    cannot add it, so with compensation the torch path runs.
+    """
+
+    def __init__(self, w1, b1, w2, b2, gate: nn.Module, threshold: torch.Tensor, activation: str,
+                 compensation: torch.Tensor | None = None, impl: str | None = None):
+        super().__init__()
+        self.activation = activation
+        self.act_code = ACTIVATION_CODES[activation]
+        self.act = act_fn(activation)
+        self.register_buffer("w1", w1.detach().float().contiguous())
+        self.register_buffer("b1", None if b1 is None else b1.detach().float().contiguous())
+        self.register_buffer("w2_t", w2.detach().float().t().contiguous())
+        self.register_buffer("b2", None if b2 is None else b2.detach().float().contiguous())
+        self.gate = gate
+        self.register_buffer("threshold", torch.as_tensor(threshold, dtype=torch.float32).detach().clone())
+        self.register_buffer("compensation", None if compensation is None else compensation.detach().float())
+        if impl not in (None, "torch", "kernel"):
+            raise ValueError(f"impl must be None, 'torch' or 'kernel', got {impl!r}")
+        self.impl = impl
+        self.last_density: float | None = None  # share of neurons computed in the last forward
+
+    def gate_mask(self, x2: torch.Tensor) -> torch.Tensor:
+        """(M, d_ff) bool: which neurons each token computes (reference semantics of the gate)."""
+        logits = self.gate(x2)
+        thr = self.threshold
+        active = logits > thr
+        if isinstance(self.gate, GroupedGate):
+            active = active.repeat_interleave(self.gate.group_size, dim=-1)
+        return active
+
+    def forward_reference(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        mask = self.gate_mask(x2)
+        a = self.act(F.linear(x2, self.w1, self.b1))
+        a = torch.where(mask, a, self.compensation if self.compensation is not None else torch.zeros_like(a))
+        y = a @ self.w2_t
+        if self.b2 is not None:
+            y = y + self.b2
+        self.last_density = mask.float().mean().item()
+        return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+    def _indices(self, k, x2):
+        if isinstance(self.gate, GroupedGate):
+            return k.grouped_gate_indices(x2, self.gate.G.detach(), self.gate.c.detach(), self.threshold,
+                                          self.gate.group_size)
+        return k.lowrank_gate_indices(x2, self.gate.A.detach(), self.gate.B.detach(), self.gate.c.detach(),
+                                      self.threshold)
+
+    def forward(self, x):
+        k = _kernels() if self.impl != "torch" else None
+        use_kernel = (k is not None and self.compensation is None and not torch.is_grad_enabled()
+                      and x.device.type == "cpu")
+        if self.impl == "kernel" and not use_kernel:
+            raise RuntimeError("impl='kernel' needs the gated_mlp kernels, no compensation, CPU and no grad")
+        if not use_kernel:
+            return self.forward_reference(x)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float().contiguous()
+        indptr, indices = self._indices(k, x2)
+        y = k.gated_sparse_mlp(x2, self.w1, self.b1, self.w2_t, self.b2, indptr, indices, self.act_code)
+        self.last_density = indices.numel() / max(x2.shape[0] * self.w1.shape[0], 1)
+        return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+
+class ReLUSkipMLP(nn.Module):
+    """Exact ReLU skip: dense fc1, fc2 only over each token's non-zero activations (no accuracy loss)."""
+
+    def __init__(self, w1, b1, w2, b2):
+        super().__init__()
+        self.register_buffer("w1", w1.detach().float().contiguous())
+        self.register_buffer("b1", None if b1 is None else b1.detach().float().contiguous())
+        self.register_buffer("w2_t", w2.detach().float().t().contiguous())
+        self.register_buffer("b2", None if b2 is None else b2.detach().float().contiguous())
+
+    def forward(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float().contiguous()
+        k = _kernels()
+        if k is None or torch.is_grad_enabled():
+            y = F.relu(F.linear(x2, self.w1, self.b1)) @ self.w2_t + (self.b2 if self.b2 is not None else 0)
+        else:
+            y = k.relu_skip_mlp(x2, self.w1, self.b1, self.w2_t, self.b2)
+        return y.reshape(*shape[:-1], -1).to(x.dtype)

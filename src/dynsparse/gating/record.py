@@ -1,0 +1,230 @@
+"""Record MLP hidden activations over a calibration set, in bounded memory.
+
+One forward hook per MLP block, on its first linear layer: it sees the block input ``x`` and the
+pre-activation ``z``, applies the block's own activation and folds the result into running per-neuron
+statistics (counts and sums, O(d_ff) memory whatever the data size). Optionally a capped reservoir of
+(x, active-mask) rows is kept per block for gate training.
+
+Padding never counts. For each batch a boolean mask of the real tokens is derived and only those rows
+enter any statistic or the reservoir:
+
+* HF text models: the batch's ``attention_mask`` (when its (B, S) shape matches the block input);
+* DETR: the pixel mask downsampled to the backbone's last feature map (captured with a hook on the
+  backbone, exactly the mask DETR's encoder uses) for encoder blocks; decoder queries are all real.
+
+"Active" means ``a > 0`` (a ReLU neuron's exact non-zeros, a GELU neuron's positive branch); the separate
+"near zero" count uses ``|a| <= eps`` (eps reported) so smooth activations get an honest sparsity number.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..mlps import MLPBlock, find_mlps
+
+# keys our collate functions add that are not model inputs
+_NON_INPUT_KEYS = ("labels", "image_ids", "orig_sizes")
+
+
+def activation_name(block: MLPBlock) -> str:
+    """'relu', 'gelu', 'silu', 'tanh' or the activation's class name (GELU variants map to 'gelu')."""
+    act = block.act
+    name = (act.__name__ if callable(act) and not isinstance(act, nn.Module) else type(act).__name__).lower()
+    for key in ("relu", "gelu", "silu", "tanh"):
+        if key in name:
+            return "relu" if key == "relu" and "leaky" not in name else key
+    return name
+
+
+@dataclass
+class LayerStats:
+    """Streaming statistics of one MLP block's hidden activations over real (non-padding) tokens."""
+
+    name: str
+    d_model: int
+    d_ff: int
+    activation: str
+    eps: float
+    n_tokens: int = 0
+    n_batches: int = 0
+    fire_count: torch.Tensor = None  # (d_ff,) int64: tokens with a > 0
+    near_zero_count: torch.Tensor = None  # (d_ff,) int64: tokens with |a| <= eps
+    act_sum: torch.Tensor = None  # (d_ff,) float64: sum of a (for mean-output compensation)
+    inactive_sum: torch.Tensor = None  # (d_ff,) float64: sum of a over tokens with a <= 0
+    union_sum: float = 0.0  # sum over batches of the fraction of neurons active for >= 1 token of the batch
+    max_samples: int = 0
+    samples_x: torch.Tensor | None = None  # (n, d_model) float32 reservoir of block inputs
+    samples_active: torch.Tensor | None = None  # (n, d_ff) bool: a > 0 for those rows
+    _seen: int = 0
+    _gen: torch.Generator = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.fire_count = torch.zeros(self.d_ff, dtype=torch.int64)
+        self.near_zero_count = torch.zeros(self.d_ff, dtype=torch.int64)
+        self.act_sum = torch.zeros(self.d_ff, dtype=torch.float64)
+        self.inactive_sum = torch.zeros(self.d_ff, dtype=torch.float64)
+        self._gen = torch.Generator().manual_seed(0)
+
+    @property
+    def firing_frequency(self) -> torch.Tensor:
+        return self.fire_count.double() / max(self.n_tokens, 1)
+
+    @property
+    def mean_activation(self) -> torch.Tensor:
+        return self.act_sum / max(self.n_tokens, 1)
+
+    @property
+    def mean_inactive_activation(self) -> torch.Tensor:
+        """E[a | a <= 0] per neuron: what a gated-off neuron contributes on average (0 for ReLU)."""
+        return self.inactive_sum / (self.n_tokens - self.fire_count).clamp_min(1).double()
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of (token, neuron) pairs with a <= 0 (exact zeros for ReLU)."""
+        return 1.0 - self.fire_count.sum().item() / max(self.n_tokens * self.d_ff, 1)
+
+    @property
+    def near_zero_sparsity(self) -> float:
+        return self.near_zero_count.sum().item() / max(self.n_tokens * self.d_ff, 1)
+
+    @property
+    def batch_union(self) -> float:
+        return self.union_sum / max(self.n_batches, 1)
+
+    def update(self, x: torch.Tensor, a: torch.Tensor) -> None:
+        """Fold in rows ``x`` (n, d_model) and their activations ``a`` (n, d_ff) (real tokens only)."""
+        if x.shape[0] == 0:
+            return
+        active = a > 0
+        self.n_tokens += x.shape[0]
+        self.n_batches += 1
+        self.fire_count += active.sum(0)
+        self.near_zero_count += (a.abs() <= self.eps).sum(0)
+        self.act_sum += a.double().sum(0)
+        self.inactive_sum += torch.where(active, 0.0, a).double().sum(0)
+        self.union_sum += active.any(0).float().mean().item()
+        if self.max_samples:
+            self._reservoir(x.float(), active)
+
+    def _reservoir(self, x: torch.Tensor, active: torch.Tensor) -> None:
+        """Uniform sample of all rows seen so far (Algorithm R, vectorised per batch)."""
+        n, cap = x.shape[0], self.max_samples
+        stored = 0 if self.samples_x is None else self.samples_x.shape[0]
+        take = min(cap - stored, n)
+        if take > 0:
+            xs, acts = x[:take].clone(), active[:take].clone()
+            self.samples_x = xs if self.samples_x is None else torch.cat([self.samples_x, xs])
+            self.samples_active = acts if self.samples_active is None else torch.cat([self.samples_active, acts])
+        rest = torch.arange(take, n)
+        if len(rest):
+            t = self._seen + rest + 1  # 1-based position of each row in the whole stream
+            j = (torch.rand(len(rest), generator=self._gen) * t).long()
+            keep = j < cap
+            self.samples_x[j[keep]] = x[rest[keep]]
+            self.samples_active[j[keep]] = active[rest[keep]]
+        self._seen += n
+
+
+def _model_inputs(batch) -> dict:
+    if isinstance(batch, torch.Tensor):
+        return {"input_ids": batch}
+    if isinstance(batch, dict):
+        return {k: v for k, v in batch.items() if k not in _NON_INPUT_KEYS}
+    raise TypeError(f"a calibration batch must be a dict of model inputs or an input_ids tensor, got {type(batch).__name__}")
+
+
+def _detr_backbone(model: nn.Module):
+    for name, m in model.named_modules():
+        if type(m).__name__ == "DetrConvEncoder":
+            return m
+    return None
+
+
+class ActivationRecorder:
+    """Context manager that installs the hooks; ``run(calib)`` feeds batches through the model."""
+
+    def __init__(self, model: nn.Module, blocks: dict[str, MLPBlock] | None = None, eps: float = 1e-3,
+                 max_samples: int = 0):
+        self.model = model
+        self.blocks = blocks if blocks is not None else find_mlps(model)
+        if not self.blocks:
+            raise ValueError(f"{type(model).__name__} has no recognisable MLP blocks (fc1 -> act -> fc2)")
+        self.stats: dict[str, LayerStats] = {}
+        for name, b in self.blocks.items():
+            if b.gated:
+                raise ValueError(f"{name}: gated (Llama-style) MLPs are not supported by the recorder")
+            if b.act is None:
+                raise ValueError(f"{name}: MLP block has no activation function to record")
+            self.stats[name] = LayerStats(name, b.d_model, b.d_ff, activation_name(b), eps, max_samples=max_samples)
+        self._handles = []
+        self._attention_mask = None
+        self._encoder_mask = None
+
+    def _mask_for(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        lead = tuple(x.shape[:-1])
+        if self._encoder_mask is not None:
+            is_encoder = ".encoder." in f".{name}."
+            return self._encoder_mask if is_encoder and tuple(self._encoder_mask.shape) == lead else None
+        if self._attention_mask is not None and tuple(self._attention_mask.shape) == lead:
+            return self._attention_mask
+        return None
+
+    def _hook(self, name: str, block: MLPBlock):
+        def hook(module, inputs, z):
+            x = inputs[0]
+            with torch.no_grad():
+                a = block.act(z)
+                mask = self._mask_for(name, x)
+                x2, a2 = x.reshape(-1, x.shape[-1]), a.reshape(-1, a.shape[-1])
+                if mask is not None:
+                    keep = mask.reshape(-1)
+                    x2, a2 = x2[keep], a2[keep]
+                self.stats[name].update(x2.detach(), a2.detach().float())
+
+        return hook
+
+    def __enter__(self):
+        for name, b in self.blocks.items():
+            self._handles.append(b.fc1.register_forward_hook(self._hook(name, b)))
+        bb = _detr_backbone(self.model)
+        if bb is not None:
+            def bb_hook(module, inputs, out):
+                self._encoder_mask = out[-1][1].flatten(1).bool()
+            self._handles.append(bb.register_forward_hook(bb_hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @torch.no_grad()
+    def run(self, calib: Iterable, max_batches: int | None = None) -> dict[str, LayerStats]:
+        was_training = self.model.training
+        self.model.eval()
+        n = 0
+        try:
+            for batch in calib:
+                if max_batches is not None and n >= max_batches:
+                    break
+                inputs = _model_inputs(batch)
+                am = inputs.get("attention_mask")
+                self._attention_mask = am.bool() if am is not None else None
+                self._encoder_mask = None
+                self.model(**inputs)
+                n += 1
+        finally:
+            self.model.train(was_training)
+        if n == 0:
+            raise ValueError("the calibration set is empty: no batches to record")
+        return self.stats
+
+
+def record_activations(model: nn.Module, calib: Iterable, blocks: dict[str, MLPBlock] | None = None,
+                       eps: float = 1e-3, max_samples: int = 0, max_batches: int | None = None) -> dict[str, LayerStats]:
+    """Per-block ``LayerStats`` over ``calib`` (dicts of model inputs, or input_ids tensors)."""
+    with ActivationRecorder(model, blocks, eps=eps, max_samples=max_samples) as rec:
+        return rec.run(calib, max_batches=max_batches)
