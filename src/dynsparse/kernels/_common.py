@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -39,6 +40,24 @@ def as_f32(t: torch.Tensor) -> np.ndarray:
     if not t.is_contiguous():
         t = t.contiguous()
     return t.numpy()
+
+
+# Weight tensors' numpy views, so that a per-token call (generation) does not pay for
+# detach/numpy on every parameter: id(tensor) -> (weakref, data_ptr, view). Only zero-copy views
+# are cached (they see in-place updates); an entry dies with its tensor or when .data is replaced.
+_VIEWS: dict[int, tuple] = {}
+
+
+def weight_view(t: torch.Tensor) -> np.ndarray:
+    """as_f32 for long-lived tensors (parameters), cached while the tensor and its storage live."""
+    key = id(t)
+    entry = _VIEWS.get(key)
+    if entry is not None and entry[0]() is t and entry[1] == t.data_ptr():
+        return entry[2]
+    arr = as_f32(t)
+    if t.dtype == torch.float32 and t.is_contiguous():
+        _VIEWS[key] = (weakref.ref(t, lambda _, k=key: _VIEWS.pop(k, None)), t.data_ptr(), arr)
+    return arr
 
 
 if NUMBA:

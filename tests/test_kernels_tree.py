@@ -1,0 +1,95 @@
+"""The numba tree inference kernel against the masked reference (fp32, 1e-5 relative)."""
+import pytest
+import torch
+
+from dynsparse.kernels import tree_forward_kernel
+from dynsparse.kernels import tree_infer
+from dynsparse.tree.activations import ACTIVATION_CODES
+from dynsparse.tree.reference import tree_ff_masked
+
+
+def _params(trees, depth, d, d_out, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = 2 ** (depth + 1) - 1
+    w_in = torch.randn(trees, n, d, generator=g) / d**0.5
+    b_in = torch.randn(trees, n, generator=g) * 0.3 if bias else None
+    w_out = torch.randn(trees, n, d_out, generator=g)
+    return w_in, b_in, w_out
+
+
+def _margin(x, w_in, b_in, depth):
+    """Smallest |z| on each token's path over all trees (the tokens a rounding change could re-route)."""
+    z = torch.einsum("md,tnd->mtn", x.double(), w_in.double())
+    if b_in is not None:
+        z = z + b_in.double()
+    node = torch.zeros(z.shape[:2], dtype=torch.long)
+    margin = torch.full((x.shape[0],), float("inf"), dtype=torch.float64)
+    for _ in range(depth + 1):
+        zn = z.gather(-1, node.unsqueeze(-1)).squeeze(-1)
+        margin = torch.minimum(margin, zn.abs().min(1).values)
+        node = 2 * node + 1 + (zn > 0).long()
+    return margin
+
+
+CASES = [  # trees, depth, d, d_out, tokens (tokens >= 64 walks take the threaded kernel)
+    (1, 0, 8, 8, 5),
+    (1, 3, 16, 5, 7),
+    (2, 5, 40, 24, 33),
+    (1, 11, 24, 16, 130),
+    (16, 4, 32, 16, 50),
+    (3, 6, 17, 9, 67),
+]
+
+
+@pytest.mark.parametrize("trees,depth,d,d_out,m", CASES)
+@pytest.mark.parametrize("act_position", ["node", "path"])
+def test_kernel_matches_masked_reference(trees, depth, d, d_out, m, act_position):
+    for seed, (activation, bias) in enumerate([("gelu", True), ("relu", False), ("silu", True), ("tanh", True), ("identity", False)]):
+        w_in, b_in, w_out = _params(trees, depth, d, d_out, bias, seed)
+        x = torch.randn(m, d, generator=torch.Generator().manual_seed(100 + seed))
+        want, want_leaves = tree_ff_masked(x, w_in, b_in, w_out, depth, activation, act_position)
+        y, leaves = tree_forward_kernel(x, w_in, b_in, w_out, depth, ACTIVATION_CODES[activation], act_position == "path")
+        assert y.shape == (m, d_out) and leaves.shape == (m, trees) and leaves.dtype == torch.int64
+        clear = _margin(x, w_in, b_in, depth) > 1e-4
+        assert clear.float().mean() > 0.9
+        assert torch.equal(leaves[clear], want_leaves[clear])
+        scale = want[clear].abs().max()
+        assert (y[clear] - want[clear]).abs().max() <= 1e-5 * scale
+
+
+def test_serial_and_threaded_kernels_agree():
+    w_in, b_in, w_out = _params(4, 6, 32, 32, True, 7)
+    x = torch.randn(200, 32)
+    y_par, l_par = tree_forward_kernel(x, w_in, b_in, w_out, 6, 0, False)
+    parts = [tree_forward_kernel(x[i : i + 3], w_in, b_in, w_out, 6, 0, False) for i in range(0, 200, 3)]
+    y_ser, l_ser = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    clear = _margin(x, w_in, b_in, 6) > 1e-4
+    assert clear.float().mean() > 0.9
+    assert torch.equal(l_par[clear], l_ser[clear])
+    assert torch.allclose(y_par[clear], y_ser[clear], rtol=1e-5, atol=1e-5)
+
+
+def test_weight_views_follow_in_place_updates_and_replaced_data():
+    w_in, b_in, w_out = (torch.nn.Parameter(t) for t in _params(1, 4, 16, 8, True, 3))
+    x = torch.randn(9, 16)
+    y0, _ = tree_forward_kernel(x, w_in, b_in, w_out, 4, 4, False)
+    with torch.no_grad():
+        w_out.mul_(2.0)
+    y1, _ = tree_forward_kernel(x, w_in, b_in, w_out, 4, 4, False)
+    assert torch.allclose(y1, 2 * y0)
+    w_out.data = torch.zeros_like(w_out)
+    y2, _ = tree_forward_kernel(x, w_in, b_in, w_out, 4, 4, False)
+    assert torch.all(y2 == 0)
+
+
+def test_bf16_and_non_contiguous_inputs():
+    w_in, b_in, w_out = _params(2, 3, 16, 8, True, 5)
+    x = torch.randn(16, 12)[:, :8].repeat(1, 2)  # contiguous copy of strided data
+    xt = torch.randn(16, 10).t()[:, :].contiguous().t()  # non-contiguous (16, 10) view
+    y, _ = tree_forward_kernel(x.bfloat16(), w_in.bfloat16(), b_in.bfloat16(), w_out.bfloat16(), 3, 0, False)
+    assert y.dtype == torch.bfloat16
+    w_in2, b_in2, w_out2 = _params(2, 3, 10, 8, True, 5)
+    y_nc, _ = tree_forward_kernel(xt, w_in2, b_in2, w_out2, 3, 0, False)
+    y_c, _ = tree_forward_kernel(xt.contiguous(), w_in2, b_in2, w_out2, 3, 0, False)
+    assert torch.equal(y_nc, y_c)
+
