@@ -56,6 +56,8 @@ class MGSConfig:
             raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
         if self.target_sparsity is not None and not 0 <= self.target_sparsity < 1:
             raise ValueError(f"target_sparsity must be in [0, 1), got {self.target_sparsity}")
+        if not 0 < self.holdout < 1:
+            raise ValueError(f"holdout is the share of calibration rows kept for thresholds, in (0, 1); got {self.holdout}")
         if self.rank < 1 or self.group_size < 1:
             raise ValueError("rank and group_size must be >= 1")
 
