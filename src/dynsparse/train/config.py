@@ -1,0 +1,145 @@
+"""What a training run does, as one flat dataclass (saved to ``<run>/config.json``).
+
+Precedence: training defaults of the preset < ``--config file.yaml`` < command-line flags.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from ..lm import FF_KINDS, PRESETS, DynSparseLMConfig, preset_config
+
+# Optimisation defaults per architecture preset (the architecture itself lives in dynsparse.lm.PRESETS).
+TRAIN_PRESETS: dict[str, dict] = {
+    "tiny": dict(seq_len=128, batch_size=16, lr=3e-3, max_steps=1000, warmup_steps=50),
+    "small": dict(seq_len=256, batch_size=32, lr=1e-3, max_steps=5000, warmup_steps=200),
+    "125m": dict(seq_len=1024, batch_size=256, lr=6e-4, max_steps=100_000, warmup_steps=2000),
+    "1.3b": dict(seq_len=2048, batch_size=512, lr=2e-4, max_steps=100_000, warmup_steps=2000),
+}
+DTYPES = ("fp32", "bf16")
+TREE_IMPLS = (None, "gather", "masked")
+
+
+@dataclass
+class TrainConfig:
+    # model
+    preset: str = "tiny"
+    ff: str = "dense"
+    depth: int | None = None  # tree depth; None -> the preset's
+    trees: int | None = None
+    activation: str = "gelu"
+    act_position: str = "node"
+    position_embedding: str = "learned"
+    d_model: int | None = None
+    n_layer: int | None = None
+    n_head: int | None = None
+    dropout: float = 0.0
+    init_from: str | None = None  # an HF model directory to continue from (e.g. `dynsparse convert` output)
+    # data
+    data: str = "shakespeare"
+    vocab_size: int | None = None  # BPE size; None -> the preset's
+    tokenizer: str | None = None  # a local HF tokenizer directory instead of training a BPE
+    cache_dir: str | None = None
+    seq_len: int = 128
+    # optimisation
+    batch_size: int = 16  # global: sequences per optimizer step, over all processes and micro-batches
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    dtype: str = "fp32"
+    seed: int = 0
+    tree_impl: str | None = None  # TreeFF execution path while training (None: the layer's default)
+    # bookkeeping
+    eval_every: int = 200
+    eval_batches: int = 8
+    ckpt_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    telemetry_every: int = 50
+    telemetry: bool = True
+    fsdp: bool = False
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.ff not in FF_KINDS:
+            raise ValueError(f"ff must be one of {FF_KINDS}, got {self.ff!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.tree_impl not in TREE_IMPLS:
+            raise ValueError(f"tree_impl must be one of {TREE_IMPLS}, got {self.tree_impl!r}")
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
+                     "ckpt_every", "keep_checkpoints", "log_every", "telemetry_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        if self.warmup_steps < 0 or self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("need warmup_steps >= 0, lr > 0 and 0 <= min_lr_ratio <= 1")
+
+    # ------------------------------------------------------------------ model config
+    def model_config(self, vocab_size: int) -> DynSparseLMConfig:
+        over = dict(ff=self.ff, tree_activation=self.activation, tree_act_position=self.act_position,
+                    position_embedding=self.position_embedding, dropout=self.dropout, vocab_size=vocab_size,
+                    max_position_embeddings=max(self.seq_len, PRESETS[self.preset]["max_position_embeddings"]))
+        for ours, theirs in (("depth", "tree_depth"), ("trees", "tree_trees"), ("d_model", "hidden_size"),
+                             ("n_layer", "num_hidden_layers"), ("n_head", "num_attention_heads")):
+            if getattr(self, ours) is not None:
+                over[theirs] = getattr(self, ours)
+        if self.d_model is not None:
+            over["intermediate_size"] = 4 * self.d_model
+        return preset_config(self.preset, **over)
+
+    @property
+    def bpe_vocab_size(self) -> int:
+        return self.vocab_size or PRESETS[self.preset]["vocab_size"]
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.replace(path)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def build(cls, preset: str = "tiny", yaml_file: str | None = None, **flags) -> "TrainConfig":
+        """Preset defaults < YAML file < flags (flags that are None are ignored)."""
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        values = {"preset": preset, **TRAIN_PRESETS[preset]}
+        if yaml_file:
+            path = Path(yaml_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"config file not found: {yaml_file}")
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{yaml_file} must hold a mapping of option: value")
+            values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        values.update({k: v for k, v in flags.items() if v is not None})
+        return cls.from_dict(values)
+
+
+def diff_configs(a: dict, b: dict, ignore=("max_steps",)) -> list[str]:
+    """Fields that differ between two saved run configs (those in ``ignore`` may change on resume)."""
+    return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))

@@ -1,0 +1,275 @@
+"""The training loop, as a flat story: run dir, data, model, optimizer, loop, checkpoints, final model.
+
+Batches are a function of (seed, step), so the data position of a run is its step: resuming restores
+weights, optimizer, RNG and step, and the losses continue exactly as an uninterrupted run's would.
+Under torchrun every process draws the same global batch and trains on its slice of it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..data import eval_windows, prepare_tokens, sample_windows, text_source
+from ..lm import DynSparseLMForCausalLM
+from . import distributed, telemetry
+from .checkpoint import (CheckpointError, check_model_state, list_checkpoints, load_checkpoint, save_checkpoint,
+                         set_rng_state)
+from .config import TrainConfig, diff_configs
+from .progress import Progress
+
+
+class RunDirError(ValueError):
+    """The output directory cannot be used as asked (holds another run, nothing to resume, ...)."""
+
+
+def prepare_run_dir(run: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs: an existing run continues only with ``resume`` and a compatible config,
+    and is replaced only with ``overwrite``."""
+    config_path = run / "config.json"
+    if resume and overwrite:
+        raise RunDirError("choose one of --resume and --overwrite")
+    if resume:
+        if not config_path.exists():
+            raise RunDirError(f"nothing to resume in {run}: no config.json")
+        diff = diff_configs(json.loads(config_path.read_text()), cfg.to_dict())
+        if diff:
+            raise RunDirError(f"cannot resume {run}: its config differs in {', '.join(diff)}")
+        return
+    if run.exists() and any(run.iterdir()):
+        if not overwrite:
+            what = "another run" if config_path.exists() else "other files"
+            raise RunDirError(f"{run} holds {what}: pass --resume to continue it or --overwrite to replace it")
+        if not config_path.exists() and not (run / "checkpoints").exists():
+            raise RunDirError(f"refusing to overwrite {run}: it does not look like a run directory")
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    cfg.save(config_path)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio * lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def build_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
+    if cfg.init_from:
+        from ..lm.convert import load_model  # a saved dynsparse LM, or a converted HF model
+
+        model = load_model(cfg.init_from)
+        if model.get_input_embeddings().num_embeddings < vocab_size:
+            raise ValueError(f"--init-from model's vocabulary is smaller than the tokenizer's ({vocab_size})")
+        return model
+    return DynSparseLMForCausalLM(cfg.model_config(vocab_size))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; matrices (and tree weight tables) decay, biases and norms do not (nanoGPT's split)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def lm_loss(model, x, y) -> torch.Tensor:
+    logits = model(input_ids=x, use_cache=False).logits
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model, tokens, seq_len: int, batch: int, max_windows: int | None, device) -> float:
+    """Mean next-token loss over consecutive windows of a split (routing counters paused)."""
+    was_training = model.training
+    model.eval()
+    telemetry_state = {n: l.tracking for n, l in telemetry.tree_layers(model).items()}
+    telemetry.set_tracking(model, False)
+    x, y = eval_windows(tokens, seq_len, max_windows)
+    total, count = 0.0, 0
+    for i in range(0, len(x), batch):
+        xb, yb = x[i : i + batch].to(device), y[i : i + batch].to(device)
+        total += lm_loss(model, xb, yb).item() * yb.numel()
+        count += yb.numel()
+    for name, layer in telemetry.tree_layers(model).items():
+        layer.track_usage(telemetry_state[name])
+    model.train(was_training)
+    return total / count
+
+
+def ff_summary(model: torch.nn.Module) -> dict:
+    """FF active fraction and FLOPs/token (per block, averaged over blocks) from the model's layers."""
+    from ..mlps import find_mlps
+
+    trees = telemetry.tree_layers(model)
+    if trees:
+        layers = list(trees.values())
+        return {"ff_active_fraction": sum(l.active_fraction for l in layers) / len(layers),
+                "ff_flops_per_token": sum(l.flops_per_token for l in layers) / len(layers)}
+    mlps = list(find_mlps(distributed.unwrap(model)).values())
+    if not mlps:
+        return {}
+    return {"ff_active_fraction": 1.0,
+            "ff_flops_per_token": sum(4 * m.d_model * m.d_ff for m in mlps) / len(mlps)}
+
+
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
+          progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> dict:
+    """Run (or continue) a training run in ``out``; returns the final metrics (also in final/metrics.json)."""
+    d = distributed.setup()
+    run = Path(out)
+    if d.main:
+        prepare_run_dir(run, cfg, resume, overwrite)
+    d.barrier()
+
+    # ---- data (rank 0 tokenizes into the cache first; the others then read it)
+    source = text_source(cfg.data)
+    if d.main:
+        data = prepare_tokens(source, cfg.bpe_vocab_size, cfg.tokenizer, cfg.cache_dir)
+    d.barrier()
+    if not d.main:
+        data = prepare_tokens(source, cfg.bpe_vocab_size, cfg.tokenizer, cfg.cache_dir)
+    data.check_length(cfg.seq_len)
+
+    # ---- model and optimizer
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data.vocab_size).to(d.device)
+    if model.config.max_position_embeddings < cfg.seq_len:
+        raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's context ({model.config.max_position_embeddings})")
+    for layer in telemetry.tree_layers(model).values():
+        layer.impl = cfg.tree_impl
+    telemetry.set_tracking(model, cfg.telemetry)
+    model = distributed.wrap(model, d, cfg.fsdp)
+    optimizer = make_optimizer(model, cfg)
+
+    start, tokens_seen = 0, 0
+    ckpts = list_checkpoints(run)
+    if resume and ckpts:
+        step, path = ckpts[-1]
+        ck = load_checkpoint(path)
+        reference = _plain_copy(cfg, data.vocab_size) if cfg.fsdp and not cfg.init_from else distributed.unwrap(model)
+        check_model_state(reference, ck["model"], str(path))
+        distributed.load_full_state(model, optimizer, ck["model"], ck["optimizer"])
+        set_rng_state(ck["rng"])
+        start, tokens_seen = ck["state"]["step"], ck["state"]["tokens"]
+    if d.main:
+        for name in ("metrics.jsonl", "telemetry.jsonl"):
+            telemetry.truncate_jsonl(run / name, start)
+    if start >= cfg.max_steps and (run / "final").exists():
+        return json.loads((run / "final" / "metrics.json").read_text())
+
+    # ---- the loop
+    per_rank = cfg.batch_size // d.world
+    if per_rank * d.world != cfg.batch_size or per_rank % cfg.grad_accum:
+        raise ValueError(f"batch_size {cfg.batch_size} must split evenly over {d.world} process(es) "
+                         f"x {cfg.grad_accum} micro-batches")
+    micro = per_rank // cfg.grad_accum
+    amp = torch.autocast(d.device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else contextlib.nullcontext()
+    eval_bs = max(1, per_rank)
+    eval_windows_n = cfg.eval_batches * eval_bs
+    train_time, telemetry_time, last_loss, val_loss = 0.0, 0.0, float("nan"), None
+    bar = Progress(cfg.max_steps, start, enabled=progress and d.main)
+    model.train()
+    for step in range(start, cfg.max_steps):
+        t0 = time.perf_counter()
+        lr = lr_at(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = sample_windows(data.splits["train"], cfg.batch_size, cfg.seq_len, cfg.seed, step)
+        x, y = x[d.rank * per_rank : (d.rank + 1) * per_rank], y[d.rank * per_rank : (d.rank + 1) * per_rank]
+        loss_sum = 0.0
+        for m in range(cfg.grad_accum):
+            xb, yb = x[m * micro : (m + 1) * micro].to(d.device), y[m * micro : (m + 1) * micro].to(d.device)
+            sync = m == cfg.grad_accum - 1 or not isinstance(model, torch.nn.parallel.DistributedDataParallel)
+            with (contextlib.nullcontext() if sync else model.no_sync()), amp:
+                loss = lm_loss(model, xb, yb) / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        tokens_seen += cfg.batch_size * cfg.seq_len
+        train_time += time.perf_counter() - t0
+        last_loss = d.mean(loss_sum)
+        if not math.isfinite(last_loss):
+            raise FloatingPointError(f"training loss became {last_loss} at step {done}; lower --lr")
+        if on_step is not None:
+            on_step(done, last_loss)
+
+        if cfg.telemetry and telemetry.tree_layers(model) and done % cfg.telemetry_every == 0:
+            t1 = time.perf_counter()
+            record = telemetry.snapshot(model, done)
+            if d.main:
+                telemetry.append_jsonl(run / "telemetry.jsonl", record)
+            telemetry_time += time.perf_counter() - t1
+        record = {"step": done, "loss": round(last_loss, 5), "lr": lr, "tokens": tokens_seen,
+                  "tokens_per_s": round(tokens_seen_rate(cfg, done - start, train_time), 1)}
+        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+            val_loss = evaluate(model, data.splits["val"], cfg.seq_len, eval_bs, eval_windows_n, d.device)
+            record.update(val_loss=round(val_loss, 5), val_ppl=round(math.exp(val_loss), 3))
+        if d.main and (done % cfg.log_every == 0 or "val_loss" in record or done == cfg.max_steps):
+            telemetry.append_jsonl(run / "metrics.jsonl", record)
+        bar.update(done, last_loss, record["tokens_per_s"], val_loss)
+        if done % cfg.ckpt_every == 0 or done == cfg.max_steps:
+            model_sd, optim_sd = distributed.full_state(model, optimizer)
+            if d.main:
+                save_checkpoint(run, done, model_sd, optim_sd, {"tokens": tokens_seen}, cfg.keep_checkpoints)
+            d.barrier()
+    bar.close()
+
+    # ---- final model: an HF directory that from_pretrained loads
+    metrics = {"steps": cfg.max_steps, "tokens": tokens_seen, "train_loss": last_loss,
+               "val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss is not None else None,
+               "tokens_per_s": tokens_seen_rate(cfg, cfg.max_steps - start, train_time),
+               "train_seconds": train_time, "telemetry_seconds": telemetry_time,
+               "params": sum(p.numel() for p in distributed.unwrap(model).parameters()),
+               "world_size": d.world, **ff_summary(model)}
+    metrics.update({f"tree_{k}": v for k, v in telemetry.summarize(telemetry.read_jsonl(run / "telemetry.jsonl")).items()})
+    model_sd, _ = distributed.full_state(model, optimizer)
+    if d.main:
+        save_final(distributed.unwrap(model), model_sd, data.tokenizer, run / "final", metrics)
+    d.barrier()
+    return metrics
+
+
+def tokens_seen_rate(cfg: TrainConfig, steps: int, seconds: float) -> float:
+    return steps * cfg.batch_size * cfg.seq_len / seconds if seconds > 0 else 0.0
+
+
+def save_final(model, state_dict: dict, tokenizer, path: Path, metrics: dict) -> None:
+    """save_pretrained + tokenizer + metrics into a temporary dir, then rename it to ``path``."""
+    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=path.parent))
+    try:
+        for layer in telemetry.tree_layers(model).values():
+            layer.impl = None  # the saved model picks its execution path itself
+        model.save_pretrained(str(tmp), state_dict=state_dict)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _plain_copy(cfg, vocab_size):
+    """A plain (unsharded) model of the run's shape, to validate a checkpoint's keys and shapes."""
+    with torch.device("meta"):
+        return DynSparseLMForCausalLM(cfg.model_config(vocab_size))
+
+
+__all__ = ["train", "TrainConfig", "RunDirError", "CheckpointError", "lr_at", "evaluate"]
