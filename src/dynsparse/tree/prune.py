@@ -59,6 +59,21 @@ class PrunedTreeFF(nn.Module):
         self.trees = roots.numel()
         self.prune_report: PruneReport | None = None
 
+    @classmethod
+    def empty(cls, nodes: int, trees: int, d_model: int, d_out: int, max_len: int, activation: str,
+              act_position: str, bias: bool = True) -> "PrunedTreeFF":
+        """A layer of the given shape with uninitialised tables, to be filled by ``load_state_dict``
+        (how a saved pruned model is rebuilt from its config)."""
+        long = lambda n: torch.full((n,), -1, dtype=torch.long)  # noqa: E731
+        return cls(torch.zeros(nodes, d_model), torch.zeros(nodes) if bias else None, torch.zeros(nodes, d_out),
+                   long(nodes), long(nodes), torch.zeros(trees, dtype=torch.long), max_len, activation, act_position)
+
+    def shape_spec(self) -> dict:
+        """What ``empty`` needs to rebuild this layer."""
+        return {"nodes": self.w_in.shape[0], "trees": self.trees, "d_model": self.d_model, "d_out": self.d_out,
+                "max_len": self.max_len, "activation": self.activation, "act_position": self.act_position,
+                "bias": self.b_in is not None}
+
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, trees={self.trees}, nodes={self.w_in.shape[0]}, max_len={self.max_len}, "
