@@ -26,10 +26,25 @@ def numba_available() -> bool:
     return NUMBA
 
 
+_POOL_STARTED = False
+
+
 def sync_threads() -> None:
-    """Use torch's thread count so the kernels and the dense baselines share the same cores."""
-    if NUMBA:
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    """Use torch's thread count so the kernels and the dense baselines share the same cores.
+
+    numba's OpenMP layer shares libgomp with torch, and starting its pool resets the process-wide
+    OpenMP thread count (torch.get_num_threads() would jump to all cores). The pool is therefore
+    started once here, and torch's setting put back.
+    """
+    global _POOL_STARTED
+    if not NUMBA:
+        return
+    threads = torch.get_num_threads()
+    if not _POOL_STARTED:
+        _start_pool(np.zeros(2))
+        torch.set_num_threads(threads)
+        _POOL_STARTED = True
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
 
 
 def as_f32(t: torch.Tensor) -> np.ndarray:
@@ -61,6 +76,12 @@ def weight_view(t: torch.Tensor) -> np.ndarray:
 
 
 if NUMBA:
+    from numba import prange
+
+    @njit(parallel=True, cache=True)
+    def _start_pool(a):
+        for i in prange(a.shape[0]):
+            a[i] += 1.0
 
     @njit(inline="always", cache=True)
     def act(z, code):

@@ -36,8 +36,10 @@ ACT_FUNCTIONS = {0: F.gelu, 1: F.relu, 2: F.silu, 3: torch.tanh, 4: lambda z: z}
 # Union path vs per-token path: the union runs dense BLAS over |union| rows for every token, the
 # per-token path does nnz dot+axpy pairs at a lower rate. Union wins when
 # M * |union| < UNION_SPEEDUP * nnz; the factor is the measured BLAS / per-token throughput ratio on
-# a 2-core AVX2 machine (see ``dynsparse bench mgs``).
+# a 2-core AVX2 machine (see ``dynsparse bench mgs``). Below UNION_MIN_TOKENS tokens the gathered
+# copies of the union's rows cost more than the per-token kernel's direct reads.
 UNION_SPEEDUP = 4.0
+UNION_MIN_TOKENS = 16
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -318,8 +320,10 @@ def gated_sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code):
 def choose_path(m: int, indices: torch.Tensor, d_ff: int):
     """The kernel ``gated_sparse_mlp`` will run for these lists (exposed for tests and benchmarks)."""
     nnz = indices.numel()
-    if nnz == 0 or not NUMBA:
-        return sparse_mlp if NUMBA else union_sparse_mlp
+    if not NUMBA:
+        return union_sparse_mlp
+    if nnz == 0 or m < UNION_MIN_TOKENS:
+        return sparse_mlp
     union = int(torch.bincount(indices.long(), minlength=d_ff).count_nonzero())
     return union_sparse_mlp if m * union < UNION_SPEEDUP * nnz else sparse_mlp
 
@@ -399,9 +403,24 @@ if NUMBA:
             hi = h[i]
             yi = y[i]
             yi[:] = b2
+            nz = np.empty(d_ff, dtype=np.int64)
+            n = 0
             for j in range(d_ff):
+                if hi[j] != 0.0:
+                    nz[n] = j
+                    n += 1
+            p = 0
+            while p + 4 <= n:  # four rows per pass over y, as in _accumulate
+                j0, j1, j2, j3 = nz[p], nz[p + 1], nz[p + 2], nz[p + 3]
+                v0, v1, v2, v3 = hi[j0], hi[j1], hi[j2], hi[j3]
+                o0, o1, o2, o3 = w2_t[j0], w2_t[j1], w2_t[j2], w2_t[j3]
+                for q in range(d_out):
+                    yi[q] += v0 * o0[q] + v1 * o1[q] + v2 * o2[q] + v3 * o3[q]
+                p += 4
+            while p < n:
+                j = nz[p]
                 v = hi[j]
-                if v != 0.0:
-                    out = w2_t[j]
-                    for q in range(d_out):
-                        yi[q] += v * out[q]
+                out = w2_t[j]
+                for q in range(d_out):
+                    yi[q] += v * out[q]
+                p += 1

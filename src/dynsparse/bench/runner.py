@@ -1,0 +1,40 @@
+"""Run benchmark suites: machine peaks first, then the cases, all in one process and thread count."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..kernels import numba_available
+from ..kernels._common import sync_threads
+from .cases import SUITES, Settings
+from .timing import cpu_name, matmul_gflops, memory_gbps
+
+
+def run_suites(names: list[str], settings: Settings | None = None, on_result=None) -> dict:
+    """Measure the machine, then every case of the named suites. ``on_result(result)`` is called as
+    each case finishes (for live printing). Returns one JSON-ready dict."""
+    s = settings or Settings()
+    unknown = [n for n in names if n not in SUITES]
+    if unknown:
+        raise ValueError(f"unknown benchmark suite(s) {unknown}; choose from {sorted(SUITES)}")
+    sync_threads()  # numba kernels use torch's thread count
+    start = time.perf_counter()
+    machine = {
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "numba": numba_available(),
+        "matmul_gflops": matmul_gflops(),
+        "memory_gbps": memory_gbps(),
+    }
+    results, errors = [], {}
+    for name in names:
+        try:
+            for r in SUITES[name](s):
+                results.append(r.to_dict() | {"suite": name})
+                if on_result:
+                    on_result(results[-1])
+        except RuntimeError as e:  # a suite that cannot run here (e.g. no LM package) is reported, not hidden
+            errors[name] = str(e)
+    return {"machine": machine, "results": results, "errors": errors, "seconds": time.perf_counter() - start}
