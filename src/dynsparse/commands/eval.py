@@ -1,0 +1,93 @@
+"""``dynsparse eval MODEL_DIR``: perplexity on a corpus split, FF active fraction and FLOPs/token measured
+from the routing counts, and optionally lm-evaluation-harness tasks (``--tasks``)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..cli import CLIError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="perplexity, measured FF cost, lm-eval-harness tasks", description=__doc__)
+    p.add_argument("model", help="a saved HF model directory (e.g. <run>/final)")
+    p.add_argument("--data", default="shakespeare", help="corpus for perplexity ('shakespeare', .txt/.jsonl, folder)")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--seq-len", type=int, help="window length (default: the model's context, at most 256)")
+    p.add_argument("--max-windows", type=int, default=256, help="windows evaluated (default 256)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--cache-dir", help="tokenized corpus cache (default ~/.cache/dynsparse)")
+    p.add_argument("--no-perplexity", action="store_true", help="only run --tasks")
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks; 'shakespeare_speaker' works offline")
+    p.add_argument("--include-path", help="folder of local lm-eval task YAMLs")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--limit", type=int, help="at most this many examples per task")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import dynsparse.lm  # noqa: F401  registers the auto classes
+
+    from ..data import prepare_tokens, text_source
+    from ..data.tokens import default_cache_dir
+    from ..eval import evaluate_lm
+
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise CLIError(f"{model_dir} is not a saved model directory (no config.json)")
+    result = {"model": str(model_dir)}
+    if not args.no_perplexity:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise CLIError(f"cannot load {model_dir}: {e}") from None
+        seq_len = args.seq_len or min(256, getattr(model.config, "max_position_embeddings", 256))
+        try:
+            # The model's own tokenizer encodes the text, so its perplexity is in its own tokens.
+            data = prepare_tokens(text_source(args.data), tokenizer_dir=str(model_dir), cache_dir=args.cache_dir)
+            ev = evaluate_lm(model, data.splits[args.split], seq_len, args.batch_size, args.max_windows)
+        except (ValueError, FileNotFoundError) as e:
+            raise CLIError(str(e)) from None
+        result.update({"split": args.split, "seq_len": seq_len, **{k: v for k, v in ev.to_dict().items() if k != "layers"}})
+        result["tree_layers"] = {n: {k: v for k, v in l.items() if k != "node_visits"} for n, l in ev.layers.items()}
+    if args.tasks:
+        from ..eval.harness import SPEAKER_TASK, build_speaker_task, run_harness
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        include = args.include_path
+        if SPEAKER_TASK in tasks and include is None:
+            include = build_speaker_task((Path(args.cache_dir) if args.cache_dir else default_cache_dir()) / "tasks")
+        try:
+            result["tasks"] = run_harness(model_dir, tasks, include, args.num_fewshot, args.limit)
+        except (KeyError, ValueError) as e:
+            raise CLIError(f"lm-eval failed: {e}") from None
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print(result)
+    return 0
+
+
+def _print(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"dynsparse eval: {result['model']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    if "loss" in result:
+        table.add_row(f"{result['split']} loss", f"{result['loss']:.4f}")
+        table.add_row(f"{result['split']} perplexity", f"{result['perplexity']:.2f}")
+        table.add_row("tokens", f"{result['tokens']:,}")
+        table.add_row("FF active fraction (measured)", f"{result['ff_active_fraction']:.2%}")
+        table.add_row("FF FLOPs / token / block (measured)", f"{result['ff_flops_per_token']:,.0f}")
+        for name, layer in result.get("tree_layers", {}).items():
+            table.add_row(f"{name} dead / entropy", f"{layer['dead_fraction']:.2%} / {layer['path_entropy']:.3f}")
+    for task, metrics in result.get("tasks", {}).items():
+        for k, v in metrics.items():
+            table.add_row(f"{task} {k}", f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console().print(table)

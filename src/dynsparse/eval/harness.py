@@ -1,0 +1,82 @@
+"""The lm-evaluation-harness bridge, and a small offline multiple-choice task built from Shakespeare.
+
+``run_harness`` calls ``lm_eval.simple_evaluate`` with the ``hf`` backend on a saved model directory
+(our LM loads through ``AutoModelForCausalLM`` once ``dynsparse.lm`` is imported). Named tasks
+(hellaswag, piqa, arc_easy, ...) need their datasets, hence a network connection; tasks defined by a
+local YAML over a local JSONL file work offline, like the ``shakespeare_speaker`` task written here:
+"which speaker says this line", from the held-out test plays, scored by the log-likelihood of
+"NAME:\\n<speech>" after the preceding speech (the corpus's own format).
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+from ..data import shakespeare
+
+SPEAKER_TASK = "shakespeare_speaker"
+
+
+def build_speaker_task(out_dir: Path, n_choices: int = 4, per_play: int = 50, seed: int = 0,
+                       max_chars: int = 160) -> Path:
+    """Write ``shakespeare_speaker.jsonl`` + ``.yaml`` into out_dir; returns the directory (an lm-eval
+    include path). Choices are the play's ``n_choices`` most frequent speakers; only speeches by one of
+    them are asked about."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    files = shakespeare.play_files()
+    docs = []
+    for play in shakespeare.TEST_PLAYS:
+        sp = shakespeare.speeches(files[play].read_text(encoding="utf-8"))
+        top = [name for name, _ in Counter(name for name, _ in sp).most_common(n_choices)]
+        candidates = [i for i in range(1, len(sp)) if sp[i][0] in top and len(sp[i][1]) >= 40]
+        for i in sorted(rng.sample(candidates, min(per_play, len(candidates)))):
+            prev_name, prev = sp[i - 1]
+            name, speech = sp[i]
+            docs.append({"play": play, "context": f"{prev_name}:\n{prev[:max_chars]}\n\n",
+                         "choices": [f"{c}:\n{speech[:max_chars]}" for c in top], "label": top.index(name)})
+    data = out_dir / f"{SPEAKER_TASK}.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    yaml_text = (
+        f"task: {SPEAKER_TASK}\n"
+        "dataset_path: json\n"
+        "dataset_kwargs:\n"
+        "  data_files:\n"
+        f"    test: {json.dumps(str(data.resolve()))}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{context}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{label}}"\n'
+        'target_delimiter: ""\n'
+        "metric_list:\n"
+        "  - metric: acc\n"
+        "    aggregation: mean\n"
+        "    higher_is_better: true\n"
+        "metadata:\n"
+        "  version: 1.0\n"
+    )
+    (out_dir / f"{SPEAKER_TASK}.yaml").write_text(yaml_text)
+    return out_dir
+
+
+def run_harness(model_dir: str | Path, tasks: list[str], include_path: str | Path | None = None,
+                num_fewshot: int | None = None, limit: int | None = None, batch_size: int = 8,
+                device: str = "cpu") -> dict:
+    """{task: {metric: value}} from lm-evaluation-harness for a saved HF model directory."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import dynsparse.lm  # noqa: F401  registers our model with AutoModelForCausalLM
+
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    out = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={Path(model_dir).resolve()},dtype=float32", tasks=tasks,
+        num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device, task_manager=manager,
+        log_samples=False,
+    )
+    return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            for task, metrics in out["results"].items()}
