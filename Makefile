@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/dynsparse bench tree
+	$(VENV)/bin/dynsparse compare
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
