@@ -5,13 +5,18 @@ the backward pass re-gathers the few weight rows it needs and scatters their gra
 ``index_add_``, so the cost scales with trees * (depth + 1), not with the number of nodes, and nodes no
 token visited get exactly zero gradient. Tokens are processed in chunks to bound the memory of the
 gathered rows.
+
+On CPU in float32 the same function runs numba kernels (``dynsparse.kernels.tree_train``) that never
+copy weight rows per token and accumulate each node's gradient in one thread; other dtypes and
+devices use the torch ops below.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .activations import get_activation
+from ..kernels.tree_train import train_kernels_apply, tree_train_backward, tree_train_forward
+from .activations import ACTIVATION_CODES, get_activation
 
 # Elements of gathered weight rows held at once (per chunk of tokens): ~64 MB of fp32.
 _CHUNK_ELEMENTS = 1 << 24
@@ -63,6 +68,16 @@ def _act_grad(act, z, grad_out):
 class TreeGatherFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_in, b_in, w_out, depth, activation, act_position):
+        ctx.has_bias = b_in is not None
+        ctx.config = (depth, activation, act_position)
+        ctx.numba = train_kernels_apply(x, w_in, b_in, w_out)
+        if ctx.numba:
+            y, idx, zs = tree_train_forward(
+                x, w_in, b_in, w_out, depth, ACTIVATION_CODES[activation], act_position == "path"
+            )
+            ctx.save_for_backward(x, w_in, w_out, idx, zs)
+            ctx.mark_non_differentiable(idx)
+            return y, idx
         trees, nodes, d = w_in.shape
         d_out = w_out.shape[-1]
         act = get_activation(activation)
@@ -81,15 +96,19 @@ class TreeGatherFunction(torch.autograd.Function):
             else:
                 y[sl] = act(_path_sums(ci, cz, flat_out)).sum(1)
         ctx.save_for_backward(x, w_in, b_in if b_in is not None else torch.empty(0), w_out, idx, zs)
-        ctx.has_bias = b_in is not None
-        ctx.config = (depth, activation, act_position)
         ctx.mark_non_differentiable(idx)
         return y, idx
 
     @staticmethod
     def backward(ctx, grad_y, _grad_idx):
-        x, w_in, b_in, w_out, idx, zs = ctx.saved_tensors
         depth, activation, act_position = ctx.config
+        if ctx.numba:
+            x, w_in, w_out, idx, zs = ctx.saved_tensors
+            g_x, g_in, g_b, g_out = tree_train_backward(
+                grad_y, x, w_in, w_out, idx, zs, ACTIVATION_CODES[activation], act_position == "path"
+            )
+            return g_x, g_in, g_b if ctx.has_bias else None, g_out, None, None, None
+        x, w_in, b_in, w_out, idx, zs = ctx.saved_tensors
         act = get_activation(activation)
         trees, nodes, d = w_in.shape
         d_out = w_out.shape[-1]
