@@ -9,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -135,11 +133,16 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
 
     # ---- data (rank 0 tokenizes into the cache first; the others then read it)
     source = text_source(cfg.data)
+    tokenizer_dir = cfg.tokenizer
+    if tokenizer_dir is None and cfg.init_from:  # continue with the pretrained model's own tokenizer
+        from ..lm.convert import load_tokenizer_if_any
+
+        tokenizer_dir = cfg.init_from if load_tokenizer_if_any(cfg.init_from) is not None else None
     if d.main:
-        data = prepare_tokens(source, cfg.bpe_vocab_size, cfg.tokenizer, cfg.cache_dir)
+        data = prepare_tokens(source, cfg.bpe_vocab_size, tokenizer_dir, cfg.cache_dir)
     d.barrier()
     if not d.main:
-        data = prepare_tokens(source, cfg.bpe_vocab_size, cfg.tokenizer, cfg.cache_dir)
+        data = prepare_tokens(source, cfg.bpe_vocab_size, tokenizer_dir, cfg.cache_dir)
     data.check_length(cfg.seq_len)
 
     # ---- model and optimizer
@@ -250,20 +253,12 @@ def tokens_seen_rate(cfg: TrainConfig, steps: int, seconds: float) -> float:
 
 
 def save_final(model, state_dict: dict, tokenizer, path: Path, metrics: dict) -> None:
-    """save_pretrained + tokenizer + metrics into a temporary dir, then rename it to ``path``."""
-    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=path.parent))
-    try:
-        for layer in telemetry.tree_layers(model).values():
-            layer.impl = None  # the saved model picks its execution path itself
-        model.save_pretrained(str(tmp), state_dict=state_dict)
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """save_pretrained + tokenizer + metrics into a temporary dir, then renamed to ``path``."""
+    from ..lm.convert import save_converted
+
+    for layer in telemetry.tree_layers(model).values():
+        layer.impl = None  # the saved model picks its execution path itself
+    save_converted(model, path, tokenizer, state_dict, extra={"metrics.json": json.dumps(metrics, indent=1)})
 
 
 def _plain_copy(cfg, vocab_size):

@@ -1,0 +1,112 @@
+"""Convert pretrained HF causal LMs (GPT-2, OPT, our own dense LM) to tree FF blocks, and load them back.
+
+The published fine-tuning protocol keeps a pretrained model's attention and replaces its MLP blocks.
+Our own LM converts to a plain ``ff="tree"`` config (``from_pretrained`` loads it as is). Another
+family (GPT-2, OPT, ...) keeps its own config; the saved directory then carries
+``dynsparse_tree.json`` (the TreeConfig and the replaced blocks) and ``load_model`` rebuilds it:
+config -> model -> ``treeify_`` -> weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from ..tree import TreeConfig, treeify_
+from .config import DynSparseLMConfig
+
+MARKER = "dynsparse_tree.json"
+
+
+def convert_model(model: torch.nn.Module, tree: TreeConfig) -> list[str]:
+    """Replace the MLP blocks of ``model`` in place; for our own LM also switch its config to ff="tree"."""
+    replaced = treeify_(model, tree)
+    if isinstance(model.config, DynSparseLMConfig):
+        model.config.ff = "tree"
+        model.config.tree_depth, model.config.tree_trees = tree.depth, tree.trees
+        model.config.tree_activation, model.config.tree_act_position = tree.activation, tree.act_position
+        if not tree.bias and model.config.bias:
+            raise ValueError("our LM ties the tree bias to config.bias; convert with bias=True")
+    else:
+        model._dynsparse_tree = {"tree_config": asdict(tree), "replaced": replaced}
+    return replaced
+
+
+def save_converted(model: torch.nn.Module, out: Path, tokenizer=None, state_dict: dict | None = None,
+                   extra: dict[str, str] | None = None) -> None:
+    """save_pretrained (+ tokenizer, + marker for foreign families) into a temp dir, renamed into place."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(str(tmp), state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if getattr(model, "_dynsparse_tree", None):
+            (tmp / MARKER).write_text(json.dumps(model._dynsparse_tree, indent=1))
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_model(path: str | Path) -> torch.nn.Module:
+    """Any local causal-LM directory: ours, a plain HF model, or a converted HF model (with MARKER)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a saved model directory (no config.json)")
+    marker = path / MARKER
+    if not marker.exists():
+        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    info = json.loads(marker.read_text())
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    replaced = convert_model(model, TreeConfig(**info["tree_config"]))
+    if replaced != info["replaced"]:
+        raise ValueError(f"{path}: the converted blocks {info['replaced'][:2]}... do not match this model")
+    state = _read_weights(path)
+    own = model.state_dict()
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = sorted(set(own) - set(state) - tied)
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit the converted model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    return model
+
+
+def load_tokenizer_if_any(path: str | Path):
+    """The tokenizer saved in ``path``, or None when the directory holds none."""
+    if not any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _read_weights(path: Path) -> dict:
+    single = path / "model.safetensors"
+    if single.exists():
+        return load_file(single)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state = {}
+        for f in files:
+            state.update(load_file(path / f))
+        return state
+    raise FileNotFoundError(f"no safetensors weights in {path}")

@@ -1,0 +1,72 @@
+"""dynsparse convert: GPT-2, OPT and our dense LM from tiny local configs -> tree FF, reload, train --init-from."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+import dynsparse.lm as lm
+from dynsparse.cli import main
+from dynsparse.lm.convert import load_model
+from dynsparse.tree import TreeFF
+
+CORPUS = "".join(f"{i} the king and the queen walked to the {['castle', 'sea', 'hill'][i % 3]}.\n" for i in range(600))
+
+
+def gpt2():
+    return GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2))
+
+
+def opt():
+    return OPTForCausalLM(OPTConfig(vocab_size=300, max_position_embeddings=64, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32))
+
+
+def ours():
+    return lm.DynSparseLMForCausalLM(lm.DynSparseLMConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2,
+                                                          num_attention_heads=2, max_position_embeddings=64))
+
+
+@pytest.mark.parametrize("make", [gpt2, opt, ours])
+def test_convert_keeps_attention_and_reloads(make, tmp_path):
+    torch.manual_seed(0)
+    src = make().eval()
+    src.save_pretrained(tmp_path / "src")
+    assert main(["convert", "--model", str(tmp_path / "src"), "--depth", "3", "--trees", "2",
+                 "--out", str(tmp_path / "tree")]) == 0
+    model = load_model(tmp_path / "tree").eval()
+    trees = [m for m in model.modules() if isinstance(m, TreeFF)]
+    assert len(trees) == 2 and trees[0].depth == 3 and trees[0].trees == 2
+    attn = {k: v for k, v in src.state_dict().items() if "attn" in k}
+    new = model.state_dict()
+    assert attn and all(torch.equal(new[k], v) for k, v in attn.items())  # pretrained attention kept
+    ids = torch.randint(0, 300, (1, 8))
+    again = load_model(tmp_path / "tree").eval()
+    torch.testing.assert_close(again(ids).logits, model(ids).logits)
+    if make is ours:  # our own family loads through plain from_pretrained
+        assert AutoModelForCausalLM.from_pretrained(tmp_path / "tree").config.ff == "tree"
+
+
+def test_train_init_from_converted_gpt2(tmp_path, capsys):
+    gpt2().save_pretrained(tmp_path / "src")
+    assert main(["convert", "--model", str(tmp_path / "src"), "--depth", "2", "--out", str(tmp_path / "tree")]) == 0
+    (tmp_path / "c.txt").write_text(CORPUS)
+    code = main(["train", "--init-from", str(tmp_path / "tree"), "--ff", "tree", "--data", str(tmp_path / "c.txt"),
+                 "--vocab-size", "300", "--seq-len", "16", "--batch-size", "2", "--max-steps", "2",
+                 "--telemetry-every", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
+                 "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    final = load_model(tmp_path / "run" / "final")
+    assert type(final).__name__ == "GPT2LMHeadModel"
+    assert sum(isinstance(m, TreeFF) for m in final.modules()) == 2
+    assert (tmp_path / "run" / "telemetry.jsonl").read_text().count("transformer.h.0.mlp") == 2
+
+
+def test_convert_bad_input(tmp_path, capsys):
+    assert main(["convert", "--model", str(tmp_path / "none"), "--depth", "3", "--out", str(tmp_path / "o")]) == 2
+    assert "not a saved model directory" in capsys.readouterr().err
+    ours().save_pretrained(tmp_path / "src")
+    assert main(["convert", "--model", str(tmp_path / "src"), "--depth", "-1", "--out", str(tmp_path / "o")]) == 2
+    assert "depth" in capsys.readouterr().err
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("x")
+    assert main(["convert", "--model", str(tmp_path / "src"), "--depth", "3", "--out", str(tmp_path / "o")]) == 2
+    assert (tmp_path / "o" / "keep.txt").exists()
