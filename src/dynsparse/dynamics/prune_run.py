@@ -7,14 +7,12 @@ function (every path it took there is kept), which the report checks.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_dir
 from ..data import eval_windows, prepare_tokens, text_source
 from ..lm import DynSparseLMForCausalLM
 from ..train.config import TrainConfig
@@ -107,15 +105,7 @@ def prune_run(run: str | Path, out: str | Path, calib_windows: int = 64, val_win
 
 
 def _save(model, tokenizer, out: Path, result: PruneResult) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / "prune_report.json").write_text(json.dumps(result.to_dict(), indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -1,8 +1,6 @@
 """``dynsparse inspect``: how a run's trees routed over training, as inspect.md + PNGs + a terminal table."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..atomic import atomic_dir  # noqa: E402
 from .telemetry_log import LayerSeries, alive_by_depth, load_telemetry, node_visits  # noqa: E402
 
 LABELS = {
@@ -89,8 +88,12 @@ def write_inspect_report(run: str | Path, out: str | Path | None = None, layers_
     run = Path(run)
     layers = load_telemetry(run)
     out = Path(out) if out is not None else run / "inspect"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".inspect-", dir=out.parent))
+    with atomic_dir(out) as tmp:
+        _write_report(run, layers, tmp, layers_to_draw)
+    return out / "inspect.md"
+
+
+def _write_report(run: Path, layers: dict[str, LayerSeries], tmp: Path, layers_to_draw: int) -> None:
     plot_trajectories(layers, tmp / "trajectories.png")
     chosen = _chosen_layers(layers, layers_to_draw)
     for i, name in enumerate(chosen):
@@ -111,14 +114,6 @@ def write_inspect_report(run: str | Path, out: str | Path | None = None, layers_
         lines += [f"## {name}", "", f"![depth heat map](depth_heatmap_{i}.png)", "",
                   f"![tree usage](tree_usage_{i}.png)", ""]
     (tmp / "inspect.md").write_text("\n".join(lines))
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        _rmtree(old)
-    else:
-        os.replace(tmp, out)
-    return out / "inspect.md"
 
 
 def _chosen_layers(layers, n):
@@ -136,9 +131,3 @@ def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)

@@ -8,8 +8,6 @@ so the study resumes where it stopped and every run can be inspected on its own.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..atomic import atomic_write_text  # noqa: E402
 from ..train.config import TrainConfig  # noqa: E402
 from .telemetry_log import load_telemetry  # noqa: E402
 
@@ -129,8 +128,8 @@ def write_study_report(out: str | Path, rows: list[dict], configs: dict[str, Tra
         lines.append(f"| {r['variant']} | {r['val_loss']:.4f} | {r['dead_fraction']:.3f} | {r['static_fraction']:.3f} "
                      f"| {r['path_entropy']:.3f} | {r['effective_leaves']:.1f} of {r['leaves']} |")
     lines += ["", verdict(rows), "", "![trajectories](study.png)", ""]
-    _atomic_write(out / "study.md", "\n".join(lines))
-    _atomic_write(out / "study.json", json.dumps({"rows": rows, "verdict": verdict(rows)}, indent=1))
+    atomic_write_text(out / "study.md", "\n".join(lines))
+    atomic_write_text(out / "study.json", json.dumps({"rows": rows, "verdict": verdict(rows)}, indent=1))
     return out / "study.md"
 
 
@@ -139,10 +138,3 @@ def _same_config(run: Path, cfg: TrainConfig) -> bool:
         return json.loads((run / "config.json").read_text()) == cfg.to_dict()
     except (OSError, json.JSONDecodeError):
         return False
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
