@@ -25,8 +25,8 @@ def run_suites(names: list[str], settings: Settings | None = None, on_result=Non
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "numba": numba_available(),
-        "matmul_gflops": matmul_gflops(),
-        "memory_gbps": memory_gbps(),
+        "matmul_gflops": matmul_gflops(s.peak_matmul_n),
+        "memory_gbps": memory_gbps(s.peak_megabytes),
     }
     results, errors = [], {}
     for name in names:

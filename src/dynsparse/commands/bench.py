@@ -26,7 +26,10 @@ def register(subparsers) -> None:
     p.add_argument("--forest-tokens", type=int, default=2048, help="tokens of the 16x7 case")
     p.add_argument("--train-tokens", type=int, default=4096, help="tokens of the forward+backward case")
     p.add_argument("--mgs-tokens", type=int, default=850, help="tokens of the MGS block case")
+    p.add_argument("--mgs-d-model", type=int, default=256, help="d_model of the MGS block case")
+    p.add_argument("--mgs-d-ff", type=int, default=2048, help="d_ff of the MGS block case")
     p.add_argument("--lm-tokens", type=int, default=128, help="tokens the LM generates")
+    p.add_argument("--lm-preset", default="small", help="dynsparse.lm preset of the generation case")
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--d-ff", type=int, default=3072, help="width of the dense baseline MLP")
     p.set_defaults(func=run)
@@ -47,7 +50,8 @@ def run(args) -> int:
         raise CLIError(f"--tokens must be comma-separated integers, got {args.tokens!r}") from None
     if not tokens:
         raise CLIError("--tokens must name at least one token count")
-    for name in ("repeats", "forest_tokens", "train_tokens", "mgs_tokens", "lm_tokens", "d_model", "d_ff"):
+    for name in ("repeats", "forest_tokens", "train_tokens", "mgs_tokens", "mgs_d_model", "mgs_d_ff", "lm_tokens",
+                 "d_model", "d_ff"):
         _positive(name.replace("_", "-"), getattr(args, name))
     if args.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
@@ -56,9 +60,18 @@ def run(args) -> int:
     settings = Settings(
         warmup=args.warmup, repeats=args.repeats, d_model=args.d_model, d_ff=args.d_ff, tree_tokens=tokens,
         forest_tokens=args.forest_tokens, train_tokens=args.train_tokens, mgs_tokens=args.mgs_tokens,
-        lm_new_tokens=args.lm_tokens,
+        mgs_d_model=args.mgs_d_model, mgs_d_ff=args.mgs_d_ff, lm_new_tokens=args.lm_tokens, lm_preset=args.lm_preset,
     )
+    if args.mgs_d_ff % 16:
+        raise CLIError(f"--mgs-d-ff must be a multiple of 16 (the gate's group size), got {args.mgs_d_ff}")
+    if args.d_ff % 16:
+        raise CLIError(f"--d-ff must be a multiple of 16 (the gate's group size), got {args.d_ff}")
     names = list(SUITE_NAMES) if args.suite == "all" else [args.suite]
+    if "lm" in names:
+        from ..lm import PRESETS
+
+        if args.lm_preset not in PRESETS:
+            raise CLIError(f"--lm-preset must be one of {sorted(PRESETS)}, got {args.lm_preset!r}")
     if args.json:
         report = run_suites(names, settings)
         print(json.dumps(report, indent=2))
