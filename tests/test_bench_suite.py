@@ -55,7 +55,7 @@ def test_median_time_and_result_ratio():
 
 def test_cli_json_and_bad_arguments(capsys):
     args = ["bench", "mgs", "--json", "--repeats", "1", "--warmup", "0", "--mgs-tokens", "20", "--mgs-d-model", "16",
-            "--mgs-d-ff", "64", "--d-model", "32", "--d-ff", "64"]
+            "--mgs-d-ff", "64", "--d-model", "32", "--d-ff", "64", "--peak-matmul-n", "128", "--peak-megabytes", "8"]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert {r["suite"] for r in out["results"]} == {"mgs"}

@@ -30,6 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--mgs-d-ff", type=int, default=2048, help="d_ff of the MGS block case")
     p.add_argument("--lm-tokens", type=int, default=128, help="tokens the LM generates")
     p.add_argument("--lm-preset", default="small", help="dynsparse.lm preset of the generation case")
+    p.add_argument("--peak-matmul-n", type=int, default=1536, help="GEMM size of the matmul-peak measurement")
+    p.add_argument("--peak-megabytes", type=int, default=256, help="buffer of the bandwidth measurement")
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--d-ff", type=int, default=3072, help="width of the dense baseline MLP")
     p.set_defaults(func=run)
@@ -51,7 +53,7 @@ def run(args) -> int:
     if not tokens:
         raise CLIError("--tokens must name at least one token count")
     for name in ("repeats", "forest_tokens", "train_tokens", "mgs_tokens", "mgs_d_model", "mgs_d_ff", "lm_tokens",
-                 "d_model", "d_ff"):
+                 "d_model", "d_ff", "peak_matmul_n", "peak_megabytes"):
         _positive(name.replace("_", "-"), getattr(args, name))
     if args.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
@@ -61,6 +63,7 @@ def run(args) -> int:
         warmup=args.warmup, repeats=args.repeats, d_model=args.d_model, d_ff=args.d_ff, tree_tokens=tokens,
         forest_tokens=args.forest_tokens, train_tokens=args.train_tokens, mgs_tokens=args.mgs_tokens,
         mgs_d_model=args.mgs_d_model, mgs_d_ff=args.mgs_d_ff, lm_new_tokens=args.lm_tokens, lm_preset=args.lm_preset,
+        peak_matmul_n=args.peak_matmul_n, peak_megabytes=args.peak_megabytes,
     )
     if args.mgs_d_ff % 16:
         raise CLIError(f"--mgs-d-ff must be a multiple of 16 (the gate's group size), got {args.mgs_d_ff}")
