@@ -25,3 +25,13 @@ def test_unknown_command_is_an_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["no-such-command"])
     assert e.value.code == 2
+
+
+def test_lazy_top_level_api():
+    import dynsparse
+
+    assert callable(dynsparse.sparsify_) and dynsparse.MGSConfig and dynsparse.SIBSConfig
+    assert dynsparse.DynSparseLMForCausalLM.__name__ == "DynSparseLMForCausalLM"
+    assert "sparsify_" in dir(dynsparse)
+    with pytest.raises(AttributeError):
+        dynsparse.no_such_name
