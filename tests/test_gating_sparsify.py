@@ -163,7 +163,7 @@ def test_gate_file_round_trip_and_mismatch(tmp_path):
 def test_bad_configs_and_too_little_calibration():
     with pytest.raises(ValueError, match="exactly one"):
         SIBSConfig()
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match="at most one"):
         MGSConfig(target_recall=0.9, target_sparsity=0.5)
     with pytest.raises(ValueError, match="gate must be"):
         MGSConfig(gate="dense")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import time
 
 import torch
 from pycocotools.coco import COCO
@@ -16,17 +17,46 @@ from pycocotools.cocoeval import COCOeval
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
+class ModuleTimer:
+    """Wall-clock seconds spent inside the given submodules (forward pre/post hooks)."""
+
+    def __init__(self, modules):
+        self.seconds = 0.0
+        self._t = 0.0
+        self._handles = []
+        for m in modules:
+            self._handles.append(m.register_forward_pre_hook(self._start))
+            self._handles.append(m.register_forward_hook(self._stop))
+
+    def _start(self, *args):
+        self._t = time.perf_counter()
+
+    def _stop(self, *args):
+        self.seconds += time.perf_counter() - self._t
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
 @torch.no_grad()
-def predict_coco(model, processor, dataset, batch_size: int = 8, progress=None) -> list[dict]:
-    """COCO result dicts (image_id, category_id, bbox [x, y, w, h], score) for every query of every image."""
+def predict_coco(model, processor, dataset, batch_size: int = 8, progress=None, timing: dict | None = None,
+                 mlp_names: list[str] | None = None) -> list[dict]:
+    """COCO result dicts (image_id, category_id, bbox [x, y, w, h], score) for every query of every image.
+    With ``timing`` (a dict) it receives model_seconds (forward passes only) and, with ``mlp_names`` (the
+    MLP blocks' module names), mlp_seconds."""
     from .coco import make_collate
 
     collate = make_collate(processor, with_labels=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     model.eval()
     results = []
+    timer = ModuleTimer([model.get_submodule(n) for n in mlp_names]) if mlp_names else None
+    model_seconds = 0.0
     for batch in loader:
+        t0 = time.perf_counter()
         out = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
+        model_seconds += time.perf_counter() - t0
         dets = processor.post_process_object_detection(out, threshold=0.0, target_sizes=batch["orig_sizes"])
         for image_id, det in zip(batch["image_ids"], dets):
             for score, label, box in zip(det["scores"].tolist(), det["labels"].tolist(), det["boxes"].tolist()):
@@ -35,6 +65,12 @@ def predict_coco(model, processor, dataset, batch_size: int = 8, progress=None) 
                                 "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
         if progress is not None:
             progress(len(batch["image_ids"]))
+    if timer is not None:
+        timer.remove()
+    if timing is not None:
+        timing["model_seconds"] = model_seconds
+        if timer is not None:
+            timing["mlp_seconds"] = timer.seconds
     return results
 
 
@@ -59,6 +95,7 @@ def coco_evaluate(ann_file, results: list[dict], image_ids=None, verbose: bool =
     return {k: float(v) for k, v in zip(STAT_NAMES, ev.stats)}
 
 
-def evaluate_detr(model, processor, dataset, batch_size: int = 8, verbose: bool = True) -> dict[str, float]:
-    results = predict_coco(model, processor, dataset, batch_size)
+def evaluate_detr(model, processor, dataset, batch_size: int = 8, verbose: bool = True, timing: dict | None = None,
+                  mlp_names: list[str] | None = None) -> dict[str, float]:
+    results = predict_coco(model, processor, dataset, batch_size, timing=timing, mlp_names=mlp_names)
     return coco_evaluate(dataset.ann_file, results, image_ids=[im["id"] for im in dataset.images], verbose=verbose)

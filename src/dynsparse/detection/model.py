@@ -10,6 +10,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
+import torch
 from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor, ResNetConfig
 
 
@@ -53,3 +54,54 @@ def load_detr(model_dir: str | os.PathLike | None = None):
     model = DetrForObjectDetection.from_pretrained(d, dtype="float32").eval()
     processor = DetrImageProcessor.from_pretrained(d)
     return model, processor
+
+
+def _swap_norms(model, make) -> int:
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            new = make(child)
+            if new is not None:
+                setattr(parent, name, new)
+                n += 1
+    return n
+
+
+def trainable_batch_norm_(model) -> int:
+    """Swap DETR's frozen batch norms for real ``nn.BatchNorm2d`` (same buffers) so a backbone trained from
+    scratch normalises its features; without it our random backbone's features are tiny next to the
+    positional embeddings and training collapses to one box for every query."""
+    from torch import nn
+
+    def make(m):
+        if type(m).__name__ != "DetrFrozenBatchNorm2d":
+            return None
+        bn = nn.BatchNorm2d(m.weight.numel())
+        with torch.no_grad():
+            bn.weight.copy_(m.weight)
+            bn.bias.copy_(m.bias)
+            bn.running_mean.copy_(m.running_mean)
+            bn.running_var.copy_(m.running_var)
+        return bn
+
+    return _swap_norms(model, make)
+
+
+def freeze_batch_norm_(model) -> int:
+    """The reverse: eval-mode ``nn.BatchNorm2d`` back to DETR's frozen form (identical output), so the saved
+    model is a plain ``DetrForObjectDetection``."""
+    from torch import nn
+    from transformers.models.detr.modeling_detr import DetrFrozenBatchNorm2d
+
+    def make(m):
+        if not isinstance(m, nn.BatchNorm2d):
+            return None
+        f = DetrFrozenBatchNorm2d(m.num_features)
+        with torch.no_grad():
+            f.weight.copy_(m.weight)
+            f.bias.copy_(m.bias)
+            f.running_mean.copy_(m.running_mean)
+            f.running_var.copy_(m.running_var)
+        return f
+
+    return _swap_norms(model, make)

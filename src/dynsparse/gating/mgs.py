@@ -20,6 +20,7 @@ The paper does not publish the gate, loss or thresholds; our choices:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -35,8 +36,8 @@ class MGSConfig:
     gate: str = "lowrank"  # "lowrank" or "grouped"
     rank: int = 32
     group_size: int = 16
-    target_recall: float | None = 0.99
-    target_sparsity: float | None = None  # set this (and target_recall=None) to gate a fixed share off
+    target_recall: float | None = None  # keep this share of truly active (token, neuron) pairs (default 0.99)
+    target_sparsity: float | None = None  # or gate this share of all pairs off
     steps: int = 300
     lr: float = 3e-3
     batch_size: int = 1024
@@ -50,8 +51,10 @@ class MGSConfig:
     def __post_init__(self):
         if self.gate not in ("lowrank", "grouped"):
             raise ValueError(f"gate must be 'lowrank' or 'grouped', got {self.gate!r}")
-        if (self.target_recall is None) == (self.target_sparsity is None):
-            raise ValueError("MGSConfig needs exactly one of target_recall= or target_sparsity=")
+        if self.target_recall is not None and self.target_sparsity is not None:
+            raise ValueError("MGSConfig takes at most one of target_recall= or target_sparsity=")
+        if self.target_recall is None and self.target_sparsity is None:
+            self.target_recall = 0.99
         if self.target_recall is not None and not 0 < self.target_recall <= 1:
             raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
         if self.target_sparsity is not None and not 0 <= self.target_sparsity < 1:
@@ -95,6 +98,41 @@ def _quantile(v: torch.Tensor, q: float) -> float:
     return v.kthvalue(k).values.item()
 
 
+def _split(n: int, cfg: MGSConfig):
+    """(holdout rows, training rows) of the recorded samples: deterministic in cfg.seed."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    n_hold = max(1, int(cfg.holdout * n))
+    return perm[:n_hold], perm[n_hold:]
+
+
+def calibrate_threshold(gate, x_hold: torch.Tensor, active_hold: torch.Tensor, target_recall: float | None = None,
+                        target_sparsity: float | None = None):
+    """(threshold, report) for ``gate`` on held-out rows, for a target recall or a target sparsity."""
+    with torch.no_grad():
+        logits = gate(x_hold)  # per neuron (lowrank) or per group (grouped)
+        if target_recall is not None:
+            pos_logits = logits[_labels(gate, active_hold)]
+            thr = _quantile(pos_logits, 1 - target_recall) - 1e-6 if pos_logits.numel() else float("inf")
+        else:
+            thr = _quantile(logits, target_sparsity)
+        pred = logits > thr
+        if isinstance(gate, GroupedGate):
+            pred = pred.repeat_interleave(gate.group_size, dim=-1)
+        tp = (pred & active_hold).sum().item()
+        d_ff = active_hold.shape[1]
+        report = {
+            "holdout_rows": x_hold.shape[0],
+            "natural_density": active_hold.float().mean().item(),
+            "gated_density": pred.float().mean().item(),
+            "recall": tp / max(active_hold.sum().item(), 1),
+            "precision": tp / max(pred.sum().item(), 1),
+            "threshold": thr,
+            "gate_flops_per_token": gate.flops_per_token,
+            "mlp_flops_per_token": 4 * x_hold.shape[1] * d_ff,
+        }
+    return torch.tensor(thr), report
+
+
 def train_gate(block: MLPBlock, stats: LayerStats, cfg: MGSConfig):
     """(gate, threshold, report) for one block from its recorded samples."""
     if stats.samples_x is None or stats.samples_x.shape[0] < cfg.min_samples:
@@ -102,10 +140,8 @@ def train_gate(block: MLPBlock, stats: LayerStats, cfg: MGSConfig):
         raise ValueError(f"{block.name}: {n} recorded calibration rows, need >= {cfg.min_samples} to train a gate")
     w1, b1, _, _ = (t.detach().float() if t is not None else None for t in block.linear_weights())
     x, active = stats.samples_x, stats.samples_active
+    hold, train = _split(x.shape[0], cfg)
     g = torch.Generator().manual_seed(cfg.seed)
-    perm = torch.randperm(x.shape[0], generator=g)
-    n_hold = max(1, int(cfg.holdout * x.shape[0]))
-    hold, train = perm[:n_hold], perm[n_hold:]
     d, d_ff = stats.d_model, stats.d_ff
     if cfg.gate == "lowrank":
         gate = LowRankGate(d, d_ff, min(cfg.rank, d, d_ff))
@@ -124,30 +160,35 @@ def train_gate(block: MLPBlock, stats: LayerStats, cfg: MGSConfig):
         loss.backward()
         opt.step()
     gate.requires_grad_(False)
-    with torch.no_grad():
-        logits = gate(x[hold])  # per neuron (lowrank) or per group (grouped)
-        truth = active[hold]
-        if cfg.target_recall is not None:
-            pos_logits = logits[_labels(gate, truth)]
-            thr = _quantile(pos_logits, 1 - cfg.target_recall) - 1e-6 if pos_logits.numel() else float("inf")
-        else:
-            thr = _quantile(logits, cfg.target_sparsity)
-        pred = logits > thr
-        if isinstance(gate, GroupedGate):
-            pred = pred.repeat_interleave(gate.group_size, dim=-1)
-        tp = (pred & truth).sum().item()
-        report = {
-            "holdout_rows": len(hold),
-            "natural_density": truth.float().mean().item(),
-            "gated_density": pred.float().mean().item(),
-            "recall": tp / max(truth.sum().item(), 1),
-            "precision": tp / max(pred.sum().item(), 1),
-            "threshold": thr,
-            "pos_weight": pw,
-            "gate_flops_per_token": gate.flops_per_token,
-            "mlp_flops_per_token": 4 * d * d_ff,
-        }
-    return gate, torch.tensor(thr), report
+    thr, report = calibrate_threshold(gate, x[hold], active[hold], cfg.target_recall, cfg.target_sparsity)
+    report["pos_weight"] = pw
+    return gate, thr, report
+
+
+def gate_from_tensors(tensors: dict[str, torch.Tensor], d_model: int, d_ff: int):
+    if "gate.A" in tensors:
+        gate = LowRankGate(d_model, d_ff, tensors["gate.A"].shape[1])
+    elif "gate.G" in tensors:
+        gate = GroupedGate(d_model, d_ff, d_ff // tensors["gate.G"].shape[1])
+    else:
+        raise ValueError("gate tensors hold neither a low-rank (gate.A) nor a grouped (gate.G) gate")
+    gate.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("gate.")})
+    return gate.requires_grad_(False)
+
+
+def recalibrate_(gates, stats: dict[str, LayerStats], target_recall: float | None = None,
+                 target_sparsity: float | None = None) -> None:
+    """Re-set every layer's threshold of an MGS GateSet for a new target (same held-out rows, no retraining):
+    how the sparsity sweeps reuse one trained gate per layer."""
+    cfg = MGSConfig(**{**gates.config, "target_recall": target_recall, "target_sparsity": target_sparsity})
+    for name, ts in gates.tensors.items():
+        s, info = stats[name], gates.layers[name]
+        hold, _ = _split(s.samples_x.shape[0], cfg)
+        gate = gate_from_tensors(ts, info["d_model"], info["d_ff"])
+        thr, report = calibrate_threshold(gate, s.samples_x[hold], s.samples_active[hold], target_recall, target_sparsity)
+        ts["threshold"] = thr.reshape(())
+        gates.report[name] = {**gates.report[name], **report}
+    gates.config = dataclasses.asdict(cfg)
 
 
 def mgs_tensors(block: MLPBlock, stats: LayerStats, cfg: MGSConfig):
@@ -161,12 +202,5 @@ def mgs_tensors(block: MLPBlock, stats: LayerStats, cfg: MGSConfig):
 
 def build_gated(block: MLPBlock, tensors: dict[str, torch.Tensor], activation: str, impl=None) -> GatedMLP:
     w1, b1, w2, b2 = block.linear_weights()
-    d_model, d_ff = block.d_model, block.d_ff
-    if "gate.A" in tensors:
-        gate = LowRankGate(d_model, d_ff, tensors["gate.A"].shape[1])
-    else:
-        group = d_ff // tensors["gate.G"].shape[1]
-        gate = GroupedGate(d_model, d_ff, group)
-    gate.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("gate.")})
-    gate.requires_grad_(False)
+    gate = gate_from_tensors(tensors, block.d_model, block.d_ff)
     return GatedMLP(w1, b1, w2, b2, gate, tensors["threshold"], activation, tensors.get("compensation"), impl=impl)

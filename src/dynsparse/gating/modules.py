@@ -125,6 +125,13 @@ class GatedMLP(nn.Module):
             raise ValueError(f"impl must be None, 'torch' or 'kernel', got {impl!r}")
         self.impl = impl
         self.last_density: float | None = None  # share of neurons computed in the last forward
+        self.computed = 0  # running (token, neuron) pairs computed, and ...
+        self.total = 0  # ... pairs a dense block would compute: computed / total = measured density
+
+    def _count(self, computed: int, total: int) -> None:
+        self.last_density = computed / max(total, 1)
+        self.computed += computed
+        self.total += total
 
     def gate_mask(self, x2: torch.Tensor) -> torch.Tensor:
         """(M, d_ff) bool: which neurons each token computes (reference semantics of the gate)."""
@@ -144,7 +151,7 @@ class GatedMLP(nn.Module):
         y = a @ self.w2_t
         if self.b2 is not None:
             y = y + self.b2
-        self.last_density = mask.float().mean().item()
+        self._count(int(mask.sum()), mask.numel())
         return y.reshape(*shape[:-1], -1).to(x.dtype)
 
     def _indices(self, k, x2):
@@ -166,7 +173,7 @@ class GatedMLP(nn.Module):
         x2 = x.reshape(-1, shape[-1]).float().contiguous()
         indptr, indices = self._indices(k, x2)
         y = k.gated_sparse_mlp(x2, self.w1, self.b1, self.w2_t, self.b2, indptr, indices, self.act_code)
-        self.last_density = indices.numel() / max(x2.shape[0] * self.w1.shape[0], 1)
+        self._count(indices.numel(), x2.shape[0] * self.w1.shape[0])
         return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 

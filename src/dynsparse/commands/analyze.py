@@ -1,0 +1,48 @@
+"""``dynsparse analyze``: per-layer MLP activation sparsity of a saved model on calibration data."""
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("analyze", help="measure MLP activation sparsity (table, JSON, PNG)",
+                              description=__doc__)
+    p.add_argument("--model", default=None, help="saved HF model dir (default: the built-in small DETR)")
+    p.add_argument("--calib", default=None, help="DETR: COCO-format root (default: the built-in synthetic set); "
+                   "text models: a text file or folder")
+    p.add_argument("--split", default="val")
+    p.add_argument("--limit", type=int, default=128, help="images / lines to use")
+    p.add_argument("--eps", type=float, default=1e-3, help="|a| <= eps counts as near zero")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", default=None, help="write analysis.json, sparsity.png, firing_hist.png here")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ..cli import CLIError
+    from ..detection.model import builtin_detr_dir
+    from ..detection.synthetic import default_synthetic_root
+    from ..gating.analyze import plot, print_table, summarize, write_json
+    from ..gating.calib import calib_batches, load_model
+    from ..gating.record import record_activations
+
+    model_dir = Path(args.model) if args.model else builtin_detr_dir()
+    try:
+        model, proc, kind = load_model(model_dir)
+        if args.calib is None and kind != "detr":
+            raise CLIError("--calib is required for text models")
+        data = args.calib if args.calib is not None else default_synthetic_root()
+        batches = calib_batches(kind, proc, data, args.batch_size, args.limit, split=args.split)
+        stats = record_activations(model, batches, eps=args.eps)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    rows = summarize(stats)
+    print_table(rows, title=f"MLP activation sparsity of {model_dir}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(rows, out / "analysis.json")
+        for p in plot(stats, out):
+            print(f"wrote {p}")
+        print(f"wrote {out / 'analysis.json'}")
+    return 0

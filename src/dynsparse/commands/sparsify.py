@@ -1,0 +1,71 @@
+"""``dynsparse sparsify``: fit SIBS or MGS on calibration data and write the model + gates to --out."""
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("sparsify", help="fit SIBS or MGS gates for a saved model", description=__doc__)
+    p.add_argument("--model", default=None, help="saved HF model dir (default: the built-in small DETR)")
+    p.add_argument("--method", choices=("sibs", "mgs"), required=True)
+    p.add_argument("--calib", default=None, help="DETR: COCO-format root (default: the built-in synthetic set); "
+                   "text models: a text file or folder, one example per line")
+    p.add_argument("--calib-split", default="train")
+    p.add_argument("--calib-limit", type=int, default=256, help="images / lines of calibration data to use")
+    p.add_argument("--out", required=True, help="output dir: model files + gates.safetensors + sparsify_report.json")
+    p.add_argument("--threshold", type=float, default=None, help="SIBS: remove neurons firing less often than this")
+    p.add_argument("--target-sparsity", type=float, default=None, help="SIBS or MGS: share to switch off")
+    p.add_argument("--target-recall", type=float, default=None, help="MGS: share of active neurons to keep (default 0.99)")
+    p.add_argument("--gate", choices=("lowrank", "grouped"), default="lowrank")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--group-size", type=int, default=16)
+    p.add_argument("--no-compensate", action="store_true", help="do not add back skipped neurons' mean output")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ..cli import CLIError
+    from ..detection.model import builtin_detr_dir
+    from ..detection.synthetic import default_synthetic_root
+    from ..gating import MGSConfig, SIBSConfig, fit_gates, save_sparsified_dir
+    from ..gating.calib import calib_batches, load_model, model_kind
+
+    model_dir = Path(args.model) if args.model else builtin_detr_dir()
+    out = Path(args.out)
+    if out.resolve() == model_dir.resolve():
+        raise CLIError("--out must differ from --model (the dense model is never overwritten)")
+    try:
+        if args.method == "sibs":
+            if args.threshold is None and args.target_sparsity is None:
+                raise CLIError("sibs needs --threshold or --target-sparsity")
+            cfg = SIBSConfig(threshold=args.threshold, target_sparsity=args.target_sparsity,
+                             compensate=not args.no_compensate)
+        else:
+            if args.threshold is not None:
+                raise CLIError("--threshold is a SIBS option; MGS takes --target-recall or --target-sparsity")
+            cfg = MGSConfig(gate=args.gate, rank=args.rank, group_size=args.group_size,
+                            target_recall=args.target_recall, target_sparsity=args.target_sparsity,
+                            compensate=not args.no_compensate)
+        kind = model_kind(model_dir)
+        model, proc, kind = load_model(model_dir)
+        if args.calib is None:
+            if kind != "detr":
+                raise CLIError("--calib is required for text models")
+            calib_path = default_synthetic_root()
+        else:
+            calib_path = args.calib
+        calib = calib_batches(kind, proc, calib_path, args.batch_size, args.calib_limit, split=args.calib_split)
+        gates = fit_gates(model, cfg, calib)
+        save_sparsified_dir(gates, out, model_dir)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    for name, r in gates.report.items():
+        if args.method == "sibs":
+            print(f"{name}: kept {r['kept']} neurons ({r['removed_fraction']:.1%} removed), "
+                  f"natural sparsity {r['natural_sparsity']:.1%}")
+        else:
+            print(f"{name}: gated density {r['gated_density']:.1%} (natural {r['natural_density']:.1%}), "
+                  f"recall {r['recall']:.3f}, precision {r['precision']:.3f} on held-out rows")
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,64 @@
+"""Load a saved model and its calibration batches for the commands: a DETR directory (COCO-format
+calibration data) or any HF text model (a text file, one example per line, or a folder of .txt/.md files)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def model_kind(model_dir: str | os.PathLike) -> str:
+    cfg = Path(model_dir) / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json: not a saved HF model directory")
+    try:
+        model_type = json.loads(cfg.read_text()).get("model_type")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg}: not valid JSON ({e})") from None
+    return "detr" if model_type == "detr" else "text"
+
+
+def load_model(model_dir: str | os.PathLike):
+    """(model in eval mode, processor or tokenizer, kind)."""
+    kind = model_kind(model_dir)
+    if kind == "detr":
+        from ..detection.model import load_detr
+
+        model, proc = load_detr(model_dir)
+        return model, proc, kind
+    from transformers import AutoModel, AutoTokenizer
+
+    return AutoModel.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir), kind
+
+
+def _text_lines(path: Path) -> list[str]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md"))
+    if not files:
+        raise ValueError(f"calibration path {path} has no .txt/.md files")
+    lines = []
+    for f in files:
+        lines += [ln.strip() for ln in f.read_text(errors="replace").splitlines() if len(ln.split()) >= 3]
+    return lines
+
+
+def calib_batches(kind: str, proc, data: str | os.PathLike, batch_size: int = 8, limit: int | None = None,
+                  split: str = "train", max_length: int = 128) -> list:
+    """Calibration batches (dicts of model inputs); raises ValueError when there is nothing to calibrate on."""
+    data = Path(data)
+    if not data.exists():
+        raise FileNotFoundError(f"calibration data {data} does not exist")
+    if kind == "detr":
+        from ..detection.coco import CocoDetection, make_collate
+
+        ds = CocoDetection(data, split, limit=limit)
+        collate = make_collate(proc, with_labels=False)
+        out = [collate([ds[j] for j in range(i, min(i + batch_size, len(ds)))]) for i in range(0, len(ds), batch_size)]
+    else:
+        lines = _text_lines(data)[:limit]
+        out = []
+        for i in range(0, len(lines), batch_size):
+            enc = proc(lines[i:i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            out.append({k: enc[k] for k in ("input_ids", "attention_mask")})
+    if not out:
+        raise ValueError(f"calibration data {data} is empty")
+    return out
