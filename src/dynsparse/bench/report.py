@@ -36,5 +36,9 @@ class Printer:
         self.console.print(table)
         self.console.print(f"machine peaks (same run): matmul {m['matmul_gflops']:.1f} GFLOP/s, "
                            f"memory copy {m['memory_gbps']:.1f} GB/s; total {report['seconds']:.0f} s")
+        load = m.get("load_average_1min")
+        if load is not None and m.get("cores") and load > m["cores"]:
+            self.console.print(f"[yellow]warning: load average {load:.1f} on {m['cores']} cores when the run began: "
+                               "other processes share these cores and skew the timings[/yellow]")
         for name, err in report["errors"].items():
             self.console.print(f"[red]suite {name} not run: {err}[/red]")

@@ -1,6 +1,7 @@
 """Run benchmark suites: machine peaks first, then the cases, all in one process and thread count."""
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -23,6 +24,10 @@ def run_suites(names: list[str], settings: Settings | None = None, on_result=Non
     machine = {
         "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        # other processes' load skews every timing (both sides alike, but multi-threaded runs most)
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
         "torch": torch.__version__,
         "numba": numba_available(),
         "matmul_gflops": matmul_gflops(s.peak_matmul_n),

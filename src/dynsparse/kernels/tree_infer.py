@@ -19,6 +19,7 @@ import torch
 from ._common import FAST, NUMBA, as_f32, sync_threads, weight_view
 
 if NUMBA:
+    import numba
     from numba import njit, prange
 
     from ._common import act as _act
@@ -111,7 +112,8 @@ if NUMBA:
 
     @njit(inline="always", fastmath=FAST, cache=True)
     def _block(x, i0, i1, w_in, b_in, w_out, depth, act_code, act_on_path, y, leaves):
-        """Tokens i0..i1-1 through every tree: groups of four, then the rest one by one."""
+        """Tokens i0..i1-1 through every tree, tree by tree (so a tree's upper levels stay in cache
+        for the whole block): groups of four tokens, then the rest one by one."""
         trees = w_in.shape[0]
         d_out = y.shape[1]
         first_leaf = (1 << depth) - 1
@@ -119,26 +121,28 @@ if NUMBA:
         leaf = np.empty(4, dtype=np.int64)
         for i in range(i0, i1):
             y[i, :] = 0.0
-        i = i0
-        while i + 4 <= i1:
-            for t in range(trees):
+        for t in range(trees):
+            i = i0
+            while i + 4 <= i1:
                 _walk4(x, i, w_in, b_in, w_out, t, depth, act_code, act_on_path, y, h, leaf)
                 for q in range(4):
                     leaves[i + q, t] = leaf[q] - first_leaf
-            i += 4
-        while i < i1:
-            for t in range(trees):
+                i += 4
+            while i < i1:
                 leaves[i, t] = _walk1(x[i], w_in, b_in, w_out, t, depth, act_code, act_on_path, y[i], h[0]) - first_leaf
-            i += 1
+                i += 1
 
     @njit(fastmath=FAST, cache=True)
     def _tree_forward_serial(x, w_in, b_in, w_out, depth, act_code, act_on_path, y, leaves):
         _block(x, 0, x.shape[0], w_in, b_in, w_out, depth, act_code, act_on_path, y, leaves)
 
     @njit(parallel=True, fastmath=FAST, cache=True)
-    def _tree_forward_parallel(x, w_in, b_in, w_out, depth, act_code, act_on_path, y, leaves):
+    def _tree_forward_parallel(x, w_in, b_in, w_out, depth, act_code, act_on_path, y, leaves, tasks):
         m = x.shape[0]
-        step = 16  # tokens per task: a multiple of 4, small enough to balance threads
+        # One contiguous block per thread (a multiple of 4 tokens): within a block each tree is
+        # walked by every token before the next tree, so its upper levels are read from cache;
+        # smaller blocks would re-read every tree's rows once per block.
+        step = ((m + tasks - 1) // tasks + 3) // 4 * 4
         for b in prange((m + step - 1) // step):
             _block(x, b * step, min(m, (b + 1) * step), w_in, b_in, w_out, depth, act_code, act_on_path, y, leaves)
 
@@ -164,6 +168,6 @@ def tree_forward_kernel(x, w_in, b_in, w_out, depth, act_code, act_on_path):
         _tree_forward_serial(xf, wi, bi, wo, depth, act_code, bool(act_on_path), y, leaves)
     else:
         sync_threads()
-        _tree_forward_parallel(xf, wi, bi, wo, depth, act_code, bool(act_on_path), y, leaves)
+        _tree_forward_parallel(xf, wi, bi, wo, depth, act_code, bool(act_on_path), y, leaves, numba.get_num_threads())
     out = torch.from_numpy(y)
     return (out if x.dtype == torch.float32 else out.to(x.dtype)), torch.from_numpy(leaves)
