@@ -16,7 +16,7 @@ from ..cli import CLIError
 from .train import add_model_flags, config_from_args
 
 # Settings found to fit the 10-minute, 2-core budget of `make demo` (see the report for what they reach).
-DEMO_DEFAULTS = dict(depth=7, trees=4, max_steps=600, seq_len=128, batch_size=16, lr=3e-3, warmup_steps=50,
+DEMO_DEFAULTS = dict(depth=7, trees=2, max_steps=600, seq_len=128, batch_size=16, lr=3e-3, warmup_steps=50,
                      eval_every=100, eval_batches=4, tree_impl="masked", telemetry_every=50)
 
 

@@ -151,7 +151,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
     if model.config.max_position_embeddings < cfg.seq_len:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's context ({model.config.max_position_embeddings})")
     for layer in telemetry.tree_layers(model).values():
-        layer.impl = cfg.tree_impl
+        # TreeFF's gather path (a custom autograd function holding the weight tables) fails under FSDP2
+        # ("Trying to resize storage that is not resizable" when FSDP frees the unsharded weights), so
+        # sharded runs train trees with the masked path, which computes the same function.
+        layer.impl = "masked" if cfg.fsdp and cfg.tree_impl in (None, "gather") else cfg.tree_impl
     telemetry.set_tracking(model, cfg.telemetry)
     model = distributed.wrap(model, d, cfg.fsdp)
     optimizer = make_optimizer(model, cfg)
