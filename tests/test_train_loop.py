@@ -135,3 +135,15 @@ def test_cli_json(corpus, tmp_path, capsys):
     assert code == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["steps"] == 2 and metrics["ff_active_fraction"] == 1.0
+
+
+def test_grad_accumulation_matches_full_batch(corpus, tmp_path):
+    a = train(cfg(corpus, tmp_path, max_steps=3, dropout=0.0), tmp_path / "a", progress=False)
+    b = train(cfg(corpus, tmp_path, max_steps=3, dropout=0.0, grad_accum=2), tmp_path / "b", progress=False)
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), abs=1e-4)
+    assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
+
+
+def test_bf16_autocast_trains(corpus, tmp_path):
+    metrics = train(cfg(corpus, tmp_path, max_steps=2, dtype="bf16"), tmp_path / "bf16", progress=False)
+    assert all(map(lambda v: v == v, losses(tmp_path / "bf16"))) and metrics["val_loss"] < 10
