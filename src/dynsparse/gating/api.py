@@ -99,10 +99,14 @@ def fit_gates(model: nn.Module, config, calib: Iterable | None = None, filter_fn
             raise ValueError("pass calib= (calibration batches) or stats=")
         stats = record_activations(model, calib, blocks, eps=getattr(config, "eps", 1e-3),
                                    max_samples=config.max_samples if method == "mgs" else 0)
-    layers, tensors, report = {}, {}, {}
-    for name, block in blocks.items():
+    for name in blocks:
         if name not in stats:
             raise ValueError(f"no recorded statistics for block {name}")
+        n = 0 if stats[name].samples_x is None else stats[name].samples_x.shape[0]
+        if method == "mgs" and n < config.min_samples:  # fail before any gate is trained
+            raise ValueError(f"{name}: {n} recorded calibration rows, need >= {config.min_samples} to train a gate")
+    layers, tensors, report = {}, {}, {}
+    for name, block in blocks.items():
         s = stats[name]
         layers[name] = {"activation": s.activation, "d_model": s.d_model, "d_ff": s.d_ff}
         if method == "sibs":

@@ -203,4 +203,5 @@ def mgs_tensors(block: MLPBlock, stats: LayerStats, cfg: MGSConfig):
 def build_gated(block: MLPBlock, tensors: dict[str, torch.Tensor], activation: str, impl=None) -> GatedMLP:
     w1, b1, w2, b2 = block.linear_weights()
     gate = gate_from_tensors(tensors, block.d_model, block.d_ff)
-    return GatedMLP(w1, b1, w2, b2, gate, tensors["threshold"], activation, tensors.get("compensation"), impl=impl)
+    return GatedMLP(w1, b1, w2, b2, gate, tensors["threshold"], activation, tensors.get("compensation"), impl=impl,
+                    act=block.act if callable(block.act) else None)

@@ -35,12 +35,13 @@ def act_fn(name: str):
 class SlicedMLP(nn.Module):
     """fc2(act(fc1(x))) over the ``kept`` neurons only; ``bias_shift`` = W2[:, removed] @ mean(a[removed])."""
 
-    def __init__(self, w1, b1, w2, b2, kept: torch.Tensor, activation: str, bias_shift: torch.Tensor | None = None):
+    def __init__(self, w1, b1, w2, b2, kept: torch.Tensor, activation: str, bias_shift: torch.Tensor | None = None,
+                 act=None):
         super().__init__()
         kept = kept.long()
         d_ff_kept, d_in, d_out = len(kept), w1.shape[1], w2.shape[0]
         self.activation = activation
-        self.act = act_fn(activation)
+        self.act = act if act is not None else act_fn(activation)  # the block's own (e.g. GPT-2's tanh GELU)
         self.fc1 = nn.Linear(d_in, d_ff_kept, bias=b1 is not None)
         self.fc2 = nn.Linear(d_ff_kept, d_out)
         self.register_buffer("kept", kept)
@@ -109,11 +110,12 @@ class GatedMLP(nn.Module):
     """
 
     def __init__(self, w1, b1, w2, b2, gate: nn.Module, threshold: torch.Tensor, activation: str,
-                 compensation: torch.Tensor | None = None, impl: str | None = None):
+                 compensation: torch.Tensor | None = None, impl: str | None = None, act=None):
         super().__init__()
         self.activation = activation
         self.act_code = ACTIVATION_CODES[activation]
-        self.act = act_fn(activation)
+        # torch path: the block's own activation; the kernels know exact GELU only (GPT-2's tanh GELU differs ~1e-3)
+        self.act = act if act is not None else act_fn(activation)
         self.register_buffer("w1", w1.detach().float().contiguous())
         self.register_buffer("b1", None if b1 is None else b1.detach().float().contiguous())
         self.register_buffer("w2_t", w2.detach().float().t().contiguous())

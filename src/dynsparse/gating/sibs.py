@@ -67,4 +67,5 @@ def sibs_tensors(block: MLPBlock, stats: LayerStats, cfg: SIBSConfig) -> dict[st
 def build_sliced(block: MLPBlock, tensors: dict[str, torch.Tensor], activation: str) -> SlicedMLP:
     w1, b1, w2, b2 = block.linear_weights()
     return SlicedMLP(w1.detach(), None if b1 is None else b1.detach(), w2.detach(),
-                     None if b2 is None else b2.detach(), tensors["kept"], activation, tensors["bias_shift"])
+                     None if b2 is None else b2.detach(), tensors["kept"], activation, tensors["bias_shift"],
+                     act=block.act if callable(block.act) else None)
