@@ -34,7 +34,7 @@ from .record import LayerStats
 @dataclass
 class MGSConfig:
     gate: str = "lowrank"  # "lowrank" or "grouped"
-    rank: int = 32
+    rank: int = 16  # default from dynsparse.gating.gate_cost on this CPU (see module docstring)
     group_size: int = 16
     target_recall: float | None = None  # keep this share of truly active (token, neuron) pairs (default 0.99)
     target_sparsity: float | None = None  # or gate this share of all pairs off
