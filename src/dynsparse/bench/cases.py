@@ -122,7 +122,7 @@ def tree_inference(s: Settings, depth: int, trees: int, m: int, target: float | 
     nbytes = 2 * m * d * F32 + _visited_nodes(leaves, depth) * (2 * d + 1) * F32
     bflops, bbytes = _dense_cost(m, d, d_ff)
     return Result(
-        f"tree {trees}x{depth} inference, {m} tokens", f"GELU MLP {d}-{d_ff}-{d}", base, ours, target,
+        f"tree {trees}x{depth} inference, {m} token{'s' if m != 1 else ''}", f"GELU MLP {d}-{d_ff}-{d}", base, ours, target,
         flops, nbytes, bflops, bbytes, {"kernel_only_ms": kernel, "module": "TreeFF.eval() under no_grad"},
     )
 

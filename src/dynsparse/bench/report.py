@@ -22,6 +22,10 @@ class Printer:
             f"[bold]{r['case']}[/bold] vs {r['baseline']}: {_fmt_ms(r['baseline_ms'])} -> {_fmt_ms(r['dynsparse_ms'])}"
             f" = {r['ratio']:.1f}x{target}"
         )
+        kernel = r["extra"].get("kernel_only_ms")
+        if kernel:
+            self.console.print(f"    (numba kernel alone, without the module's Python: {_fmt_ms(kernel)} = "
+                               f"{r['baseline_ms'] / kernel:.1f}x)")
 
     def finish(self, report: dict) -> None:
         m = report["machine"]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._common import FAST, NUMBA, as_f32, sync_threads
+from ._common import FAST, NUMBA, as_f32, sync_threads, weight_view
 
 if NUMBA:
     import numba
@@ -89,7 +89,7 @@ def _use_numba(*tensors) -> bool:
 
 
 def _opt(t, n):
-    return as_f32(t) if t is not None else np.zeros(n, dtype=np.float32)
+    return weight_view(t) if t is not None else np.zeros(n, dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------------- gates
@@ -242,7 +242,8 @@ def sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code):
         sync_threads()
         d_ff, d_out = w2_t.shape
         y = np.empty((x.shape[0], d_out), dtype=np.float32)
-        args = (as_f32(x), as_f32(w1), _opt(b1, d_ff), as_f32(w2_t), _opt(b2, d_out), indptr.numpy(), indices.numpy())
+        args = (as_f32(x), weight_view(w1), _opt(b1, d_ff), weight_view(w2_t), _opt(b2, d_out), indptr.numpy(),
+                indices.numpy())
         threads = numba.get_num_threads()
         if x.shape[0] < threads:
             _sparse_mlp_split(*args, act_code, y, np.empty((threads, d_out), dtype=np.float32))
@@ -306,7 +307,7 @@ def relu_skip_mlp(x, w1, b1, w2_t, b2):
         sync_threads()
         d_out = w2_t.shape[1]
         y = np.empty((x.shape[0], d_out), dtype=np.float32)
-        _skip_fc2(as_f32(h), as_f32(w2_t), _opt(b2, d_out), y)
+        _skip_fc2(as_f32(h), weight_view(w2_t), _opt(b2, d_out), y)
         return torch.from_numpy(y).to(x.dtype)
 
 
