@@ -31,7 +31,7 @@ def _margin(x, w_in, b_in, depth):
     return margin
 
 
-CASES = [  # trees, depth, d, d_out, tokens (tokens >= 64 walks take the threaded kernel)
+CASES = [  # trees, depth, d, d_out, tokens
     (1, 0, 8, 8, 5),
     (1, 3, 16, 5, 7),
     (2, 5, 40, 24, 33),
@@ -43,7 +43,9 @@ CASES = [  # trees, depth, d, d_out, tokens (tokens >= 64 walks take the threade
 
 @pytest.mark.parametrize("trees,depth,d,d_out,m", CASES)
 @pytest.mark.parametrize("act_position", ["node", "path"])
-def test_kernel_matches_masked_reference(trees, depth, d, d_out, m, act_position):
+@pytest.mark.parametrize("threaded", [False, True])
+def test_kernel_matches_masked_reference(trees, depth, d, d_out, m, act_position, threaded, monkeypatch):
+    monkeypatch.setattr(tree_infer, "PARALLEL_MIN_WORK", 0 if threaded else 1 << 62)
     for seed, (activation, bias) in enumerate([("gelu", True), ("relu", False), ("silu", True), ("tanh", True), ("identity", False)]):
         w_in, b_in, w_out = _params(trees, depth, d, d_out, bias, seed)
         x = torch.randn(m, d, generator=torch.Generator().manual_seed(100 + seed))
@@ -57,11 +59,13 @@ def test_kernel_matches_masked_reference(trees, depth, d, d_out, m, act_position
         assert (y[clear] - want[clear]).abs().max() <= 1e-5 * scale
 
 
-def test_serial_and_threaded_kernels_agree():
+def test_serial_and_threaded_kernels_agree(monkeypatch):
     w_in, b_in, w_out = _params(4, 6, 32, 32, True, 7)
-    x = torch.randn(200, 32)
+    x = torch.randn(201, 32)
+    monkeypatch.setattr(tree_infer, "PARALLEL_MIN_WORK", 0)
     y_par, l_par = tree_forward_kernel(x, w_in, b_in, w_out, 6, 0, False)
-    parts = [tree_forward_kernel(x[i : i + 3], w_in, b_in, w_out, 6, 0, False) for i in range(0, 200, 3)]
+    monkeypatch.setattr(tree_infer, "PARALLEL_MIN_WORK", 1 << 62)
+    parts = [tree_forward_kernel(x[i : i + 3], w_in, b_in, w_out, 6, 0, False) for i in range(0, 201, 3)]
     y_ser, l_ser = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     clear = _margin(x, w_in, b_in, 6) > 1e-4
     assert clear.float().mean() > 0.9

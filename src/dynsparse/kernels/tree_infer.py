@@ -24,8 +24,9 @@ if NUMBA:
 
     from ._common import act as _act
 
-# Below this many token-tree walks the serial kernel wins (thread wake-up costs ~10-50 us).
-PARALLEL_MIN_WALKS = 64
+# Below this many multiply-adds (~0.1-0.2 ms on one core) the serial kernel runs: waking the
+# thread pool costs ~10-50 us on an idle machine and far more when other processes hold the cores.
+PARALLEL_MIN_WORK = 1 << 21
 
 
 if NUMBA:
@@ -164,7 +165,7 @@ def tree_forward_kernel(x, w_in, b_in, w_out, depth, act_code, act_on_path):
     m = xf.shape[0]
     y = np.empty((m, wo.shape[-1]), dtype=np.float32)
     leaves = np.empty((m, trees), dtype=np.int64)
-    if m * trees < PARALLEL_MIN_WALKS:
+    if m * trees * (depth + 1) * (xf.shape[1] + wo.shape[-1]) < PARALLEL_MIN_WORK:
         _tree_forward_serial(xf, wi, bi, wo, depth, act_code, bool(act_on_path), y, leaves)
     else:
         sync_threads()
