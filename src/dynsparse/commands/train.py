@@ -55,6 +55,8 @@ def register(subparsers) -> None:
     p.add_argument("--ff", choices=["dense", "tree"], help="feed-forward block (default: dense)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--init-from", help="an HF model directory to continue training (see dynsparse convert)")
+    p.add_argument("--qa", metavar="FILE.jsonl",
+                   help="fine-tune on question answering (records: context, question, answer; loss on answers)")
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints (the last 2 are kept)")
     p.add_argument("--log-every", type=int)
     p.add_argument("--no-telemetry", action="store_true", help="do not count routing (to measure its overhead)")
@@ -84,7 +86,7 @@ def run(args) -> int:
     from ..train.distributed import finish_worker
 
     cfg = config_from_args(
-        args, ff=args.ff, init_from=args.init_from, ckpt_every=args.ckpt_every, log_every=args.log_every,
+        args, ff=args.ff, init_from=args.init_from, qa=args.qa, ckpt_every=args.ckpt_every, log_every=args.log_every,
         telemetry=False if args.no_telemetry else None, fsdp=True if args.fsdp else None,
     )
     try:

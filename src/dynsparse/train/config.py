@@ -40,6 +40,7 @@ class TrainConfig:
     init_from: str | None = None  # an HF model directory to continue from (e.g. `dynsparse convert` output)
     # data
     data: str = "shakespeare"
+    qa: str | None = None  # a JSONL of {context, question, answer}: fine-tune with the loss on answers
     vocab_size: int | None = None  # BPE size; None -> the preset's
     tokenizer: str | None = None  # a local HF tokenizer directory instead of training a BPE
     cache_dir: str | None = None

@@ -89,21 +89,28 @@ def lm_loss(model, x, y) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, tokens, seq_len: int, batch: int, max_windows: int | None, device) -> float:
-    """Mean next-token loss over consecutive windows of a split (routing counters paused)."""
+    """Mean next-token loss over consecutive windows of a split."""
+    return evaluate_rows(model, *eval_windows(tokens, seq_len, max_windows), batch, device)
+
+
+@torch.no_grad()
+def evaluate_rows(model, x, y, batch: int, device) -> float:
+    """Mean loss over the targets of (x, y) rows that are not -100 (routing counters paused)."""
     was_training = model.training
     model.eval()
     telemetry_state = {n: l.tracking for n, l in telemetry.tree_layers(model).items()}
     telemetry.set_tracking(model, False)
-    x, y = eval_windows(tokens, seq_len, max_windows)
     total, count = 0.0, 0
     for i in range(0, len(x), batch):
         xb, yb = x[i : i + batch].to(device), y[i : i + batch].to(device)
-        total += lm_loss(model, xb, yb).item() * yb.numel()
-        count += yb.numel()
+        n = int((yb != -100).sum())
+        if n:
+            total += lm_loss(model, xb, yb).item() * n
+            count += n
     for name, layer in telemetry.tree_layers(model).items():
         layer.track_usage(telemetry_state[name])
     model.train(was_training)
-    return total / count
+    return total / max(count, 1)
 
 
 def ff_summary(model: torch.nn.Module) -> dict:
@@ -132,22 +139,35 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
     d.barrier()
 
     # ---- data (rank 0 tokenizes into the cache first; the others then read it)
-    source = text_source(cfg.data)
     tokenizer_dir = cfg.tokenizer
     if tokenizer_dir is None and cfg.init_from:  # continue with the pretrained model's own tokenizer
         from ..lm.convert import load_tokenizer_if_any
 
         tokenizer_dir = cfg.init_from if load_tokenizer_if_any(cfg.init_from) is not None else None
-    if d.main:
-        data = prepare_tokens(source, cfg.bpe_vocab_size, tokenizer_dir, cfg.cache_dir)
-    d.barrier()
-    if not d.main:
-        data = prepare_tokens(source, cfg.bpe_vocab_size, tokenizer_dir, cfg.cache_dir)
-    data.check_length(cfg.seq_len)
+    if cfg.qa:  # question-answering fine-tuning: rows with the loss on the answers only
+        if tokenizer_dir is None:
+            raise ValueError("QA fine-tuning needs the pretrained model's tokenizer: --init-from DIR or --tokenizer DIR")
+        from ..data import load_tokenizer
+        from ..data.qa import QAData
+
+        tokenizer = load_tokenizer(tokenizer_dir)
+        qa = QAData(cfg.qa, tokenizer, cfg.seq_len)
+        vocab_size = len(tokenizer)
+        train_batch = lambda step: qa.sample(cfg.batch_size, cfg.seed, step)  # noqa: E731
+    else:
+        source = text_source(cfg.data)
+        if d.main:
+            data = prepare_tokens(source, cfg.bpe_vocab_size, tokenizer_dir, cfg.cache_dir)
+        d.barrier()
+        if not d.main:
+            data = prepare_tokens(source, cfg.bpe_vocab_size, tokenizer_dir, cfg.cache_dir)
+        data.check_length(cfg.seq_len)
+        tokenizer, vocab_size = data.tokenizer, data.vocab_size
+        train_batch = lambda step: sample_windows(data.splits["train"], cfg.batch_size, cfg.seq_len, cfg.seed, step)  # noqa: E731
 
     # ---- model and optimizer
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data.vocab_size).to(d.device)
+    model = build_model(cfg, vocab_size).to(d.device)
     if model.config.max_position_embeddings < cfg.seq_len:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's context ({model.config.max_position_embeddings})")
     for layer in telemetry.tree_layers(model).values():
@@ -164,7 +184,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
     if resume and ckpts:
         step, path = ckpts[-1]
         ck = load_checkpoint(path)
-        reference = _plain_copy(cfg, data.vocab_size) if cfg.fsdp and not cfg.init_from else distributed.unwrap(model)
+        reference = _plain_copy(cfg, vocab_size) if cfg.fsdp and not cfg.init_from else distributed.unwrap(model)
         check_model_state(reference, ck["model"], str(path))
         distributed.load_full_state(model, optimizer, ck["model"], ck["optimizer"])
         set_rng_state(ck["rng"])
@@ -192,7 +212,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
         lr = lr_at(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = sample_windows(data.splits["train"], cfg.batch_size, cfg.seq_len, cfg.seed, step)
+        x, y = train_batch(step)
         x, y = x[d.rank * per_rank : (d.rank + 1) * per_rank], y[d.rank * per_rank : (d.rank + 1) * per_rank]
         loss_sum = 0.0
         for m in range(cfg.grad_accum):
@@ -224,7 +244,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
         record = {"step": done, "loss": round(last_loss, 5), "lr": lr, "tokens": tokens_seen,
                   "tokens_per_s": round(tokens_seen_rate(cfg, done - start, train_time), 1)}
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
-            val_loss = evaluate(model, data.splits["val"], cfg.seq_len, eval_bs, eval_windows_n, d.device)
+            if cfg.qa:
+                val_loss = evaluate_rows(model, *qa.splits["val"], eval_bs, d.device)
+            else:
+                val_loss = evaluate(model, data.splits["val"], cfg.seq_len, eval_bs, eval_windows_n, d.device)
             record.update(val_loss=round(val_loss, 5), val_ppl=round(math.exp(val_loss), 3))
         if d.main and (done % cfg.log_every == 0 or "val_loss" in record or done == cfg.max_steps):
             telemetry.append_jsonl(run / "metrics.jsonl", record)
@@ -246,7 +269,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
     metrics.update({f"tree_{k}": v for k, v in telemetry.summarize(telemetry.read_jsonl(run / "telemetry.jsonl")).items()})
     model_sd, _ = distributed.full_state(model, optimizer)
     if d.main:
-        save_final(distributed.unwrap(model), model_sd, data.tokenizer, run / "final", metrics)
+        save_final(distributed.unwrap(model), model_sd, tokenizer, run / "final", metrics)
     d.barrier()
     return metrics
 
