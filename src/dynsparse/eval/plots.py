@@ -45,6 +45,7 @@ def routing_over_training(telemetry: list[dict], path: Path) -> Path:
     for ax in (a, b):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+    a.set_ylim(bottom=0)
     b.set_ylim(0, 1.05)
     a.legend(fontsize=8)
     fig.tight_layout()
