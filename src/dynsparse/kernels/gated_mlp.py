@@ -203,10 +203,12 @@ if NUMBA:
             for t in range(nt):
                 counts[i0 + t] = ns[t]
 
-    @njit(parallel=True, cache=True)
+    # The two list-writing kernels below are plain memory passes (~nnz stores): serial, which also
+    # keeps numba's compile time (paid once per machine) down.
+    @njit(cache=True)
     def _grouped_scan(logits, thr, group_size, scratch, counts):
         m, n_groups = logits.shape
-        for i in prange(m):
+        for i in range(m):
             n = 0
             out = scratch[i]
             for g in range(n_groups):
@@ -217,9 +219,9 @@ if NUMBA:
                         n += 1
             counts[i] = n
 
-    @njit(parallel=True, cache=True)
+    @njit(cache=True)
     def _gather_rows(scratch, counts, indptr, indices):
-        for i in prange(counts.shape[0]):
+        for i in range(counts.shape[0]):
             start = indptr[i]
             row = scratch[i]
             for q in range(counts[i]):
