@@ -32,44 +32,62 @@ PARALLEL_MIN_WORK = 1 << 21
 if NUMBA:
 
     @njit(inline="always", fastmath=FAST, cache=True)
-    def _walk1(xi, w_in, b_in, w_out, t, depth, act_code, act_on_path, yi, h):
-        """One token down tree t; adds its output to yi. Returns the leaf's heap index."""
-        d = xi.shape[0]
-        d_out = yi.shape[0]
-        acc = h if act_on_path else yi
+    def _accumulate(acc, w_out, t, path, coef, length):
+        """acc += sum over the path of coef[l] * w_out[t, path[l]], four rows per pass over acc
+        (one read-modify-write of acc per four rows instead of one per row)."""
+        d_out = acc.shape[0]
+        lev = 0
+        while lev + 4 <= length:
+            o0, o1, o2, o3 = w_out[t, path[lev]], w_out[t, path[lev + 1]], w_out[t, path[lev + 2]], w_out[t, path[lev + 3]]
+            c0, c1, c2, c3 = coef[lev], coef[lev + 1], coef[lev + 2], coef[lev + 3]
+            for j in range(d_out):
+                acc[j] += c0 * o0[j] + c1 * o1[j] + c2 * o2[j] + c3 * o3[j]
+            lev += 4
+        while lev < length:
+            o0 = w_out[t, path[lev]]
+            c0 = coef[lev]
+            for j in range(d_out):
+                acc[j] += c0 * o0[j]
+            lev += 1
+
+    @njit(inline="always", fastmath=FAST, cache=True)
+    def _finish(yi, acc, t, path, coef, w_out, depth, act_code, act_on_path):
+        """Add one tree's path to the token's output: sum_l act(z_l) w_out (node) or act(sum_l z_l w_out) (path)."""
         if act_on_path:
-            h[:] = 0.0
+            acc[:] = 0.0
+            _accumulate(acc, w_out, t, path, coef, depth + 1)
+            for j in range(yi.shape[0]):
+                yi[j] += _act(acc[j], act_code)
+        else:
+            for lev in range(depth + 1):
+                coef[lev] = _act(coef[lev], act_code)
+            _accumulate(yi, w_out, t, path, coef, depth + 1)
+
+    @njit(inline="always", fastmath=FAST, cache=True)
+    def _walk1(xi, w_in, b_in, w_out, t, depth, act_code, act_on_path, yi, h, path, coef):
+        """One token down tree t: route (dot products), then add its path's output to yi.
+        Returns the leaf's heap index."""
+        d = xi.shape[0]
         node = 0
-        last = 0
-        for _ in range(depth + 1):
+        for lev in range(depth + 1):
             row = w_in[t, node]
             z = b_in[t, node]
             for k in range(d):
                 z += row[k] * xi[k]
-            c = z if act_on_path else _act(z, act_code)
-            out = w_out[t, node]
-            for j in range(d_out):
-                acc[j] += c * out[j]
-            last = node
+            path[lev] = node
+            coef[lev] = z
             node = 2 * node + 2 if z > 0.0 else 2 * node + 1
-        if act_on_path:
-            for j in range(d_out):
-                yi[j] += _act(h[j], act_code)
-        return last
+        _finish(yi, h, t, path, coef, w_out, depth, act_code, act_on_path)
+        return path[depth]
 
     @njit(inline="always", fastmath=FAST, cache=True)
-    def _walk4(x, i, w_in, b_in, w_out, t, depth, act_code, act_on_path, y, h, leaf):
-        """Tokens i..i+3 down tree t together; rows of nodes they share are read once."""
+    def _walk4(x, i, w_in, b_in, w_out, t, depth, act_code, act_on_path, y, h, paths, coefs, leaf):
+        """Tokens i..i+3 route down tree t together (a row of a node they share is read once for
+        four dot products), then each adds its path's output."""
         d = x.shape[1]
-        d_out = y.shape[1]
         x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
-        if act_on_path:
-            h[:, :] = 0.0
-            a0, a1, a2, a3 = h[0], h[1], h[2], h[3]
-        else:
-            a0, a1, a2, a3 = y[i], y[i + 1], y[i + 2], y[i + 3]
         n0 = n1 = n2 = n3 = 0
-        for _ in range(depth + 1):
+        for lev in range(depth + 1):
             if n0 == n1 and n0 == n2 and n0 == n3:
                 row = w_in[t, n0]
                 b = b_in[t, n0]
@@ -88,28 +106,15 @@ if NUMBA:
                     z1 += r1[k] * x1[k]
                     z2 += r2[k] * x2[k]
                     z3 += r3[k] * x3[k]
-            if act_on_path:
-                c0, c1, c2, c3 = z0, z1, z2, z3
-            else:
-                c0, c1 = _act(z0, act_code), _act(z1, act_code)
-                c2, c3 = _act(z2, act_code), _act(z3, act_code)
-            o0, o1, o2, o3 = w_out[t, n0], w_out[t, n1], w_out[t, n2], w_out[t, n3]
-            for j in range(d_out):
-                a0[j] += c0 * o0[j]
-                a1[j] += c1 * o1[j]
-                a2[j] += c2 * o2[j]
-                a3[j] += c3 * o3[j]
-            leaf[0], leaf[1], leaf[2], leaf[3] = n0, n1, n2, n3
+            paths[0, lev], paths[1, lev], paths[2, lev], paths[3, lev] = n0, n1, n2, n3
+            coefs[0, lev], coefs[1, lev], coefs[2, lev], coefs[3, lev] = z0, z1, z2, z3
             n0 = 2 * n0 + 2 if z0 > 0.0 else 2 * n0 + 1
             n1 = 2 * n1 + 2 if z1 > 0.0 else 2 * n1 + 1
             n2 = 2 * n2 + 2 if z2 > 0.0 else 2 * n2 + 1
             n3 = 2 * n3 + 2 if z3 > 0.0 else 2 * n3 + 1
-        if act_on_path:
-            for q in range(4):
-                yq = y[i + q]
-                hq = h[q]
-                for j in range(d_out):
-                    yq[j] += _act(hq[j], act_code)
+        for q in range(4):
+            _finish(y[i + q], h[q], t, paths[q], coefs[q], w_out, depth, act_code, act_on_path)
+            leaf[q] = paths[q, depth]
 
     @njit(inline="always", fastmath=FAST, cache=True)
     def _block(x, i0, i1, w_in, b_in, w_out, depth, act_code, act_on_path, y, leaves):
@@ -120,17 +125,21 @@ if NUMBA:
         first_leaf = (1 << depth) - 1
         h = np.empty((4, d_out), dtype=np.float32)
         leaf = np.empty(4, dtype=np.int64)
+        paths = np.empty((4, depth + 1), dtype=np.int64)
+        coefs = np.empty((4, depth + 1), dtype=np.float32)
         for i in range(i0, i1):
             y[i, :] = 0.0
         for t in range(trees):
             i = i0
             while i + 4 <= i1:
-                _walk4(x, i, w_in, b_in, w_out, t, depth, act_code, act_on_path, y, h, leaf)
+                _walk4(x, i, w_in, b_in, w_out, t, depth, act_code, act_on_path, y, h, paths, coefs, leaf)
                 for q in range(4):
                     leaves[i + q, t] = leaf[q] - first_leaf
                 i += 4
             while i < i1:
-                leaves[i, t] = _walk1(x[i], w_in, b_in, w_out, t, depth, act_code, act_on_path, y[i], h[0]) - first_leaf
+                leaves[i, t] = _walk1(
+                    x[i], w_in, b_in, w_out, t, depth, act_code, act_on_path, y[i], h[0], paths[0], coefs[0]
+                ) - first_leaf
                 i += 1
 
     @njit(fastmath=FAST, cache=True)
