@@ -87,7 +87,9 @@ def test_grouped_gate_expands_groups():
 
 @pytest.mark.parametrize("act_code", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("m", [1, 3, 37])
-def test_sparse_mlp_matches_masked_dense(act_code, m):
+@pytest.mark.parametrize("min_work", [0, 1 << 62])  # threaded (split for m < threads) and serial kernels
+def test_sparse_mlp_matches_masked_dense(act_code, m, min_work, monkeypatch):
+    monkeypatch.setattr(gm, "PARALLEL_MIN_WORK", min_work)
     x, w1, b1, w2, b2 = _mlp(m=m)
     mask, (indptr, indices) = _random_csr(m, w1.shape[0], 0.2)
     want = _reference(x, w1, b1, w2, b2, mask, act_code)

@@ -40,6 +40,9 @@ ACT_FUNCTIONS = {0: F.gelu, 1: F.relu, 2: F.silu, 3: torch.tanh, 4: lambda z: z}
 # copies of the union's rows cost more than the per-token kernel's direct reads.
 UNION_SPEEDUP = 4.0
 UNION_MIN_TOKENS = 16
+# Below this many multiply-adds (~0.1-0.2 ms on one core) the per-token kernel runs on one thread:
+# waking the pool costs more than it saves, and far more when other processes hold the cores.
+PARALLEL_MIN_WORK = 1 << 21
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -247,7 +250,9 @@ def sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code):
         args = (as_f32(x), weight_view(w1), _opt(b1, d_ff), weight_view(w2_t), _opt(b2, d_out), indptr.numpy(),
                 indices.numpy())
         threads = numba.get_num_threads()
-        if x.shape[0] < threads:
+        if indices.numel() * (x.shape[1] + d_out) < PARALLEL_MIN_WORK or threads == 1:
+            _sparse_mlp_serial(*args, act_code, y)
+        elif x.shape[0] < threads:
             _sparse_mlp_split(*args, act_code, y, np.empty((threads, d_out), dtype=np.float32))
         else:
             _sparse_mlp(*args, act_code, y)
@@ -376,6 +381,13 @@ if NUMBA:
     @njit(parallel=True, fastmath=FAST, cache=True)
     def _sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code, y):
         for i in prange(x.shape[0]):
+            yi = y[i]
+            yi[:] = b2
+            _accumulate(x[i], w1, b1, w2_t, indices, indptr[i], indptr[i + 1], act_code, yi)
+
+    @njit(fastmath=FAST, cache=True)
+    def _sparse_mlp_serial(x, w1, b1, w2_t, b2, indptr, indices, act_code, y):
+        for i in range(x.shape[0]):
             yi = y[i]
             yi[:] = b2
             _accumulate(x[i], w1, b1, w2_t, indices, indptr[i], indptr[i + 1], act_code, yi)
