@@ -14,6 +14,7 @@ from .telemetry import TreeUsage, usage_from_leaf_visits
 
 MAX_DEPTH = 24
 IMPLS = ("masked", "gather", "kernel")
+_NUMBA = numba_available()
 ACT_POSITIONS = ("node", "path")
 
 
@@ -126,7 +127,7 @@ class TreeFF(nn.Module):
     def resolve_impl(self, x: torch.Tensor) -> str:
         if self.impl is not None:
             return self.impl
-        if not self.training and not self._needs_grad(x) and x.device.type == "cpu" and numba_available():
+        if not self.training and x.device.type == "cpu" and not self._needs_grad(x) and _NUMBA:
             return "kernel"
         return "gather"
 
@@ -144,8 +145,7 @@ class TreeFF(nn.Module):
         self._check_input(x)
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.d_model)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.d_model)
         impl = self.resolve_impl(x2)
         args = self._weights_for(x2)
         if impl == "masked":
@@ -160,7 +160,7 @@ class TreeFF(nn.Module):
             )
         if self._tracking:
             self._count(leaves)
-        return y.reshape(*lead, self.d_out)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.d_out)
 
     def _count(self, leaves: torch.Tensor) -> None:
         n_leaves = self.leaf_visits.shape[1]
