@@ -126,7 +126,8 @@ def main() -> int:
     from transformers import DetrForObjectDetection
 
     model = DetrForObjectDetection.from_pretrained(workdir / "best").eval()
-    save_atomic(model, processor, out, dtype=torch.float16)
+    info = json.loads((workdir / "best" / "train_info.json").read_text())
+    save_atomic(model, processor, out, dtype=torch.float16, extra=info)
     print(f"exported {workdir / 'best'} (val AP {best:.3f}) to {out} in float16", flush=True)
     return 0
 

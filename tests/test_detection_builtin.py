@@ -1,0 +1,25 @@
+"""The committed built-in DETR: loads offline, has the advertised shape, is small, and its MLPs are found."""
+import json
+
+import torch
+
+from dynsparse.detection.model import builtin_detr_dir, load_detr
+from dynsparse.mlps import find_mlps
+
+
+def test_builtin_detr_loads_and_has_relu_mlps():
+    d = builtin_detr_dir()
+    assert (d / "README.md").is_file() and (d / "preprocessor_config.json").is_file()
+    assert (d / "model.safetensors").stat().st_size < 8 * 2**20
+    model, proc = load_detr()
+    cfg = model.config
+    assert cfg.activation_function == "relu" and cfg.d_model == 128 and cfg.encoder_ffn_dim == 1024
+    assert cfg.backbone_config.model_type == "resnet"
+    blocks = find_mlps(model)
+    assert len(blocks) == cfg.encoder_layers + cfg.decoder_layers
+    assert all(b.d_ff == 1024 for b in blocks.values())
+    with torch.no_grad():
+        out = model(pixel_values=torch.zeros(1, 3, 128, 128), pixel_mask=torch.ones(1, 128, 128, dtype=torch.long))
+    assert out.logits.shape == (1, cfg.num_queries, len(cfg.id2label) + 1) and torch.isfinite(out.pred_boxes).all()
+    info = json.loads((d / "train_info.json").read_text())
+    assert info["history"], "training history recorded with the weights"
