@@ -15,7 +15,9 @@ from pathlib import Path
 from ..cli import CLIError
 from .train import add_model_flags, config_from_args
 
-# Settings found to fit the 10-minute, 2-core budget of `make demo` (see the report for what they reach).
+# Demo defaults (tiny preset: d_model 128, 4 layers, BPE 2048). Measured once on a shared 2-core machine
+# (600 steps each): dense val loss 4.342, tree (depth 7 x 2 trees, 3.14 % active) 4.576, i.e. +5.4 %;
+# the 3 % target was not met at this budget. The masked path trains these small trees faster than gather.
 DEMO_DEFAULTS = dict(depth=7, trees=2, max_steps=600, seq_len=128, batch_size=16, lr=3e-3, warmup_steps=50,
                      eval_every=100, eval_batches=4, tree_impl="masked", telemetry_every=50)
 
