@@ -46,7 +46,8 @@ def print_table(rows: list[dict], title: str = "MLP activation sparsity") -> Non
         t.add_row(r["layer"], r["activation"], str(r["d_ff"]), str(r["tokens"]), f"{r['sparsity']:.1%}",
                   f"{r['near_zero_sparsity']:.1%}", f"{r['never_active']:.1%}", f"{r['always_active']:.1%}",
                   f"{r['rarely_active']:.1%}", f"{r['batch_union']:.1%}")
-    Console().print(t)
+    console = Console()
+    Console(width=max(console.width, 150)).print(t)  # full layer names even when piped
     if rows:
         print(f"sparsity = share of (token, neuron) with a <= 0; |a|<=eps uses eps = {rows[0]['eps']:g}")
 
