@@ -35,3 +35,14 @@ def test_lazy_top_level_api():
     assert "sparsify_" in dir(dynsparse)
     with pytest.raises(AttributeError):
         dynsparse.no_such_name
+
+
+def test_import_registers_auto_classes(tmp_path):
+    import dynsparse
+    from transformers import AutoModelForCausalLM
+
+    model = dynsparse.DynSparseLMForCausalLM(dynsparse.preset_config("tiny", hidden_size=32, num_hidden_layers=1,
+                                                                     num_attention_heads=2, vocab_size=64))
+    model.save_pretrained(tmp_path)
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path)).__name__ == "DynSparseLMForCausalLM"
+    assert dynsparse.TrainConfig.__name__ == "TrainConfig" and callable(dynsparse.evaluate_lm)

@@ -1,13 +1,15 @@
 """dynsparse: dynamic activation sparsity for transformer feed-forward blocks.
 
-The tree layer API loads with torch alone; the pretrained-sparsity API (``sparsify_``, ``MGSConfig``,
-``SIBSConfig``, ...) and the language model (``DynSparseLMForCausalLM``, which registers itself with HF's
-Auto classes) load on first use, so ``import dynsparse`` stays cheap.
+Importing it registers the language models (plain and statically pruned) with HF's ``AutoConfig`` and
+``AutoModelForCausalLM``, so ``from_pretrained`` works on saved run directories. The pretrained-sparsity
+API (``sparsify_``, ``MGSConfig``, ``SIBSConfig``, ...) and training load on first use.
 """
 from importlib import import_module
 
 from .mlps import MLPBlock, find_mlps
 from .tree import PrunedTreeFF, TreeConfig, TreeFF, TreeUsage, prune_static, treeify_
+from .lm import DynSparseLMConfig, DynSparseLMForCausalLM, preset_config  # registers the Auto classes
+from .dynamics.pruned_lm import PrunedDynSparseLMForCausalLM  # likewise for pruned models
 
 __version__ = "0.1.0"
 
@@ -17,9 +19,8 @@ _LAZY = {
     "SIBSConfig": "dynsparse.gating",
     "record_activations": "dynsparse.gating",
     "load_gates": "dynsparse.gating",
-    "DynSparseLMConfig": "dynsparse.lm",
-    "DynSparseLMForCausalLM": "dynsparse.lm",
-    "PrunedDynSparseLMForCausalLM": "dynsparse.dynamics.pruned_lm",
+    "TrainConfig": "dynsparse.train",
+    "evaluate_lm": "dynsparse.eval",
 }
 
 
@@ -42,6 +43,10 @@ __all__ = [
     "PrunedTreeFF",
     "find_mlps",
     "MLPBlock",
+    "DynSparseLMConfig",
+    "DynSparseLMForCausalLM",
+    "PrunedDynSparseLMForCausalLM",
+    "preset_config",
     *_LAZY,
     "__version__",
 ]
