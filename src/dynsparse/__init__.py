@@ -19,6 +19,9 @@ _LAZY = {
     "SIBSConfig": "dynsparse.gating",
     "record_activations": "dynsparse.gating",
     "load_gates": "dynsparse.gating",
+    "fit_gates": "dynsparse.gating",
+    "apply_gates": "dynsparse.gating",
+    "GateSet": "dynsparse.gating",
     "TrainConfig": "dynsparse.train",
     "evaluate_lm": "dynsparse.eval",
 }
