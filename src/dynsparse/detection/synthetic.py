@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..atomic import atomic_dir
 
 CLASSES = ("circle", "square", "triangle", "cross")
 
@@ -123,19 +123,11 @@ def make_synthetic_coco(root: str | os.PathLike, n_train: int = 3000, n_val: int
     if root.exists():
         if not overwrite:
             raise FileExistsError(f"{root} already exists (pass overwrite=True to replace it)")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+    with atomic_dir(root) as tmp:
         rng = np.random.default_rng(seed)
         if n_train:
             _split(tmp, "train", n_train, image_size, rng)
         _split(tmp, "val", n_val, image_size, rng)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
 
 

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..atomic import atomic_dir
 from ..mlps import FilterFn, find_mlps
 from .mgs import MGSConfig, build_gated, mgs_tensors
 from .record import LayerStats, activation_name, record_activations
@@ -161,9 +162,7 @@ def save_sparsified_dir(gates: GateSet, out_dir: str | os.PathLike, model_dir: s
     """Write ``out_dir`` with gates.safetensors (+ a copy of the dense model's files when ``model_dir``),
     built in a temporary sibling and moved into place only when complete."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         if model_dir is not None:
             for f in Path(model_dir).iterdir():
                 if f.is_file():
@@ -171,10 +170,4 @@ def save_sparsified_dir(gates: GateSet, out_dir: str | os.PathLike, model_dir: s
         gates.save(tmp)
         (tmp / "sparsify_report.json").write_text(json.dumps({"method": gates.method, "config": gates.config,
                                                                "layers": gates.report}, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

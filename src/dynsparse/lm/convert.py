@@ -9,9 +9,6 @@ config -> model -> ``treeify_`` -> weights.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from ..atomic import atomic_dir
 from ..tree import TreeConfig, treeify_
 from .config import DynSparseLMConfig
 
@@ -42,10 +40,7 @@ def convert_model(model: torch.nn.Module, tree: TreeConfig) -> list[str]:
 def save_converted(model: torch.nn.Module, out: Path, tokenizer=None, state_dict: dict | None = None,
                    extra: dict[str, str] | None = None) -> None:
     """save_pretrained (+ tokenizer, + marker for foreign families) into a temp dir, renamed into place."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -53,12 +48,6 @@ def save_converted(model: torch.nn.Module, out: Path, tokenizer=None, state_dict
             (tmp / MARKER).write_text(json.dumps(model._dynsparse_tree, indent=1))
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_model(path: str | Path) -> torch.nn.Module:
