@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..atomic import atomic_dir
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -55,8 +55,8 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def save_checkpoint(run_dir: Path, step: int, model_state: dict, optim_state: dict, state: dict, keep: int = 2) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}-", dir=root))
-    try:
+    final = root / f"step_{step}"
+    with atomic_dir(final) as tmp:
         # Tied weights share storage; safetensors stores each tensor once, so clone to contiguous copies.
         save_file({k: v.detach().contiguous().clone() for k, v in model_state.items()}, tmp / "model.safetensors")
         torch.save(optim_state, tmp / "optimizer.pt")
@@ -64,13 +64,6 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, optim_state: di
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
         files = ["model.safetensors", "optimizer.pt", "rng.pt", "state.json"]
         (tmp / "manifest.json").write_text(json.dumps({f: _sha256(tmp / f) for f in files}))
-        final = root / f"step_{step}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for _, old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
