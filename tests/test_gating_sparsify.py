@@ -1,6 +1,5 @@
 """SIBS and MGS: the installed modules compute what their definitions say, gates meet their calibrated
 recall on held-out rows, gate files round-trip, and bad input is named."""
-import copy
 
 import pytest
 import torch

@@ -1,5 +1,4 @@
 """torchrun with 2 gloo CPU processes trains the same model as one process with the same global batch."""
-import json
 import os
 import subprocess
 import sys

@@ -3,7 +3,6 @@ telemetry snapshots, final HF directory, bad input through the CLI."""
 import json
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dynsparse.lm  # noqa: F401  (registers the auto classes)

@@ -9,7 +9,6 @@ so random weights are used and each gate's threshold is set to the logit quantil
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
