@@ -76,6 +76,7 @@ def test_prune_saves_a_smaller_model_that_is_exact_on_calibration(runs, tmp_path
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["params_after"] < r["params_before"] and r["nodes_after"] < r["nodes_before"]
     assert r["calib_loss_after"] == pytest.approx(r["calib_loss_before"], abs=1e-5)
+    assert r["val_ppl_before"] > 1 and r["calib_ppl_after"] == pytest.approx(r["calib_ppl_before"], rel=1e-4)
     from transformers import AutoModelForCausalLM
 
     import dynsparse.dynamics.pruned_lm  # noqa: F401  (registers the auto classes)

@@ -18,6 +18,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     import json
+    import math
 
     from ..dynamics.prune_run import PruneRunError, prune_run
 
@@ -30,8 +31,10 @@ def run(args) -> int:
         return 0
     print(f"pruned {r.layers} tree layers: nodes {r.nodes_before} -> {r.nodes_after}, "
           f"parameters {r.params_before:,} -> {r.params_after:,} ({r.params_removed:,} removed)")
-    print(f"calibration loss ({r.calib_tokens} tokens): {r.calib_loss_before:.5f} -> {r.calib_loss_after:.5f}")
+    print(f"calibration loss ({r.calib_tokens} tokens): {r.calib_loss_before:.5f} -> {r.calib_loss_after:.5f} "
+          f"(perplexity {math.exp(r.calib_loss_before):.3f} -> {math.exp(r.calib_loss_after):.3f})")
     print(f"validation loss (held out): {r.val_loss_before:.5f} -> {r.val_loss_after:.5f} "
-          f"({r.val_loss_after - r.val_loss_before:+.5f})")
+          f"({r.val_loss_after - r.val_loss_before:+.5f}; perplexity {math.exp(r.val_loss_before):.3f} -> "
+          f"{math.exp(r.val_loss_after):.3f})")
     print(f"saved: {args.out}")
     return 0

@@ -7,6 +7,7 @@ function (every path it took there is kept), which the report checks.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,7 +44,8 @@ class PruneResult:
         return self.params_before - self.params_after
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "params_removed": self.params_removed}
+        ppl = {k.replace("_loss_", "_ppl_"): math.exp(v) for k, v in asdict(self).items() if "_loss_" in k}
+        return {**asdict(self), **ppl, "params_removed": self.params_removed}
 
 
 @torch.no_grad()
