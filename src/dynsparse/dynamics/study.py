@@ -61,12 +61,11 @@ def run_study(out: str | Path, configs: dict[str, TrainConfig], overwrite: bool 
     for name, cfg in configs.items():
         run = out / name
         metrics_file = run / "final" / "metrics.json"
-        done = metrics_file.exists() and json.loads((run / "config.json").read_text()) == cfg.to_dict()
-        if done and not overwrite:
+        same = not overwrite and _same_config(run, cfg)
+        if same and metrics_file.exists():  # finished: reuse
             results[name] = json.loads(metrics_file.read_text())
             continue
-        resume = (run / "config.json").exists() and not overwrite and _same_config(run, cfg)
-        results[name] = train(cfg, run, resume=resume, overwrite=overwrite, progress=progress)
+        results[name] = train(cfg, run, resume=same, overwrite=overwrite, progress=progress)
     return results
 
 

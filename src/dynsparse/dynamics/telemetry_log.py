@@ -4,13 +4,13 @@ Tolerates a live run: a last line still being written is ignored.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..train.telemetry import read_jsonl
 from ..tree.telemetry import node_visits_from_leaves
 
 SERIES = ("dead_fraction", "static_fraction", "path_entropy", "effective_leaves")
@@ -36,21 +36,6 @@ class LayerSeries:
         return np.sum(self.leaf_visits, axis=0)
 
 
-def read_records(path: Path) -> list[dict]:
-    records = []
-    lines = Path(path).read_text().splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # a live run may be mid-write
-                break
-            raise TelemetryError(f"{path}: line {i + 1} is not valid JSON")
-    return records
-
-
 def load_telemetry(run: str | Path) -> dict[str, LayerSeries]:
     run = Path(run)
     if not run.is_dir():
@@ -60,7 +45,10 @@ def load_telemetry(run: str | Path) -> dict[str, LayerSeries]:
         raise TelemetryError(
             f"{run} has no telemetry.jsonl: it is not a tree-model run, or it was trained with telemetry off"
         )
-    records = read_records(path)
+    try:
+        records = read_jsonl(path)
+    except ValueError as e:
+        raise TelemetryError(str(e)) from None
     if not records or not any(r.get("layers") for r in records):
         raise TelemetryError(f"{path} holds no tree-layer snapshots yet (a dense run, or too early in training)")
     layers: dict[str, LayerSeries] = {}
