@@ -23,3 +23,21 @@ def test_builtin_detr_loads_and_has_relu_mlps():
     assert out.logits.shape == (1, cfg.num_queries, len(cfg.id2label) + 1) and torch.isfinite(out.pred_boxes).all()
     info = json.loads((d / "train_info.json").read_text())
     assert info["history"], "training history recorded with the weights"
+
+
+def test_batch_norm_forms_round_trip_exactly():
+    import torch
+
+    from dynsparse.detection.model import build_small_detr, freeze_batch_norm_, trainable_batch_norm_
+
+    model = build_small_detr({0: "a", 1: "b"}, d_model=32, layers=1, d_ff=64).eval()
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(pixel_values=pixels).logits
+        assert trainable_batch_norm_(model) > 0
+        model.eval()
+        middle = model(pixel_values=pixels).logits
+        assert freeze_batch_norm_(model) > 0
+        after = model(pixel_values=pixels).logits
+    torch.testing.assert_close(middle, before)
+    torch.testing.assert_close(after, before)

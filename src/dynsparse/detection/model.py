@@ -76,15 +76,17 @@ def trainable_batch_norm_(model) -> int:
     def make(m):
         if type(m).__name__ != "DetrFrozenBatchNorm2d":
             return None
-        bn = nn.BatchNorm2d(m.weight.numel())
-        with torch.no_grad():
-            bn.weight.copy_(m.weight)
-            bn.bias.copy_(m.bias)
-            bn.running_mean.copy_(m.running_mean)
-            bn.running_var.copy_(m.running_var)
-        return bn
+        return _copy_norm_state(m, nn.BatchNorm2d(m.weight.numel()))
 
     return _swap_norms(model, make)
+
+
+def _copy_norm_state(src, dst):
+    """Affine parameters and running statistics from one batch-norm form to the other."""
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(dst, name).copy_(getattr(src, name))
+    return dst
 
 
 def freeze_batch_norm_(model) -> int:
@@ -96,12 +98,6 @@ def freeze_batch_norm_(model) -> int:
     def make(m):
         if not isinstance(m, nn.BatchNorm2d):
             return None
-        f = DetrFrozenBatchNorm2d(m.num_features)
-        with torch.no_grad():
-            f.weight.copy_(m.weight)
-            f.bias.copy_(m.bias)
-            f.running_mean.copy_(m.running_mean)
-            f.running_var.copy_(m.running_var)
-        return f
+        return _copy_norm_state(m, DetrFrozenBatchNorm2d(m.num_features))
 
     return _swap_norms(model, make)
