@@ -90,6 +90,12 @@ def test_prune_saves_a_smaller_model_that_is_exact_on_calibration(runs, tmp_path
     calib = eval_windows(load_tokens(cache).splits["train"], 32, 8)
     assert _loss(model, calib) == pytest.approx(r["calib_loss_before"], abs=1e-5)
     assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
+    from dynsparse.eval import evaluate_lm
+
+    measured = evaluate_lm(model, load_tokens(cache).splits["val"], 32, max_windows=4)
+    # every kept path still has depth + 1 = 4 nodes per tree (2 trees, d 32): the measured cost is unchanged
+    assert measured.ff_flops_per_token == 2 * 2 * 4 * (32 + 32)
+    assert 0 < measured.ff_active_fraction <= 1
 
 
 def test_prune_bad_input(runs, tmp_path):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..data import eval_windows
 from ..mlps import find_mlps
-from ..tree import TreeFF
+from ..tree import PrunedTreeFF, TreeFF
 from ..tree.telemetry import node_visits_from_leaves
 
 
@@ -46,7 +46,8 @@ def evaluate_lm(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_
     model.eval()
     trees = {n: m for n, m in model.named_modules() if isinstance(m, TreeFF)}
     saved = {n: (m.leaf_visits.clone(), m.tracking) for n, m in trees.items()}
-    for m in trees.values():
+    pruned = {n: m for n, m in model.named_modules() if isinstance(m, PrunedTreeFF)}
+    for m in [*trees.values(), *pruned.values()]:
         m.reset_usage()
         m.track_usage(True)
     x, y = eval_windows(tokens, seq_len, max_windows)
@@ -69,7 +70,11 @@ def evaluate_lm(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_
         layers[name]["node_visits"] = usage.node_visits.tolist()
         m.leaf_visits.copy_(saved[name][0])
         m.track_usage(saved[name][1])
-    if not trees:  # dense blocks: every neuron works for every token
+    for m in pruned.values():
+        fractions.append(m.nodes_per_token / m.w_in.shape[0])
+        flops.append(2 * m.nodes_per_token * (m.d_model + m.d_out))
+        m.track_usage(False)
+    if not trees and not pruned:  # dense blocks: every neuron works for every token
         mlps = list(find_mlps(model).values())
         fractions = [1.0] * len(mlps)
         flops = [4.0 * b.d_model * b.d_ff for b in mlps]

@@ -58,6 +58,25 @@ class PrunedTreeFF(nn.Module):
         self.d_model, self.d_out = w_in.shape[1], w_out.shape[1]
         self.trees = roots.numel()
         self.prune_report: PruneReport | None = None
+        self._tracking = False
+        self.reset_usage()
+
+    # A pruned tree's paths have different lengths, so telemetry here is the measured cost: nodes visited.
+    def track_usage(self, enabled: bool = True) -> "PrunedTreeFF":
+        self._tracking = bool(enabled)
+        return self
+
+    @property
+    def tracking(self) -> bool:
+        return self._tracking
+
+    def reset_usage(self) -> None:
+        self.node_visit_count, self.token_count = 0, 0
+
+    @property
+    def nodes_per_token(self) -> float:
+        """Mean number of nodes (over all trees) a counted token visited."""
+        return self.node_visit_count / self.token_count if self.token_count else float("nan")
 
     @classmethod
     def empty(cls, nodes: int, trees: int, d_model: int, d_out: int, max_len: int, activation: str,
@@ -91,7 +110,11 @@ class PrunedTreeFF(nn.Module):
         alive = torch.ones_like(node, dtype=torch.bool)
         y = x2.new_zeros(m, self.d_out)
         h = x2.new_zeros(m, self.trees, self.d_out) if self.act_position == "path" else None
+        if self._tracking:
+            self.token_count += m
         for _ in range(self.max_len):
+            if self._tracking:
+                self.node_visit_count += int(alive.sum())
             safe = node.clamp_min(0)
             z = torch.einsum("mtd,md->mt", self.w_in[safe], x2)
             if self.b_in is not None:
