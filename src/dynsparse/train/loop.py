@@ -74,12 +74,24 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; matrices (and tree weight tables) decay, biases and norms do not (nanoGPT's split)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    """AdamW; matrices (and tree weight tables) decay, biases and norms do not (nanoGPT's split).
+
+    With ``tree_lr_scale != 1`` or a ``tree_weight_decay``, the tree tables get groups of their own
+    (w_in/w_out decay with ``tree_weight_decay``, b_in does not) whose ``lr_scale`` the loop applies to
+    the scheduled learning rate; otherwise the two plain groups, so older checkpoints still resume."""
+    layers = telemetry.tree_layers(model).values()
+    split = cfg.tree_lr_scale != 1.0 or cfg.tree_weight_decay is not None
+    tables = [p for l in layers for p in (l.w_in, l.w_out) if p.requires_grad] if split else []
+    biases = [l.b_in for l in layers if l.b_in is not None and l.b_in.requires_grad] if split else []
+    own = {id(p) for p in tables + biases}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    if split:
+        tree_wd = cfg.weight_decay if cfg.tree_weight_decay is None else cfg.tree_weight_decay
+        groups += [{"params": tables, "weight_decay": tree_wd, "lr_scale": cfg.tree_lr_scale},
+                   {"params": biases, "weight_decay": 0.0, "lr_scale": cfg.tree_lr_scale}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95))
 
 
 def lm_loss(model, x, y) -> torch.Tensor:
@@ -211,7 +223,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
         t0 = time.perf_counter()
         lr = lr_at(cfg, step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         x, y = train_batch(step)
         x, y = x[d.rank * per_rank : (d.rank + 1) * per_rank], y[d.rank * per_rank : (d.rank + 1) * per_rank]
         loss_sum = 0.0
