@@ -18,6 +18,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trees", type=int, help="number of trees per FF block")
     p.add_argument("--activation", choices=["gelu", "relu", "silu", "tanh", "identity"])
     p.add_argument("--act-position", choices=["node", "path"])
+    p.add_argument("--tree-out-init", choices=["published", "residual"],
+                   help="tree w_out init: the published uniform, or N(0, 0.02/sqrt(2 layers)) like dense fc2")
     p.add_argument("--position-embedding", choices=["learned", "rope"])
     p.add_argument("--d-model", type=int)
     p.add_argument("--n-layer", type=int)
@@ -44,7 +46,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--telemetry-every", type=int, help="steps between routing snapshots (telemetry.jsonl)")
 
 
-MODEL_FLAGS = ("depth", "trees", "activation", "act_position", "position_embedding", "d_model", "n_layer",
+MODEL_FLAGS = ("depth", "trees", "activation", "act_position", "tree_out_init", "position_embedding", "d_model", "n_layer",
                "n_head", "data", "vocab_size", "tokenizer", "cache_dir", "seq_len", "batch_size", "grad_accum",
                "max_steps", "lr", "warmup_steps", "weight_decay", "tree_lr_scale", "tree_weight_decay", "grad_clip", "dtype", "seed", "tree_impl",
                "eval_every", "eval_batches", "telemetry_every")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 FF_KINDS = ("dense", "tree")
+TREE_OUT_INITS = ("published", "residual")
 POSITIONS = ("learned", "rope")
 
 
@@ -29,6 +30,9 @@ class DynSparseLMConfig(PretrainedConfig):
     tree_trees: int = 8
     tree_activation: str = "gelu"
     tree_act_position: str = "node"
+    # w_out's initialisation: "published" U(+-1/sqrt(trees*(depth+1))), or "residual": N(0, initializer_range
+    # / sqrt(2 * layers)) like the dense block's fc2 and every other projection into the residual stream.
+    tree_out_init: str = "published"
     position_embedding: str = "learned"  # "learned" or "rope"
     rope_theta: float = 10000.0
     dropout: float = 0.0
@@ -60,6 +64,8 @@ class DynSparseLMConfig(PretrainedConfig):
             )
         if self.ff not in FF_KINDS:
             raise ValueError(f"ff must be one of {FF_KINDS}, got {self.ff!r}")
+        if self.tree_out_init not in TREE_OUT_INITS:
+            raise ValueError(f"tree_out_init must be one of {TREE_OUT_INITS}, got {self.tree_out_init!r}")
         if self.position_embedding not in POSITIONS:
             raise ValueError(f"position_embedding must be one of {POSITIONS}, got {self.position_embedding!r}")
         if self.position_embedding == "rope" and (self.hidden_size // self.num_attention_heads) % 2:

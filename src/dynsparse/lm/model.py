@@ -102,7 +102,7 @@ class DynSparseLMPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         """GPT-2 init (N(0, 0.02), residual projections scaled by 1/sqrt(2 L)); tree layers keep the
-        published neuron-tree init. Uses HF's ``init`` helpers so loaded weights are never overwritten."""
+        published neuron-tree init (w_out optionally like the residual projections: ``tree_out_init``). Uses HF's ``init`` helpers so loaded weights are never overwritten."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             scale = math.sqrt(2 * self.config.num_hidden_layers) if getattr(module, "_residual", False) else 1.0
@@ -117,11 +117,14 @@ class DynSparseLMPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, TreeFF):
             bound_in = 1.0 / math.sqrt(module.d_model)
-            bound_out = 1.0 / math.sqrt(module.trees * (module.depth + 1))
             init.uniform_(module.w_in, -bound_in, bound_in)
             if module.b_in is not None:
                 init.uniform_(module.b_in, -bound_in, bound_in)
-            init.uniform_(module.w_out, -bound_out, bound_out)
+            if self.config.tree_out_init == "residual":
+                init.normal_(module.w_out, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+            else:
+                bound_out = 1.0 / math.sqrt(module.trees * (module.depth + 1))
+                init.uniform_(module.w_out, -bound_out, bound_out)
             init.zeros_(module.leaf_visits)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from ..lm import FF_KINDS, PRESETS, DynSparseLMConfig, preset_config
+from ..lm.config import TREE_OUT_INITS
 
 # Optimisation defaults per architecture preset (the architecture itself lives in dynsparse.lm.PRESETS).
 TRAIN_PRESETS: dict[str, dict] = {
@@ -32,6 +33,7 @@ class TrainConfig:
     trees: int | None = None
     activation: str = "gelu"
     act_position: str = "node"
+    tree_out_init: str = "published"  # see DynSparseLMConfig.tree_out_init
     position_embedding: str = "learned"
     d_model: int | None = None
     n_layer: int | None = None
@@ -79,6 +81,8 @@ class TrainConfig:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         if self.ff not in FF_KINDS:
             raise ValueError(f"ff must be one of {FF_KINDS}, got {self.ff!r}")
+        if self.tree_out_init not in TREE_OUT_INITS:
+            raise ValueError(f"tree_out_init must be one of {TREE_OUT_INITS}, got {self.tree_out_init!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.tree_impl not in TREE_IMPLS:
@@ -100,6 +104,7 @@ class TrainConfig:
     # ------------------------------------------------------------------ model config
     def model_config(self, vocab_size: int) -> DynSparseLMConfig:
         over = dict(ff=self.ff, tree_activation=self.activation, tree_act_position=self.act_position,
+                    tree_out_init=self.tree_out_init,
                     position_embedding=self.position_embedding, dropout=self.dropout, vocab_size=vocab_size,
                     max_position_embeddings=max(self.seq_len, PRESETS[self.preset]["max_position_embeddings"]))
         for ours, theirs in (("depth", "tree_depth"), ("trees", "tree_trees"), ("d_model", "hidden_size"),
