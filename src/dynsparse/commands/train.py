@@ -24,7 +24,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d-model", type=int)
     p.add_argument("--n-layer", type=int)
     p.add_argument("--n-head", type=int)
-    p.add_argument("--data", help="'shakespeare' (built in), a .txt/.jsonl file or a folder of them")
+    p.add_argument("--data", help="'shakespeare' (built in), a .txt/.jsonl file or a folder of them, or a Hugging Face "
+                   "dataset hf:NAME[:CONFIG][#COLUMN] (Hub name when online, or a local dataset folder; "
+                   "column 'text' by default)")
     p.add_argument("--vocab-size", type=int, help="size of the byte-level BPE trained on the data")
     p.add_argument("--tokenizer", help="a local HF tokenizer directory to use instead of training a BPE")
     p.add_argument("--cache-dir", help="where tokenized corpora are cached (default ~/.cache/dynsparse)")
