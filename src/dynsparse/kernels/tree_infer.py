@@ -157,6 +157,19 @@ if NUMBA:
             _block(x, b * step, min(m, (b + 1) * step), w_in, b_in, w_out, depth, act_code, act_on_path, y, leaves)
 
 
+def run_tree_kernel(x, w_in, b_in, w_out, depth, act_code, act_on_path, y, leaves) -> None:
+    """The kernel on numpy arrays (float32, C-contiguous): fills y (M, d_out) and leaves (M, T).
+
+    The module's inference fast path calls this with cached weight views; everything else goes
+    through ``tree_forward_kernel``. Small batches run serially, large ones on torch's thread count.
+    """
+    if x.shape[0] * w_in.shape[0] * (depth + 1) * (x.shape[1] + w_out.shape[-1]) < PARALLEL_MIN_WORK:
+        _tree_forward_serial(x, w_in, b_in, w_out, depth, act_code, act_on_path, y, leaves)
+    else:
+        sync_threads()
+        _tree_forward_parallel(x, w_in, b_in, w_out, depth, act_code, act_on_path, y, leaves, numba.get_num_threads())
+
+
 def tree_forward_kernel(x, w_in, b_in, w_out, depth, act_code, act_on_path):
     """x: (M, d) -> (y (M, d_out), leaves (M, T) int64), computed in fp32 and returned in x's dtype.
 
@@ -174,10 +187,6 @@ def tree_forward_kernel(x, w_in, b_in, w_out, depth, act_code, act_on_path):
     m = xf.shape[0]
     y = np.empty((m, wo.shape[-1]), dtype=np.float32)
     leaves = np.empty((m, trees), dtype=np.int64)
-    if m * trees * (depth + 1) * (xf.shape[1] + wo.shape[-1]) < PARALLEL_MIN_WORK:
-        _tree_forward_serial(xf, wi, bi, wo, depth, act_code, bool(act_on_path), y, leaves)
-    else:
-        sync_threads()
-        _tree_forward_parallel(xf, wi, bi, wo, depth, act_code, bool(act_on_path), y, leaves, numba.get_num_threads())
+    run_tree_kernel(xf, wi, bi, wo, depth, act_code, bool(act_on_path), y, leaves)
     out = torch.from_numpy(y)
     return (out if x.dtype == torch.float32 else out.to(x.dtype)), torch.from_numpy(leaves)

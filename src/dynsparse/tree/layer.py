@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import math
+import weakref
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..kernels import numba_available, tree_forward_kernel
+from ..kernels._common import as_f32
+from ..kernels.tree_infer import run_tree_kernel
 from .activations import ACTIVATION_CODES, get_activation
 from .gather import tree_ff_gather
 from .reference import tree_ff_masked
@@ -16,6 +20,9 @@ MAX_DEPTH = 24
 IMPLS = ("masked", "gather", "kernel")
 _NUMBA = numba_available()
 ACT_POSITIONS = ("node", "path")
+# Per-layer numpy views of the weights for the inference fast path, outside the module so that
+# pickling, deepcopy and state_dict never see them: layer -> (data pointers, (w_in, b_in, w_out)).
+_KERNEL_VIEWS: weakref.WeakKeyDictionary[TreeFF, tuple] = weakref.WeakKeyDictionary()
 
 
 class TreeFF(nn.Module):
@@ -108,7 +115,7 @@ class TreeFF(nn.Module):
         )
 
     # ------------------------------------------------------------------ telemetry
-    def track_usage(self, enabled: bool = True) -> "TreeFF":
+    def track_usage(self, enabled: bool = True) -> TreeFF:
         """Count visits per leaf (hence per node) on every forward while enabled."""
         self._tracking = bool(enabled)
         return self
@@ -142,6 +149,8 @@ class TreeFF(nn.Module):
         return tuple(None if p is None else p.to(x.dtype) for p in params)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fast_path_applies(x):
+            return self._forward_fast(x)
         self._check_input(x)
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
@@ -161,6 +170,57 @@ class TreeFF(nn.Module):
         if self._tracking:
             self._count(leaves)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.d_out)
+
+    # ------------------------------------------------------------------ inference fast path
+    def _fast_path_applies(self, x) -> bool:
+        """The common inference call (fp32 CPU tensor, no grad, no autocast, no checks) skips the
+        general path's Python: at one token per call (generation) that Python cost several times
+        the kernel's ~4 us. Any other call takes the general path. (Parameters are read from
+        ``_parameters`` directly: nn.Module's attribute lookup costs ~1 us each.)"""
+        return (
+            _NUMBA
+            and not self.training
+            and not torch.is_grad_enabled()
+            and type(x) is torch.Tensor
+            and x.dtype is torch.float32
+            and x.is_cpu
+            and not x.requires_grad
+            and x.dim() >= 1
+            and x.shape[-1] == self.d_model
+            and (self.impl is None or self.impl == "kernel")
+            and not self.check_finite
+            and self._parameters["w_in"].dtype is torch.float32
+            and not torch.is_autocast_enabled("cpu")
+        )
+
+    def _kernel_views(self):
+        """Zero-copy float32 views of the weights, rebuilt only when a parameter's storage changes
+        (in-place updates are seen through the views; a view keeps its storage alive, so an equal
+        data pointer means the same storage)."""
+        params = self._parameters
+        w_in, b_in, w_out = params["w_in"], params.get("b_in"), params["w_out"]
+        ptrs = (w_in.data_ptr(), w_out.data_ptr(), None if b_in is None else b_in.data_ptr())
+        entry = _KERNEL_VIEWS.get(self)
+        if entry is None or entry[0] != ptrs:
+            b_view = as_f32(b_in) if b_in is not None else np.zeros((self.trees, self.nodes), np.float32)
+            entry = (ptrs, (as_f32(w_in), b_view, as_f32(w_out)))
+            _KERNEL_VIEWS[self] = entry
+        return entry[1]
+
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.d_model)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        m = x2.shape[0]
+        y = np.empty((m, self.d_out), dtype=np.float32)
+        leaves = np.empty((m, self.trees), dtype=np.int64)
+        w_in, b_in, w_out = self._kernel_views()
+        run_tree_kernel(x2.numpy(), w_in, b_in, w_out, self.depth, ACTIVATION_CODES[self.activation],
+                        self.act_position == "path", y, leaves)
+        if self._tracking:
+            self._count(torch.from_numpy(leaves))
+        out = torch.from_numpy(y)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.d_out)
 
     def _count(self, leaves: torch.Tensor) -> None:
         n_leaves = self.leaf_visits.shape[1]
