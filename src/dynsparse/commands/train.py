@@ -70,6 +70,8 @@ def register(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-tensorboard", action="store_true",
+                   help="do not write <out>/tensorboard/ (written by default when tensorboard is installed)")
     p.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
     p.set_defaults(func=run)
 
@@ -97,7 +99,7 @@ def run(args) -> int:
     )
     try:
         metrics = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
-                        progress=not args.no_progress and not args.json)
+                        progress=not args.no_progress and not args.json, tensorboard=not args.no_tensorboard)
     except (RunDirError, CheckpointError, ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     if args.json:

@@ -24,6 +24,7 @@ from .checkpoint import (CheckpointError, check_model_state, list_checkpoints, l
                          set_rng_state)
 from .config import TrainConfig, diff_configs
 from .progress import Progress
+from .tensorboard_log import TensorBoardLog
 
 
 class RunDirError(ValueError):
@@ -142,8 +143,10 @@ def ff_summary(model: torch.nn.Module) -> dict:
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> dict:
-    """Run (or continue) a training run in ``out``; returns the final metrics (also in final/metrics.json)."""
+          progress: bool = True, on_step: Callable[[int, float], None] | None = None,
+          tensorboard: bool = True) -> dict:
+    """Run (or continue) a training run in ``out``; returns the final metrics (also in final/metrics.json).
+    With ``tensorboard`` (and the package installed) the logged scalars also go to ``<run>/tensorboard/``."""
     d = distributed.setup()
     run = Path(out)
     if d.main:
@@ -217,7 +220,9 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
     eval_bs = max(1, per_rank)
     eval_windows_n = cfg.eval_batches * eval_bs
     train_time, telemetry_time, last_loss, val_loss = 0.0, 0.0, float("nan"), None
-    bar = Progress(cfg.max_steps, start, enabled=progress and d.main)
+    ff = ff_summary(model)
+    bar = Progress(cfg.max_steps, start, enabled=progress and d.main, ff_active=ff.get("ff_active_fraction"))
+    tb = TensorBoardLog(run, tensorboard and d.main, start if resume else None, ff)
     model.train()
     for step in range(start, cfg.max_steps):
         t0 = time.perf_counter()
@@ -252,6 +257,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
             record = telemetry.snapshot(model, done)
             if d.main:
                 telemetry.append_jsonl(run / "telemetry.jsonl", record)
+                tb.telemetry(record)
             telemetry_time += time.perf_counter() - t1
         record = {"step": done, "loss": round(last_loss, 5), "lr": lr, "tokens": tokens_seen,
                   "tokens_per_s": round(tokens_seen_rate(cfg, done - start, train_time), 1)}
@@ -263,6 +269,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
             record.update(val_loss=round(val_loss, 5), val_ppl=round(math.exp(val_loss), 3))
         if d.main and (done % cfg.log_every == 0 or "val_loss" in record or done == cfg.max_steps):
             telemetry.append_jsonl(run / "metrics.jsonl", record)
+            tb.metrics(record)
         bar.update(done, last_loss, record["tokens_per_s"], val_loss)
         if done % cfg.ckpt_every == 0 or done == cfg.max_steps:
             model_sd, optim_sd = distributed.full_state(model, optimizer)
@@ -270,6 +277,7 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
                 save_checkpoint(run, done, model_sd, optim_sd, {"tokens": tokens_seen}, cfg.keep_checkpoints)
             d.barrier()
     bar.close()
+    tb.close()
 
     # ---- final model: an HF directory that from_pretrained loads
     metrics = {"steps": cfg.max_steps, "tokens": tokens_seen, "train_loss": last_loss,
