@@ -11,7 +11,7 @@ from ..cli import CLIError
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="perplexity, measured FF cost, lm-eval-harness tasks", description=__doc__)
     p.add_argument("model", help="a saved HF model directory (e.g. <run>/final)")
-    p.add_argument("--data", default="shakespeare", help="corpus for perplexity ('shakespeare', .txt/.jsonl, folder)")
+    p.add_argument("--data", default="shakespeare", help="corpus for perplexity ('shakespeare', .txt/.jsonl, folder, hf:NAME[:CONFIG][#COLUMN])")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--seq-len", type=int, help="window length (default: the model's context, at most 256)")
     p.add_argument("--max-windows", type=int, default=256, help="windows evaluated (default 256)")
