@@ -19,7 +19,7 @@ def test_kernel_suites_report_every_case_with_consistent_numbers():
     m = report["machine"]
     assert m["matmul_gflops"] > 0 and m["memory_gbps"] > 0 and m["threads"] >= 1 and m["cpu"]
     cases = [r["case"] for r in report["results"]]
-    assert len(cases) == 3 + 1 + 4  # tree 1x11 x2 token counts + 16x7; train; mgs x3 + one token
+    assert len(cases) == 3 + 1 + 4 + 4  # tree 1x11 x2 token counts + 16x7; train; mgs x3 + one token; union x4
     for r in report["results"]:
         assert r["baseline_ms"] > 0 and r["dynsparse_ms"] > 0
         assert r["ratio"] == pytest.approx(r["baseline_ms"] / r["dynsparse_ms"])
@@ -30,6 +30,12 @@ def test_kernel_suites_report_every_case_with_consistent_numbers():
     assert len(mgs) == 2
     for r in mgs:  # the 90 % sparsity the case claims, for the gate and for the ReLU-skip baseline
         assert 0.05 < r["extra"]["gate_density"] < 0.15 and 0.05 < r["extra"]["relu_density"] < 0.15
+    unions = [r for r in report["results"] if "union path" in r["case"]]
+    assert [r["extra"]["union_size"] for r in unions] == [51, 128, 256, 512]  # 10/25/50/100 % of 512
+    for r in unions:
+        assert r["extra"]["nnz"] == 64 * 51
+        assert r["extra"]["dispatch_picks"] in ("sparse_mlp", "union_sparse_mlp")
+        assert r["extra"]["dispatch_right"] == (r["extra"]["dispatch_picks"] == r["extra"]["faster"])
 
 
 def test_lm_suite_generates():

@@ -26,6 +26,10 @@ class Printer:
         if kernel:
             self.console.print(f"    (numba kernel alone, without the module's Python: {_fmt_ms(kernel)} = "
                                f"{r['baseline_ms'] / kernel:.1f}x)")
+        picked = r["extra"].get("dispatch_picks")
+        if picked:
+            verdict = "the faster one" if r["extra"]["dispatch_right"] else f"but {r['extra']['faster']} is faster"
+            self.console.print(f"    (gated_sparse_mlp picks {picked}: {verdict})")
 
     def finish(self, report: dict) -> None:
         m = report["machine"]

@@ -3,8 +3,8 @@
 * ``SlicedMLP`` (SIBS): a smaller dense MLP over the kept neurons; removed neurons' mean outputs folded
   into fc2's bias (the MSE-best constant for a neuron that is always dropped).
 * ``GatedMLP`` (MGS): a per-token gate picks the neurons to compute. The fast path asks the gate kernel
-  for CSR index lists and runs ``dynsparse.kernels.gated_mlp.gated_sparse_mlp`` (only listed rows of fc1
-  and fc2 are read); ``forward_reference`` is the plain torch definition the fast path is tested against.
+  for CSR index lists (of groups for a grouped gate) and runs ``kernels.grouped_mlp.grouped_sparse_mlp`` or
+  ``kernels.gated_mlp.gated_sparse_mlp`` (only listed rows of fc1 and fc2 are read); ``forward_reference`` is the plain torch definition the fast path is tested against.
 * ``ReLUSkipMLP``: the exact ReLU skip (dense fc1, fc2 only over non-zeros), the zero-loss baseline.
 """
 from __future__ import annotations
@@ -156,12 +156,20 @@ class GatedMLP(nn.Module):
         self._count(int(mask.sum()), mask.numel())
         return y.reshape(*shape[:-1], -1).to(x.dtype)
 
-    def _indices(self, k, x2):
+    def _sparse_forward(self, k, x2):
+        """(y, neurons computed) through the kernels: a grouped gate's lists stay lists of groups and
+        run group by group (``kernels.grouped_mlp``); a low-rank gate's run token by token."""
         if isinstance(self.gate, GroupedGate):
-            return k.grouped_gate_indices(x2, self.gate.G.detach(), self.gate.c.detach(), self.threshold,
-                                          self.gate.group_size)
-        return k.lowrank_gate_indices(x2, self.gate.A.detach(), self.gate.B.detach(), self.gate.c.detach(),
-                                      self.threshold)
+            from ..kernels import grouped_mlp
+
+            indptr, groups = grouped_mlp.grouped_gate_groups(x2, self.gate.G.detach(), self.gate.c.detach(),
+                                                             self.threshold)
+            y = grouped_mlp.grouped_sparse_mlp(x2, self.w1, self.b1, self.w2_t, self.b2, indptr, groups,
+                                               self.gate.group_size, self.act_code)
+            return y, groups.numel() * self.gate.group_size
+        indptr, indices = k.lowrank_gate_indices(x2, self.gate.A.detach(), self.gate.B.detach(), self.gate.c.detach(),
+                                                 self.threshold)
+        return k.gated_sparse_mlp(x2, self.w1, self.b1, self.w2_t, self.b2, indptr, indices, self.act_code), indices.numel()
 
     def forward(self, x):
         k = _kernels() if self.impl != "torch" else None
@@ -173,9 +181,8 @@ class GatedMLP(nn.Module):
             return self.forward_reference(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float().contiguous()
-        indptr, indices = self._indices(k, x2)
-        y = k.gated_sparse_mlp(x2, self.w1, self.b1, self.w2_t, self.b2, indptr, indices, self.act_code)
-        self._count(indices.numel(), x2.shape[0] * self.w1.shape[0])
+        y, computed = self._sparse_forward(k, x2)
+        self._count(computed, x2.shape[0] * self.w1.shape[0])
         return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 

@@ -1,0 +1,212 @@
+"""Group-sparse MLP on CPU: a grouped gate switches blocks of ``group_size`` consecutive neurons, and the
+block runs group by group instead of token by token.
+
+``gated_sparse_mlp`` walks each token's own neuron list, so every token re-reads its neurons' fc1 and
+fc2 rows from L2/L3 (a 256-2048-256 block's weights are 4 MB). Here a thread takes a block of tokens,
+transposes their lists into "tokens per group", and then, for each group, keeps the group's rows in
+L1 while every token that switched it on passes by: four tokens share each load of an fc1 row, and
+each token adds the group's fc2 rows four at a time.
+
+Lists are CSR over groups (``indptr`` int64 (M+1,), ``groups`` int32 (nnz,)), written by
+``grouped_gate_groups`` without a dense mask. The pure-torch reference expands them to neuron lists
+and runs ``sparse_mlp_torch``. Computes in float32; returns x's dtype.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ._common import FAST, NUMBA, as_f32, sync_threads, weight_view
+from .gated_mlp import (
+    _check_act,
+    _check_mlp,
+    _check_x,
+    _opt,
+    _thresholds,
+    _use_numba,
+    sparse_mlp_torch,
+)
+
+if NUMBA:
+    import numba
+    from numba import njit, prange
+
+    from ._common import act as _act
+
+# Below this many multiply-adds the kernel runs on one thread (waking the pool costs more).
+PARALLEL_MIN_WORK = 1 << 21
+
+
+def grouped_gate_groups(x, G, c, threshold):
+    """Active groups per token: group g is on for token m when x[m] @ G[:, g] + c[g] > threshold[g].
+
+    x (M, d), G (d, n_groups), c (n_groups,) or None, threshold scalar or (n_groups,).
+    Returns CSR lists (indptr int64 (M+1,), groups int32 (nnz,)), ascending per token.
+    """
+    if G.dim() != 2:
+        raise ValueError(f"G must be (d, n_groups), got {tuple(G.shape)}")
+    _check_x(x, G.shape[0], "G (d, n_groups)")
+    n_groups = G.shape[1]
+    thr = _thresholds(threshold, n_groups)
+    if c is not None and c.shape != (n_groups,):
+        raise ValueError(f"c must have shape ({n_groups},), got {tuple(c.shape)}")
+    with torch.no_grad():
+        logits = x.float() @ G.float()
+        if c is not None:
+            logits += c.float()
+        on = logits > thr.to(logits.device)
+        indptr = torch.zeros(x.shape[0] + 1, dtype=torch.int64, device=x.device)
+        torch.cumsum(on.sum(1), 0, out=indptr[1:])
+        return indptr, on.nonzero()[:, 1].to(torch.int32)
+
+
+def expand_groups(indptr, groups, group_size: int):
+    """Group lists -> neuron lists (the neurons g*group_size ... (g+1)*group_size-1 of each group)."""
+    counts = (indptr[1:] - indptr[:-1]) * group_size
+    neuron_ptr = torch.zeros_like(indptr)
+    torch.cumsum(counts, 0, out=neuron_ptr[1:])
+    offsets = torch.arange(group_size, dtype=torch.int32, device=groups.device)
+    return neuron_ptr, (groups.unsqueeze(1) * group_size + offsets).reshape(-1)
+
+
+def grouped_sparse_mlp(x, w1, b1, w2_t, b2, indptr, groups, group_size: int, act_code: int):
+    """y[m] = b2 + sum over the neurons j of token m's groups of act(w1[j] . x[m] + b1[j]) * w2_t[j].
+
+    x (M, d), w1 (d_ff, d), b1 (d_ff,) or None, w2_t (d_ff, d_out) contiguous, b2 (d_out,) or None,
+    group CSR lists from ``grouped_gate_groups``; d_ff must be a multiple of group_size.
+    """
+    _check_mlp(x, w1, b1, w2_t, b2)
+    _check_act(act_code)
+    d_ff = w1.shape[0]
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or d_ff % group_size:
+        raise ValueError(f"group_size must be a positive int dividing d_ff={d_ff}, got {group_size!r}")
+    _check_group_csr(indptr, groups, x.shape[0], d_ff // group_size)
+    with torch.no_grad():
+        if not _use_numba(x, w1, w2_t):
+            return sparse_mlp_torch(x, w1, b1, w2_t, b2, *expand_groups(indptr, groups, group_size), act_code)
+        m, d_out = x.shape[0], w2_t.shape[1]
+        y = np.empty((m, d_out), dtype=np.float32)
+        args = (as_f32(x), weight_view(w1), _opt(b1, d_ff), weight_view(w2_t), _opt(b2, d_out), indptr.numpy(),
+                groups.numpy(), group_size, act_code, y)
+        work = groups.numel() * group_size * (x.shape[1] + d_out)
+        if work < PARALLEL_MIN_WORK:
+            _grouped_mlp_block(*args, 0, m)
+        else:
+            sync_threads()
+            _grouped_mlp_parallel(*args, numba.get_num_threads())
+        return torch.from_numpy(y).to(x.dtype)
+
+
+def _check_group_csr(indptr, groups, m: int, n_groups: int) -> None:
+    if indptr.dtype != torch.int64 or indptr.dim() != 1 or indptr.numel() != m + 1:
+        raise ValueError(f"indptr must be int64 of shape ({m + 1},), got {indptr.dtype} {tuple(indptr.shape)}")
+    if groups.dtype != torch.int32 or groups.dim() != 1:
+        raise ValueError(f"groups must be a 1-D int32 tensor, got {groups.dtype} {tuple(groups.shape)}")
+    if int(indptr[0]) != 0 or int(indptr[-1]) != groups.numel() or bool((indptr[1:] < indptr[:-1]).any()):
+        raise ValueError("indptr must start at 0, never decrease and end at len(groups)")
+    if groups.numel() and (int(groups.min()) < 0 or int(groups.max()) >= n_groups):
+        raise ValueError(f"groups must lie in [0, {n_groups})")
+
+
+if NUMBA:
+
+    @njit(inline="always", fastmath=FAST, cache=True)
+    def _dots4(w1, b1, j, x0, x1, x2, x3, act_code):
+        """h[0..3, q] = act(w1[j] . x_t + b1[j]) for four tokens sharing each load of the row."""
+        row = w1[j]
+        z0 = z1 = z2 = z3 = b1[j]
+        for k in range(row.shape[0]):
+            r = row[k]
+            z0 += r * x0[k]
+            z1 += r * x1[k]
+            z2 += r * x2[k]
+            z3 += r * x3[k]
+        return _act(z0, act_code), _act(z1, act_code), _act(z2, act_code), _act(z3, act_code)
+
+    @njit(inline="always", fastmath=FAST, cache=True)
+    def _rows_for_one(w1, b1, base, xi, hi, group_size, act_code):
+        """hi[q] = act(w1[base+q] . xi + b1[base+q]) for one token, four rows sharing each load of xi."""
+        q = 0
+        while q + 4 <= group_size:
+            r0, r1, r2, r3 = w1[base + q], w1[base + q + 1], w1[base + q + 2], w1[base + q + 3]
+            z0, z1, z2, z3 = b1[base + q], b1[base + q + 1], b1[base + q + 2], b1[base + q + 3]
+            for k in range(xi.shape[0]):
+                xk = xi[k]
+                z0 += r0[k] * xk
+                z1 += r1[k] * xk
+                z2 += r2[k] * xk
+                z3 += r3[k] * xk
+            hi[q], hi[q + 1] = _act(z0, act_code), _act(z1, act_code)
+            hi[q + 2], hi[q + 3] = _act(z2, act_code), _act(z3, act_code)
+            q += 4
+        while q < group_size:
+            row = w1[base + q]
+            z = b1[base + q]
+            for k in range(xi.shape[0]):
+                z += row[k] * xi[k]
+            hi[q] = _act(z, act_code)
+            q += 1
+
+    @njit(inline="always", fastmath=FAST, cache=True)
+    def _add_rows(yi, w2_t, base, hi, group_size):
+        """yi += sum_q hi[q] * w2_t[base + q], four rows per pass over yi."""
+        d_out = yi.shape[0]
+        q = 0
+        while q + 4 <= group_size:
+            o0, o1, o2, o3 = w2_t[base + q], w2_t[base + q + 1], w2_t[base + q + 2], w2_t[base + q + 3]
+            c0, c1, c2, c3 = hi[q], hi[q + 1], hi[q + 2], hi[q + 3]
+            for k in range(d_out):
+                yi[k] += c0 * o0[k] + c1 * o1[k] + c2 * o2[k] + c3 * o3[k]
+            q += 4
+        while q < group_size:
+            o0 = w2_t[base + q]
+            c0 = hi[q]
+            for k in range(d_out):
+                yi[k] += c0 * o0[k]
+            q += 1
+
+    @njit(fastmath=FAST, cache=True)
+    def _grouped_mlp_block(x, w1, b1, w2_t, b2, indptr, groups, group_size, act_code, y, i0, i1):
+        """Tokens i0..i1-1: lists transposed to tokens per group, then group by group."""
+        n_groups = w1.shape[0] // group_size
+        for i in range(i0, i1):
+            y[i, :] = b2
+        start = np.zeros(n_groups + 1, dtype=np.int64)
+        for p in range(indptr[i0], indptr[i1]):
+            start[groups[p] + 1] += 1
+        for g in range(n_groups):
+            start[g + 1] += start[g]
+        fill = start[:-1].copy()
+        tokens = np.empty(start[n_groups], dtype=np.int64)
+        for i in range(i0, i1):
+            for p in range(indptr[i], indptr[i + 1]):
+                g = groups[p]
+                tokens[fill[g]] = i
+                fill[g] += 1
+        h = np.empty((4, group_size), dtype=np.float32)
+        for g in range(n_groups):
+            base = g * group_size
+            p, end = start[g], start[g + 1]
+            while p + 4 <= end:
+                t0, t1, t2, t3 = tokens[p], tokens[p + 1], tokens[p + 2], tokens[p + 3]
+                x0, x1, x2, x3 = x[t0], x[t1], x[t2], x[t3]
+                for q in range(group_size):
+                    h[0, q], h[1, q], h[2, q], h[3, q] = _dots4(w1, b1, base + q, x0, x1, x2, x3, act_code)
+                _add_rows(y[t0], w2_t, base, h[0], group_size)
+                _add_rows(y[t1], w2_t, base, h[1], group_size)
+                _add_rows(y[t2], w2_t, base, h[2], group_size)
+                _add_rows(y[t3], w2_t, base, h[3], group_size)
+                p += 4
+            while p < end:
+                t0 = tokens[p]
+                _rows_for_one(w1, b1, base, x[t0], h[0], group_size, act_code)
+                _add_rows(y[t0], w2_t, base, h[0], group_size)
+                p += 1
+
+    @njit(parallel=True, fastmath=FAST, cache=True)
+    def _grouped_mlp_parallel(x, w1, b1, w2_t, b2, indptr, groups, group_size, act_code, y, tasks):
+        m = x.shape[0]
+        step = (m + tasks - 1) // tasks
+        for b in prange(tasks):
+            _grouped_mlp_block(x, w1, b1, w2_t, b2, indptr, groups, group_size, act_code, y,
+                               min(m, b * step), min(m, (b + 1) * step))
