@@ -38,6 +38,7 @@ CASES = [  # trees, depth, d, d_out, tokens
     (1, 11, 24, 16, 130),
     (16, 4, 32, 16, 50),
     (3, 6, 17, 9, 67),
+    (6, 3, 20, 12, 7),  # 3 leftover tokens: four trees at a time, then two one by one
 ]
 
 

@@ -117,9 +117,34 @@ if NUMBA:
             leaf[q] = paths[q, depth]
 
     @njit(inline="always", fastmath=FAST, cache=True)
+    def _walk_trees4(xi, w_in, b_in, w_out, t, depth, act_code, act_on_path, yi, h, paths, coefs, leaf):
+        """One token down trees t..t+3 together: four independent chains of row reads in flight (a
+        lone token in a forest otherwise waits for each level's row before it can ask for the next),
+        and each load of x serves four dot products."""
+        n0 = n1 = n2 = n3 = 0
+        for lev in range(depth + 1):
+            r0, r1, r2, r3 = w_in[t, n0], w_in[t + 1, n1], w_in[t + 2, n2], w_in[t + 3, n3]
+            z0, z1, z2, z3 = b_in[t, n0], b_in[t + 1, n1], b_in[t + 2, n2], b_in[t + 3, n3]
+            for k in range(xi.shape[0]):
+                xk = xi[k]
+                z0 += r0[k] * xk
+                z1 += r1[k] * xk
+                z2 += r2[k] * xk
+                z3 += r3[k] * xk
+            paths[0, lev], paths[1, lev], paths[2, lev], paths[3, lev] = n0, n1, n2, n3
+            coefs[0, lev], coefs[1, lev], coefs[2, lev], coefs[3, lev] = z0, z1, z2, z3
+            n0 = 2 * n0 + 2 if z0 > 0.0 else 2 * n0 + 1
+            n1 = 2 * n1 + 2 if z1 > 0.0 else 2 * n1 + 1
+            n2 = 2 * n2 + 2 if z2 > 0.0 else 2 * n2 + 1
+            n3 = 2 * n3 + 2 if z3 > 0.0 else 2 * n3 + 1
+        for q in range(4):
+            _finish(yi, h[q], t + q, paths[q], coefs[q], w_out, depth, act_code, act_on_path)
+            leaf[q] = paths[q, depth]
+
+    @njit(inline="always", fastmath=FAST, cache=True)
     def _block(x, i0, i1, w_in, b_in, w_out, depth, act_code, act_on_path, y, leaves):
         """Tokens i0..i1-1 through every tree, tree by tree (so a tree's upper levels stay in cache
-        for the whole block): groups of four tokens, then the rest one by one."""
+        for the whole block): groups of four tokens, then the rest one by one, four trees at a time."""
         trees = w_in.shape[0]
         d_out = y.shape[1]
         first_leaf = (1 << depth) - 1
@@ -129,18 +154,24 @@ if NUMBA:
         coefs = np.empty((4, depth + 1), dtype=np.float32)
         for i in range(i0, i1):
             y[i, :] = 0.0
+        full = i0 + (i1 - i0) // 4 * 4
         for t in range(trees):
-            i = i0
-            while i + 4 <= i1:
+            for i in range(i0, full, 4):
                 _walk4(x, i, w_in, b_in, w_out, t, depth, act_code, act_on_path, y, h, paths, coefs, leaf)
                 for q in range(4):
                     leaves[i + q, t] = leaf[q] - first_leaf
-                i += 4
-            while i < i1:
+        for i in range(full, i1):  # the last 0-3 tokens: four trees at a time
+            t = 0
+            while t + 4 <= trees:
+                _walk_trees4(x[i], w_in, b_in, w_out, t, depth, act_code, act_on_path, y[i], h, paths, coefs, leaf)
+                for q in range(4):
+                    leaves[i, t + q] = leaf[q] - first_leaf
+                t += 4
+            while t < trees:
                 leaves[i, t] = _walk1(
                     x[i], w_in, b_in, w_out, t, depth, act_code, act_on_path, y[i], h[0], paths[0], coefs[0]
                 ) - first_leaf
-                i += 1
+                t += 1
 
     @njit(fastmath=FAST, cache=True)
     def _tree_forward_serial(x, w_in, b_in, w_out, depth, act_code, act_on_path, y, leaves):
