@@ -59,9 +59,9 @@ def test_eval_bad_model_dir(tmp_path, capsys):
 
 
 def test_speaker_task_files(tmp_path):
-    d = build_speaker_task(tmp_path, per_play=5)
+    d = build_speaker_task(tmp_path, per_play=5)  # 5 // 4 choices: one question per candidate speaker
     docs = [json.loads(l) for l in (d / "shakespeare_speaker.jsonl").read_text().splitlines()]
-    assert len(docs) == 10 and {doc["play"] for doc in docs} == {"macbeth", "the-tempest"}
+    assert len(docs) == 8 and {doc["play"] for doc in docs} == {"macbeth", "the-tempest"}
     for doc in docs:
         assert len(doc["choices"]) == 4 and 0 <= doc["label"] < 4
         speech = doc["choices"][doc["label"]].split(":\n", 1)[1]

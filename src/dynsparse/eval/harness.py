@@ -17,13 +17,23 @@ from pathlib import Path
 from ..data import shakespeare
 
 SPEAKER_TASK = "shakespeare_speaker"
+SPEAKER_METRICS = ("acc", "acc_norm", "acc_mutual_info")
 
 
-def build_speaker_task(out_dir: Path, n_choices: int = 4, per_play: int = 50, seed: int = 0,
+def build_speaker_task(out_dir: Path, n_choices: int = 4, per_play: int = 48, seed: int = 0,
                        max_chars: int = 160) -> Path:
     """Write ``shakespeare_speaker.jsonl`` + ``.yaml`` into out_dir; returns the directory (an lm-eval
     include path). Choices are the play's ``n_choices`` most frequent speakers; only speeches by one of
-    them are asked about."""
+    them are asked about.
+
+    The questions are balanced so that no strategy blind to the text beats chance (1/n_choices): each
+    candidate speaker is the answer equally often (per_play // n_choices speeches each; otherwise
+    "always the protagonist" scores ~55 %), and the gold position cycles through all n_choices slots
+    with the other names shuffled around it (otherwise the choice order, by frequency, gives the
+    answer's position away). Because every choice holds the same speech, plain ``acc`` mostly
+    compares the names' own likelihoods (names unseen in training are spelled out in many BPE
+    pieces); ``acc_mutual_info`` subtracts each choice's unconditional log-likelihood and so asks how
+    much the preceding speech favours each speaker."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -32,12 +42,20 @@ def build_speaker_task(out_dir: Path, n_choices: int = 4, per_play: int = 50, se
     for play in shakespeare.TEST_PLAYS:
         sp = shakespeare.speeches(files[play].read_text(encoding="utf-8"))
         top = [name for name, _ in Counter(name for name, _ in sp).most_common(n_choices)]
-        candidates = [i for i in range(1, len(sp)) if sp[i][0] in top and len(sp[i][1]) >= 40]
-        for i in sorted(rng.sample(candidates, min(per_play, len(candidates)))):
+        by_speaker = {name: [i for i in range(1, len(sp)) if sp[i][0] == name and len(sp[i][1]) >= 40]
+                      for name in top}
+        per_speaker = min([per_play // n_choices] + [len(v) for v in by_speaker.values()])
+        asked = sorted(i for name in top for i in rng.sample(by_speaker[name], per_speaker))
+        gold_slots = [k % n_choices for k in range(len(asked))]
+        rng.shuffle(gold_slots)
+        for i, slot in zip(asked, gold_slots):
             prev_name, prev = sp[i - 1]
             name, speech = sp[i]
+            others = [c for c in top if c != name]
+            rng.shuffle(others)
+            order = others[:slot] + [name] + others[slot:]
             docs.append({"play": play, "context": f"{prev_name}:\n{prev[:max_chars]}\n\n",
-                         "choices": [f"{c}:\n{speech[:max_chars]}" for c in top], "label": top.index(name)})
+                         "choices": [f"{c}:\n{speech[:max_chars]}" for c in order], "label": slot})
     data = out_dir / f"{SPEAKER_TASK}.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
     yaml_text = (
@@ -53,11 +71,9 @@ def build_speaker_task(out_dir: Path, n_choices: int = 4, per_play: int = 50, se
         'doc_to_target: "{{label}}"\n'
         'target_delimiter: ""\n'
         "metric_list:\n"
-        "  - metric: acc\n"
-        "    aggregation: mean\n"
-        "    higher_is_better: true\n"
-        "metadata:\n"
-        "  version: 1.0\n"
+        + "".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n" for m in SPEAKER_METRICS)
+        + "metadata:\n"
+        "  version: 2.0\n"
     )
     (out_dir / f"{SPEAKER_TASK}.yaml").write_text(yaml_text)
     return out_dir
