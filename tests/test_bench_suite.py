@@ -19,7 +19,7 @@ def test_kernel_suites_report_every_case_with_consistent_numbers():
     m = report["machine"]
     assert m["matmul_gflops"] > 0 and m["memory_gbps"] > 0 and m["threads"] >= 1 and m["cpu"]
     cases = [r["case"] for r in report["results"]]
-    assert len(cases) == 3 + 1 + 4 + 4  # tree 1x11 x2 token counts + 16x7; train; mgs x3 + one token; union x4
+    assert len(cases) == 4 + 1 + 4 + 4  # tree 1x11 x2 token counts + 16x7 + bf16; train; mgs x3 + one token; union x4
     for r in report["results"]:
         assert r["baseline_ms"] > 0 and r["dynsparse_ms"] > 0
         assert r["ratio"] == pytest.approx(r["baseline_ms"] / r["dynsparse_ms"])

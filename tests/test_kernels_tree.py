@@ -98,3 +98,17 @@ def test_bf16_and_non_contiguous_inputs():
     y_c, _ = tree_forward_kernel(xt.contiguous(), w_in2, b_in2, w_out2, 3, 0, False)
     assert torch.equal(y_nc, y_c)
 
+
+
+@pytest.mark.parametrize("act_position", ["node", "path"])
+def test_bf16_weight_tables_are_read_exactly(act_position):
+    """bf16 tables are widened in registers, so the kernel equals the fp32 kernel on the same values."""
+    w_in, b_in, w_out = (t.bfloat16() for t in _params(5, 6, 40, 24, True, 11))
+    x = torch.randn(37, 40, generator=torch.Generator().manual_seed(12))
+    path = act_position == "path"
+    y16, l16 = tree_forward_kernel(x, w_in, b_in, w_out, 6, 0, path)
+    y32, l32 = tree_forward_kernel(x, w_in.float(), b_in.float(), w_out.float(), 6, 0, path)
+    clear = _margin(x, w_in.float(), b_in.float(), 6) > 1e-4
+    assert clear.float().mean() > 0.9
+    assert torch.equal(l16[clear], l32[clear])
+    assert torch.allclose(y16[clear], y32[clear], rtol=1e-5, atol=1e-6)

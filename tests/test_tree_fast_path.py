@@ -4,7 +4,7 @@ import io
 
 import pytest
 import torch
-from tree_helpers import unambiguous_inputs
+from tree_helpers import routing_margin, unambiguous_inputs
 
 from dynsparse import TreeFF
 from dynsparse.kernels import numba_available
@@ -119,3 +119,19 @@ def test_cached_views_stay_out_of_saved_state():
     with torch.no_grad():
         x = torch.randn(4, 24)
         assert torch.equal(clone(x), layer(x))
+
+
+def test_bf16_layer_takes_the_fast_path_and_matches_fp32():
+    layer16 = _layer().bfloat16()
+    ref32 = copy.deepcopy(layer16).float()  # the same (bf16-representable) weights in fp32
+    x = unambiguous_inputs(ref32, 64, torch.Generator().manual_seed(5)).bfloat16()
+    x = x[routing_margin(ref32, x.float()) > 1e-4][:32]  # still clear of ties after rounding to bf16
+    with torch.no_grad():
+        assert layer16._fast_path_applies(x)
+        y16 = layer16(x)
+        want = ref32(x.float())
+        assert y16.dtype == torch.bfloat16
+        assert torch.allclose(y16.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+        assert torch.equal(y16, _general(layer16, x))
+        layer16.b_in.add_(1.0)  # the bf16 bias is copied to fp32: an in-place update must still be seen
+        assert torch.equal(layer16(x), _general(layer16, x))

@@ -128,11 +128,32 @@ def tree_inference(s: Settings, depth: int, trees: int, m: int, target: float | 
     )
 
 
+def tree_bf16(s: Settings, m: int) -> Result:
+    """bf16 weight tables (read as bf16, widened in registers) against the dense MLP in bf16, with the
+    same layer's fp32 time beside it: whether halving the bytes pays on this CPU."""
+    torch.manual_seed(s.seed)
+    d, d_ff = s.d_model, s.d_ff
+    layer = TreeFF(d, 11).eval()
+    mlp = gelu_mlp(d, d_ff).eval().bfloat16()
+    x = torch.randn(m, d)
+    with torch.no_grad():
+        fp32 = _time(lambda: layer(x), s)
+        layer.bfloat16()
+        x16 = x.bfloat16()
+        base = _time(lambda: mlp(x16), s)
+        ours = _time(lambda: layer(x16), s)
+    bflops, bbytes = _dense_cost(m, d, d_ff)
+    return Result(f"tree 1x11 inference, {m} tokens, bf16 weights", f"GELU MLP {d}-{d_ff}-{d} in bf16", base, ours,
+                  None, m * layer.flops_per_token, 0.0, bflops, bbytes / 2,
+                  {"fp32_tree_ms": fp32, "bf16_over_fp32_speedup": fp32 / ours})
+
+
 def tree_cases(s: Settings) -> list[Result]:
     out = []
     for m in s.tree_tokens:
         out.append(tree_inference(s, 11, 1, m, 150.0 if m <= 16 else 100.0))
     out.append(tree_inference(s, 7, 16, s.forest_tokens, 15.0))
+    out.append(tree_bf16(s, s.tree_tokens[-1]))
     return out
 
 

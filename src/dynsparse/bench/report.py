@@ -26,6 +26,10 @@ class Printer:
         if kernel:
             self.console.print(f"    (numba kernel alone, without the module's Python: {_fmt_ms(kernel)} = "
                                f"{r['baseline_ms'] / kernel:.1f}x)")
+        fp32 = r["extra"].get("fp32_tree_ms")
+        if fp32:
+            self.console.print(f"    (the same layer in fp32: {_fmt_ms(fp32)}; bf16 weights are "
+                               f"{r['extra']['bf16_over_fp32_speedup']:.2f}x as fast)")
         picked = r["extra"].get("dispatch_picks")
         if picked:
             verdict = "the faster one" if r["extra"]["dispatch_right"] else f"but {r['extra']['faster']} is faster"

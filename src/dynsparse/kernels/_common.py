@@ -47,6 +47,15 @@ def sync_threads() -> None:
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
 
 
+def bf16_bits(t: torch.Tensor) -> np.ndarray:
+    """A bfloat16 tensor's raw bits as a zero-copy uint16 numpy view (numpy has no bfloat16); the
+    kernels widen each element to float32 with ``load`` as they read it."""
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
 def as_f32(t: torch.Tensor) -> np.ndarray:
     """A contiguous float32 numpy view (no copy when t already is one)."""
     t = t.detach()
@@ -75,8 +84,36 @@ def weight_view(t: torch.Tensor) -> np.ndarray:
     return arr
 
 
+def weight_table(t: torch.Tensor) -> np.ndarray:
+    """The tree kernel's view of a weight table: bfloat16 bits stay bfloat16 (half the bytes to read;
+    the kernel widens them), anything else is weight_view's float32."""
+    if t.dtype == torch.bfloat16:
+        return bf16_bits(t)
+    return weight_view(t)
+
+
 if NUMBA:
-    from numba import prange
+    from llvmlite import ir
+    from numba import prange, types
+    from numba.extending import intrinsic, overload
+
+    @intrinsic
+    def _f32_from_bits(typingctx, bits):
+        """Reinterpret a uint32 as float32 (one LLVM bitcast; vectorizes with the loop around it)."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.FloatType())
+
+        return types.float32(types.uint32), codegen
+
+    def load(a, i):
+        """a[i] as float32 where a holds float32 or bfloat16 bits (uint16): bf16 is the upper half of
+        an fp32, so widening is a 16-bit shift."""
+
+    @overload(load, inline="always")
+    def _load(a, i):
+        if a.dtype == types.uint16:
+            return lambda a, i: _f32_from_bits(np.uint32(np.uint32(a[i]) << np.uint32(16)))
+        return lambda a, i: a[i]
 
     @njit(parallel=True, cache=True)
     def _start_pool(a):

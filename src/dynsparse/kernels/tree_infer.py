@@ -16,13 +16,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._common import FAST, NUMBA, as_f32, sync_threads, weight_view
+from ._common import FAST, NUMBA, as_f32, sync_threads, weight_table, weight_view
 
 if NUMBA:
     import numba
     from numba import njit, prange
 
     from ._common import act as _act
+    from ._common import load
 
 # Below this many multiply-adds (~0.1-0.2 ms on one core) the serial kernel runs: waking the
 # thread pool costs ~10-50 us on an idle machine and far more when other processes hold the cores.
@@ -41,13 +42,13 @@ if NUMBA:
             o0, o1, o2, o3 = w_out[t, path[lev]], w_out[t, path[lev + 1]], w_out[t, path[lev + 2]], w_out[t, path[lev + 3]]
             c0, c1, c2, c3 = coef[lev], coef[lev + 1], coef[lev + 2], coef[lev + 3]
             for j in range(d_out):
-                acc[j] += c0 * o0[j] + c1 * o1[j] + c2 * o2[j] + c3 * o3[j]
+                acc[j] += c0 * load(o0, j) + c1 * load(o1, j) + c2 * load(o2, j) + c3 * load(o3, j)
             lev += 4
         while lev < length:
             o0 = w_out[t, path[lev]]
             c0 = coef[lev]
             for j in range(d_out):
-                acc[j] += c0 * o0[j]
+                acc[j] += c0 * load(o0, j)
             lev += 1
 
     @njit(inline="always", fastmath=FAST, cache=True)
@@ -73,7 +74,7 @@ if NUMBA:
             row = w_in[t, node]
             z = b_in[t, node]
             for k in range(d):
-                z += row[k] * xi[k]
+                z += load(row, k) * xi[k]
             path[lev] = node
             coef[lev] = z
             node = 2 * node + 2 if z > 0.0 else 2 * node + 1
@@ -93,7 +94,7 @@ if NUMBA:
                 b = b_in[t, n0]
                 z0, z1, z2, z3 = b, b, b, b
                 for k in range(d):
-                    r = row[k]
+                    r = load(row, k)
                     z0 += r * x0[k]
                     z1 += r * x1[k]
                     z2 += r * x2[k]
@@ -102,10 +103,10 @@ if NUMBA:
                 r0, r1, r2, r3 = w_in[t, n0], w_in[t, n1], w_in[t, n2], w_in[t, n3]
                 z0, z1, z2, z3 = b_in[t, n0], b_in[t, n1], b_in[t, n2], b_in[t, n3]
                 for k in range(d):
-                    z0 += r0[k] * x0[k]
-                    z1 += r1[k] * x1[k]
-                    z2 += r2[k] * x2[k]
-                    z3 += r3[k] * x3[k]
+                    z0 += load(r0, k) * x0[k]
+                    z1 += load(r1, k) * x1[k]
+                    z2 += load(r2, k) * x2[k]
+                    z3 += load(r3, k) * x3[k]
             paths[0, lev], paths[1, lev], paths[2, lev], paths[3, lev] = n0, n1, n2, n3
             coefs[0, lev], coefs[1, lev], coefs[2, lev], coefs[3, lev] = z0, z1, z2, z3
             n0 = 2 * n0 + 2 if z0 > 0.0 else 2 * n0 + 1
@@ -127,10 +128,10 @@ if NUMBA:
             z0, z1, z2, z3 = b_in[t, n0], b_in[t + 1, n1], b_in[t + 2, n2], b_in[t + 3, n3]
             for k in range(xi.shape[0]):
                 xk = xi[k]
-                z0 += r0[k] * xk
-                z1 += r1[k] * xk
-                z2 += r2[k] * xk
-                z3 += r3[k] * xk
+                z0 += load(r0, k) * xk
+                z1 += load(r1, k) * xk
+                z2 += load(r2, k) * xk
+                z3 += load(r3, k) * xk
             paths[0, lev], paths[1, lev], paths[2, lev], paths[3, lev] = n0, n1, n2, n3
             coefs[0, lev], coefs[1, lev], coefs[2, lev], coefs[3, lev] = z0, z1, z2, z3
             n0 = 2 * n0 + 2 if z0 > 0.0 else 2 * n0 + 1
@@ -204,6 +205,9 @@ def run_tree_kernel(x, w_in, b_in, w_out, depth, act_code, act_on_path, y, leave
 def tree_forward_kernel(x, w_in, b_in, w_out, depth, act_code, act_on_path):
     """x: (M, d) -> (y (M, d_out), leaves (M, T) int64), computed in fp32 and returned in x's dtype.
 
+    bfloat16 weight tables are read as bfloat16 (half the memory traffic) and widened in registers;
+    other dtypes are converted to float32.
+
     Routing uses SIMD partial sums, so a token whose |z| at some node is within float rounding of 0
     may turn differently than a sequential sum would; any such token is a tie under either order.
     """
@@ -213,7 +217,7 @@ def tree_forward_kernel(x, w_in, b_in, w_out, depth, act_code, act_on_path):
         raise RuntimeError(f"impl='kernel' runs on CPU tensors only, got {x.device}")
     trees, nodes, _ = w_in.shape
     xf = as_f32(x)
-    wi, wo = weight_view(w_in), weight_view(w_out)
+    wi, wo = weight_table(w_in), weight_table(w_out)
     bi = weight_view(b_in) if b_in is not None else np.zeros((trees, nodes), dtype=np.float32)
     m = xf.shape[0]
     y = np.empty((m, wo.shape[-1]), dtype=np.float32)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..kernels import numba_available, tree_forward_kernel
-from ..kernels._common import as_f32
+from ..kernels._common import as_f32, weight_table
 from ..kernels.tree_infer import run_tree_kernel
 from .activations import ACTIVATION_CODES, get_activation
 from .gather import tree_ff_gather
@@ -173,42 +173,45 @@ class TreeFF(nn.Module):
 
     # ------------------------------------------------------------------ inference fast path
     def _fast_path_applies(self, x) -> bool:
-        """The common inference call (fp32 CPU tensor, no grad, no autocast, no checks) skips the
-        general path's Python: at one token per call (generation) that Python cost several times
-        the kernel's ~4 us. Any other call takes the general path. (Parameters are read from
-        ``_parameters`` directly: nn.Module's attribute lookup costs ~1 us each.)"""
+        """The common inference call (fp32 or bf16 CPU tensor in the layer's dtype, no grad, no
+        autocast, no checks) skips the general path's Python: at one token per call (generation)
+        that Python cost several times the kernel's ~4 us. Any other call takes the general path.
+        (Parameters are read from ``_parameters`` directly: nn.Module's attribute lookup costs ~1 us.)"""
         return (
             _NUMBA
             and not self.training
             and not torch.is_grad_enabled()
             and type(x) is torch.Tensor
-            and x.dtype is torch.float32
+            and (x.dtype is torch.float32 or x.dtype is torch.bfloat16)
             and x.is_cpu
             and not x.requires_grad
             and x.dim() >= 1
             and x.shape[-1] == self.d_model
             and (self.impl is None or self.impl == "kernel")
             and not self.check_finite
-            and self._parameters["w_in"].dtype is torch.float32
+            and self._parameters["w_in"].dtype is x.dtype
             and not torch.is_autocast_enabled("cpu")
         )
 
     def _kernel_views(self):
-        """Zero-copy float32 views of the weights, rebuilt only when a parameter's storage changes
-        (in-place updates are seen through the views; a view keeps its storage alive, so an equal
-        data pointer means the same storage)."""
+        """The weights as the kernel reads them (zero-copy float32 views, or bfloat16 bits), rebuilt
+        only when a parameter's storage changes: in-place updates are seen through the views, and a
+        view keeps its storage alive, so an equal data pointer means the same storage. A bfloat16
+        bias is copied to float32, so its version counter is part of the key."""
         params = self._parameters
         w_in, b_in, w_out = params["w_in"], params.get("b_in"), params["w_out"]
-        ptrs = (w_in.data_ptr(), w_out.data_ptr(), None if b_in is None else b_in.data_ptr())
+        key = (w_in.data_ptr(), w_out.data_ptr(), None if b_in is None else (b_in.data_ptr(), b_in._version))
         entry = _KERNEL_VIEWS.get(self)
-        if entry is None or entry[0] != ptrs:
+        if entry is None or entry[0] != key:
             b_view = as_f32(b_in) if b_in is not None else np.zeros((self.trees, self.nodes), np.float32)
-            entry = (ptrs, (as_f32(w_in), b_view, as_f32(w_out)))
+            entry = (key, (weight_table(w_in), b_view, weight_table(w_out)))
             _KERNEL_VIEWS[self] = entry
         return entry[1]
 
     def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, self.d_model)
+        if x2.dtype is not torch.float32:
+            x2 = x2.float()
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         m = x2.shape[0]
@@ -220,6 +223,8 @@ class TreeFF(nn.Module):
         if self._tracking:
             self._count(torch.from_numpy(leaves))
         out = torch.from_numpy(y)
+        if x.dtype is not torch.float32:
+            out = out.to(x.dtype)
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.d_out)
 
     def _count(self, leaves: torch.Tensor) -> None:
