@@ -103,3 +103,20 @@ def test_unknown_dataset_offline_is_one_line_cli_error(tmp_path, capsys):
     assert "'no_such_dataset_zz'" in err and "connection" in err and "hf:/path/to/dir" in err
     with pytest.raises(FileNotFoundError, match="local dataset directory not found"):
         text_source(f"hf:{tmp_path / 'missing'}")
+
+
+def test_hub_name_and_config_reach_load_dataset(tmp_path, monkeypatch):
+    """The online path, without the network: the Hub's train/validation/test splits are used as they are."""
+    calls = []
+    splits = {s: datasets.Dataset.from_dict({"text": _texts(s, 50)}) for s in ("train", "validation", "test")}
+
+    def fake_load_dataset(name, config=None):
+        calls.append((name, config))
+        return datasets.DatasetDict(splits)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    src = text_source("hf:wikitext:wikitext-2-raw-v1")
+    assert calls == [("wikitext", "wikitext-2-raw-v1")] and src.name == "hf:wikitext:wikitext-2-raw-v1"
+    assert {s: _lines(src.blocks(s)) for s in ("train", "val", "test")} == {
+        "train": set(_texts("train", 50)), "val": set(_texts("validation", 50)), "test": set(_texts("test", 50))}
+    assert len(src.fingerprint) == 16

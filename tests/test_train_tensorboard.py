@@ -2,8 +2,7 @@
 after a resume, --no-tensorboard, and a one-line notice when the package is missing."""
 import pytest
 
-from dynsparse.train import TrainConfig, train
-from dynsparse.train import tensorboard_log
+from dynsparse.train import TrainConfig, tensorboard_log, train
 from dynsparse.train.telemetry import read_jsonl
 
 CORPUS = "".join(f"{i} the king and the queen walked to the {['castle', 'sea', 'hill'][i % 3]}.\n" for i in range(600))
