@@ -8,6 +8,7 @@ from .gated_mlp import (
     sparse_mlp,
     union_sparse_mlp,
 )
+from .grouped_mlp import grouped_gate_groups, grouped_sparse_mlp
 from .tree_infer import tree_forward_kernel
 
 __all__ = [
@@ -19,4 +20,6 @@ __all__ = [
     "union_sparse_mlp",
     "relu_skip_mlp",
     "gated_sparse_mlp",
+    "grouped_gate_groups",
+    "grouped_sparse_mlp",
 ]
