@@ -59,6 +59,7 @@ class TrainConfig:
     # they may get their own learning-rate multiplier and weight decay (None: the same as the rest).
     tree_lr_scale: float = 1.0
     tree_weight_decay: float | None = None
+    tree_balance_rate: float = 0.0  # > 0: loss-free routing balance of the node biases (train/balance.py)
     grad_clip: float = 1.0
     dtype: str = "fp32"
     seed: int = 0
@@ -98,6 +99,10 @@ class TrainConfig:
             raise ValueError("need warmup_steps >= 0, lr > 0 and 0 <= min_lr_ratio <= 1")
         if not self.tree_lr_scale > 0:
             raise ValueError(f"tree_lr_scale must be > 0, got {self.tree_lr_scale!r}")
+        if not self.tree_balance_rate >= 0:
+            raise ValueError(f"tree_balance_rate must be >= 0, got {self.tree_balance_rate!r}")
+        if self.tree_balance_rate > 0 and self.fsdp:
+            raise ValueError("tree_balance_rate is not supported with fsdp (sharded biases); use DDP")
         if self.weight_decay < 0 or (self.tree_weight_decay is not None and self.tree_weight_decay < 0):
             raise ValueError("weight_decay and tree_weight_decay must be >= 0")
 

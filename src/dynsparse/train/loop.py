@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..data import eval_windows, prepare_tokens, sample_windows, text_source
 from ..lm import DynSparseLMForCausalLM
 from . import distributed, telemetry
+from .balance import RoutingBalancer
 from .checkpoint import (CheckpointError, check_model_state, list_checkpoints, load_checkpoint, save_checkpoint,
                          set_rng_state)
 from .config import TrainConfig, diff_configs
@@ -210,6 +211,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
     if start >= cfg.max_steps and (run / "final").exists():
         return json.loads((run / "final" / "metrics.json").read_text())
 
+    balancer = RoutingBalancer(model, cfg.tree_balance_rate) if cfg.tree_balance_rate > 0 else None
+
     # ---- the loop
     per_rank = cfg.batch_size // d.world
     if per_rank * d.world != cfg.batch_size or per_rank % cfg.grad_accum:
@@ -243,6 +246,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if balancer is not None:
+            balancer.step()
         done = step + 1
         tokens_seen += cfg.batch_size * cfg.seq_len
         train_time += time.perf_counter() - t0
@@ -255,6 +260,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
         if cfg.telemetry and telemetry.tree_layers(model) and done % cfg.telemetry_every == 0:
             t1 = time.perf_counter()
             record = telemetry.snapshot(model, done)
+            if balancer is not None:
+                balancer.rebase()  # the snapshot reset the routing counters
             if d.main:
                 telemetry.append_jsonl(run / "telemetry.jsonl", record)
                 tb.telemetry(record)
