@@ -18,6 +18,7 @@ def test_kernel_suites_report_every_case_with_consistent_numbers():
     assert report["errors"] == {}
     m = report["machine"]
     assert m["matmul_gflops"] > 0 and m["memory_gbps"] > 0 and m["threads"] >= 1 and m["cpu"]
+    assert m["gather_ceiling_gflops"] > 0
     cases = [r["case"] for r in report["results"]]
     assert len(cases) == 4 + 1 + 4 + 4  # tree 1x11 x2 token counts + 16x7 + bf16; train; mgs x3 + one token; union x4
     for r in report["results"]:

@@ -47,7 +47,8 @@ class Printer:
                           f"{r['baseline_gflops']:.1f}")
         self.console.print(table)
         self.console.print(f"machine peaks (same run): matmul {m['matmul_gflops']:.1f} GFLOP/s, "
-                           f"memory copy {m['memory_gbps']:.1f} GB/s; total {report['seconds']:.0f} s")
+                           f"memory copy {m['memory_gbps']:.1f} GB/s, row-gather ceiling (numba dot+axpy on "
+                           f"L1-resident rows) {m['gather_ceiling_gflops']:.1f} GFLOP/s; total {report['seconds']:.0f} s")
         load = m.get("load_average_1min")
         if load is not None and m.get("cores") and load > m["cores"]:
             self.console.print(f"[yellow]warning: load average {load:.1f} on {m['cores']} cores when the run began: "

@@ -9,6 +9,7 @@ import torch
 from ..kernels import numba_available
 from ..kernels._common import sync_threads
 from .cases import SUITES, Settings
+from ..kernels.yardstick import gather_ceiling_gflops
 from .timing import cpu_name, matmul_gflops, memory_gbps
 
 
@@ -32,6 +33,8 @@ def run_suites(names: list[str], settings: Settings | None = None, on_result=Non
         "numba": numba_available(),
         "matmul_gflops": matmul_gflops(s.peak_matmul_n),
         "memory_gbps": memory_gbps(s.peak_megabytes),
+        # the sparse kernels' own speed-of-light: numba dot + axpy on rows already in L1
+        "gather_ceiling_gflops": gather_ceiling_gflops(torch.get_num_threads(), s.d_model),
     }
     results, errors = [], {}
     for name in names:
