@@ -84,7 +84,11 @@ def run(args) -> int:
     flat = {"data": tree_cfg.data, "preset": tree_cfg.preset, "d_model": arch.hidden_size,
             "layers": arch.num_hidden_layers, "dense FF width": arch.intermediate_size, "tree": f"depth {tree_cfg.depth}, {tree_cfg.trees} trees, "
             f"{tree_cfg.activation} per {tree_cfg.act_position}", "steps": tree_cfg.max_steps,
-            "batch x seq": f"{tree_cfg.batch_size} x {tree_cfg.seq_len}", "lr": tree_cfg.lr, "seed": tree_cfg.seed,
+            "batch x seq": f"{tree_cfg.batch_size} x {tree_cfg.seq_len}", "lr": tree_cfg.lr,
+            "warmup steps": tree_cfg.warmup_steps, "weight decay": tree_cfg.weight_decay,
+            "tree tables: lr x": tree_cfg.tree_lr_scale, "tree tables: weight decay":
+            tree_cfg.weight_decay if tree_cfg.tree_weight_decay is None else tree_cfg.tree_weight_decay,
+            "tree w_out init": tree_cfg.tree_out_init, "seed": tree_cfg.seed,
             "tree training path": tree_cfg.tree_impl or "layer default", "threads": args.threads,
             "val_tokens": results["tree"]["val_tokens"]}
     command = "dynsparse " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["compare"] else "dynsparse compare"
