@@ -17,6 +17,11 @@ The paper does not publish the gate, loss or thresholds; our choices:
   keeps ``target_recall`` of the truly active (token, neuron) pairs, or that gates off ``target_sparsity``
   of all pairs.
 * Compensation (smooth activations only): a gated-off neuron contributes E[a | a <= 0] instead of 0.
+* Neuron order (grouped gates, ``reorder``): a group is "on" when any of its neurons is, and consecutive
+  neurons of a pretrained MLP are unrelated; so the hidden neurons are first permuted so that neurons
+  that fire together on the training rows share a group (``gating.reorder``). The permutation is stored
+  with the gate (``perm``) and applied to fc1 rows, b1, fc2 columns and the compensation when the
+  block is built: the dense function is unchanged, the gate sees the permuted layout.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 from ..mlps import MLPBlock
 from .modules import GatedMLP, GroupedGate, LowRankGate
 from .record import LayerStats
+from .reorder import check_permutation, coactivation_permutation, group_density, permute_mlp
 
 
 @dataclass
@@ -46,6 +52,7 @@ class MGSConfig:
     max_samples: int = 16384  # rows per layer kept for gate training (reservoir sample)
     min_samples: int = 64
     compensate: bool = True  # only changes smooth activations
+    reorder: bool | None = None  # grouped gates: permute neurons so co-active ones share a group (None: True)
     seed: int = 0
 
     def __post_init__(self):
@@ -63,6 +70,10 @@ class MGSConfig:
             raise ValueError(f"holdout is the share of calibration rows kept for thresholds, in (0, 1); got {self.holdout}")
         if self.rank < 1 or self.group_size < 1:
             raise ValueError("rank and group_size must be >= 1")
+        if self.reorder is None:
+            self.reorder = self.gate == "grouped"
+        elif self.reorder and self.gate != "grouped":
+            raise ValueError("reorder=True applies to grouped gates only (a low-rank gate is per neuron)")
 
 
 def _init_lowrank(gate: LowRankGate, w1, b1, x) -> None:
@@ -130,16 +141,31 @@ def calibrate_threshold(gate, x_hold: torch.Tensor, active_hold: torch.Tensor, t
             "gate_flops_per_token": gate.flops_per_token,
             "mlp_flops_per_token": 4 * x_hold.shape[1] * d_ff,
         }
+        if isinstance(gate, GroupedGate):  # what a perfect gate of this layout would compute
+            report["natural_group_density"] = group_density(active_hold, gate.group_size)
     return torch.tensor(thr), report
 
 
-def train_gate(block: MLPBlock, stats: LayerStats, cfg: MGSConfig):
-    """(gate, threshold, report) for one block from its recorded samples."""
+def neuron_order(stats: LayerStats, cfg: MGSConfig) -> torch.Tensor | None:
+    """The grouped gate's neuron permutation from the training rows (never the held-out ones), or None."""
+    if cfg.gate != "grouped" or not cfg.reorder:
+        return None
+    _, train = _split(stats.samples_x.shape[0], cfg)
+    return coactivation_permutation(stats.samples_active[train], cfg.group_size, seed=cfg.seed)
+
+
+def train_gate(block: MLPBlock, stats: LayerStats, cfg: MGSConfig, perm: torch.Tensor | None = None):
+    """(gate, threshold, report) for one block from its recorded samples; with ``perm`` the gate is
+    trained for the block with its hidden neurons laid out as ``perm`` (see ``gating.reorder``)."""
     if stats.samples_x is None or stats.samples_x.shape[0] < cfg.min_samples:
         n = 0 if stats.samples_x is None else stats.samples_x.shape[0]
         raise ValueError(f"{block.name}: {n} recorded calibration rows, need >= {cfg.min_samples} to train a gate")
     w1, b1, _, _ = (t.detach().float() if t is not None else None for t in block.linear_weights())
     x, active = stats.samples_x, stats.samples_active
+    if perm is not None:
+        perm = check_permutation(perm, stats.d_ff)
+        w1, b1 = w1[perm], None if b1 is None else b1[perm]
+        active = active[:, perm]
     hold, train = _split(x.shape[0], cfg)
     g = torch.Generator().manual_seed(cfg.seed)
     d, d_ff = stats.d_model, stats.d_ff
@@ -180,21 +206,33 @@ def recalibrate_(gates, stats: dict[str, LayerStats], target_recall: float | Non
                  target_sparsity: float | None = None) -> None:
     """Re-set every layer's threshold of an MGS GateSet for a new target (same held-out rows, no retraining):
     how the sparsity sweeps reuse one trained gate per layer."""
-    cfg = MGSConfig(**{**gates.config, "target_recall": target_recall, "target_sparsity": target_sparsity})
+    # gate files written before neuron reordering existed have no "reorder" entry and no permutation
+    cfg = MGSConfig(**{"reorder": False, **gates.config, "target_recall": target_recall,
+                       "target_sparsity": target_sparsity})
     for name, ts in gates.tensors.items():
         s, info = stats[name], gates.layers[name]
         hold, _ = _split(s.samples_x.shape[0], cfg)
         gate = gate_from_tensors(ts, info["d_model"], info["d_ff"])
-        thr, report = calibrate_threshold(gate, s.samples_x[hold], s.samples_active[hold], target_recall, target_sparsity)
+        active = s.samples_active[hold]
+        if "perm" in ts:
+            active = active[:, check_permutation(ts["perm"], info["d_ff"])]
+        thr, report = calibrate_threshold(gate, s.samples_x[hold], active, target_recall, target_sparsity)
         ts["threshold"] = thr.reshape(())
         gates.report[name] = {**gates.report[name], **report}
     gates.config = dataclasses.asdict(cfg)
 
 
 def mgs_tensors(block: MLPBlock, stats: LayerStats, cfg: MGSConfig):
-    gate, thr, report = train_gate(block, stats, cfg)
+    """The tensors saved per block: gate.*, threshold, optional perm (grouped gates' neuron order) and
+    compensation (per neuron, in the model's own neuron order like everything but the gate)."""
+    perm = neuron_order(stats, cfg) if stats.samples_x is not None else None
+    gate, thr, report = train_gate(block, stats, cfg, perm)
     t = {f"gate.{k}": v.detach().clone() for k, v in gate.state_dict().items()}
     t["threshold"] = thr.reshape(())
+    if perm is not None:
+        t["perm"] = perm
+        hold, _ = _split(stats.samples_x.shape[0], cfg)
+        report["natural_group_density_unordered"] = group_density(stats.samples_active[hold], cfg.group_size)
     if cfg.compensate and stats.activation != "relu":
         t["compensation"] = stats.mean_inactive_activation.float()
     return t, report
@@ -203,5 +241,12 @@ def mgs_tensors(block: MLPBlock, stats: LayerStats, cfg: MGSConfig):
 def build_gated(block: MLPBlock, tensors: dict[str, torch.Tensor], activation: str, impl=None) -> GatedMLP:
     w1, b1, w2, b2 = block.linear_weights()
     gate = gate_from_tensors(tensors, block.d_model, block.d_ff)
-    return GatedMLP(w1, b1, w2, b2, gate, tensors["threshold"], activation, tensors.get("compensation"), impl=impl,
+    comp = tensors.get("compensation")
+    if "perm" in tensors:  # the gate's neuron layout; same function, neurons in another order
+        if not isinstance(gate, GroupedGate):
+            raise ValueError(f"{block.name}: gate tensors hold a neuron permutation but not a grouped gate")
+        perm = check_permutation(tensors["perm"], block.d_ff)
+        w1, b1, w2 = permute_mlp(w1, b1, w2, perm)
+        comp = None if comp is None else comp[perm]
+    return GatedMLP(w1, b1, w2, b2, gate, tensors["threshold"], activation, comp, impl=impl,
                     act=block.act if callable(block.act) else None)
