@@ -9,9 +9,11 @@ together) but lets groups be chosen so that their members' firing patterns overl
 The objective is the *group density*: the share of (token, group) pairs with at least one active neuron,
 i.e. what a perfect grouped gate must compute. We minimise it with balanced k-means on the neurons'
 binary firing patterns over calibration tokens (squared distance between 0/1 patterns = Hamming
-distance): start from neurons sorted by the leading principal component of their patterns, cut into
-equal groups; then alternate centroids and a greedy capacity-limited assignment (most decided neurons
-pick first), keeping the grouping with the lowest group density seen. Deterministic for a given input.
+distance), from two starts: neurons sorted by the leading principal component of their patterns and cut
+into equal groups, and greedy nearest-neighbour groups (the most often firing free neuron with its
+nearest free neighbours). Each start alternates centroids and a capacity-limited assignment (most
+decided neurons pick first); the grouping with the lowest group density seen wins (the identity order
+is a candidate too). Deterministic for a given input.
 """
 from __future__ import annotations
 
@@ -62,6 +64,48 @@ def _balanced_assign(dist: np.ndarray, group_size: int) -> np.ndarray:
     return labels
 
 
+def _greedy_groups(x: torch.Tensor, group_size: int) -> np.ndarray:
+    """Group labels built one group at a time: the most often firing unassigned neuron and its
+    group_size - 1 nearest unassigned neurons (Hamming distance of the patterns ``x`` (d_ff, n))."""
+    d_ff = x.shape[0]
+    freq = x.sum(1)
+    dist = (freq[:, None] + freq[None, :] - 2 * (x @ x.t())).numpy().astype(np.float64)
+    order = np.lexsort((np.arange(d_ff), -freq.numpy()))
+    free = np.ones(d_ff, dtype=bool)
+    labels = np.empty(d_ff, dtype=np.int64)
+    g = 0
+    for seed in order:
+        if not free[seed]:
+            continue
+        free[seed] = False
+        cand = np.flatnonzero(free)
+        near = cand[np.lexsort((cand, dist[seed, cand]))[:group_size - 1]]
+        labels[seed] = g
+        labels[near] = g
+        free[near] = False
+        g += 1
+    return labels
+
+
+def _kmeans(x: torch.Tensor, active: torch.Tensor, labels: np.ndarray, group_size: int, iters: int):
+    """Balanced k-means from ``labels``: (best permutation seen, its group density)."""
+    k = x.shape[0] // group_size
+    best_perm, best = None, float("inf")
+    for _ in range(iters + 1):
+        perm = _perm_from_labels(labels)
+        dens = group_density(active, group_size, perm)
+        if dens < best - 1e-12:
+            best_perm, best = perm, dens
+        lab = torch.from_numpy(labels)
+        cent = torch.zeros(k, x.shape[1]).index_add_(0, lab, x) / group_size  # (k, n)
+        dist = ((cent * cent).sum(1) - 2 * (x @ cent.t())).numpy()  # + |x|^2, the same for every group
+        new = _balanced_assign(dist, group_size)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+    return best_perm, best
+
+
 def _perm_from_labels(labels: np.ndarray) -> torch.Tensor:
     """Neurons of group 0 first (ascending index), then group 1, ... (stable)."""
     return torch.from_numpy(np.argsort(labels, kind="stable"))
@@ -82,24 +126,14 @@ def coactivation_permutation(active: torch.Tensor, group_size: int, iters: int =
     if n > max_tokens:  # a fixed subsample keeps it to seconds at d_ff 4096
         rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_tokens].sort().values
         active = active[rows]
-    k = d_ff // group_size
     x = active.t().float().contiguous()  # (d_ff, n) firing patterns
-    score = _leading_component(x)
-    labels = np.empty(d_ff, dtype=np.int64)
-    labels[np.lexsort((np.arange(d_ff), score.numpy()))] = np.arange(d_ff) // group_size
+    pca = np.empty(d_ff, dtype=np.int64)
+    pca[np.lexsort((np.arange(d_ff), _leading_component(x).numpy()))] = np.arange(d_ff) // group_size
     best_perm, best = identity, group_density(active, group_size)
-    for _ in range(iters + 1):
-        perm = _perm_from_labels(labels)
-        dens = group_density(active, group_size, perm)
+    for init in (pca, _greedy_groups(x, group_size)):
+        perm, dens = _kmeans(x, active, init, group_size, iters)
         if dens < best - 1e-12:
             best_perm, best = perm, dens
-        lab = torch.from_numpy(labels)
-        cent = torch.zeros(k, x.shape[1]).index_add_(0, lab, x) / group_size  # (k, n)
-        dist = ((cent * cent).sum(1) - 2 * (x @ cent.t())).numpy()  # + |x|^2, the same for every group
-        new = _balanced_assign(dist, group_size)
-        if np.array_equal(new, labels):
-            break
-        labels = new
     return best_perm
 
 
