@@ -86,8 +86,8 @@ def run(args) -> int:
             f"{tree_cfg.activation} per {tree_cfg.act_position}", "steps": tree_cfg.max_steps,
             "batch x seq": f"{tree_cfg.batch_size} x {tree_cfg.seq_len}", "lr": tree_cfg.lr,
             "warmup steps": tree_cfg.warmup_steps, "weight decay": tree_cfg.weight_decay,
-            "tree tables: lr x": tree_cfg.tree_lr_scale, "tree tables: weight decay":
-            tree_cfg.weight_decay if tree_cfg.tree_weight_decay is None else tree_cfg.tree_weight_decay,
+            "FF lr x (dense / tree)": f"{configs['dense'].ff_lr_scale} / {tree_cfg.ff_lr_scale}",
+            "FF weight decay": tree_cfg.weight_decay if tree_cfg.ff_weight_decay is None else tree_cfg.ff_weight_decay,
             "tree w_out init": tree_cfg.tree_out_init, "seed": tree_cfg.seed,
             "tree training path": tree_cfg.tree_impl or "layer default", "threads": args.threads,
             "val_tokens": results["tree"]["val_tokens"]}

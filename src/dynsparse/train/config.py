@@ -55,10 +55,11 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
     weight_decay: float = 0.1
-    # Tree weight tables: deep nodes see ~1/2**level of the tokens, so their updates are rare and noisy;
-    # they may get their own learning-rate multiplier and weight decay (None: the same as the rest).
-    tree_lr_scale: float = 1.0
-    tree_weight_decay: float | None = None
+    # The FF block's weights (dense fc1/fc2, or the tree tables) may get their own learning-rate multiplier
+    # and weight decay (None: the same as the rest). Deep tree nodes see ~1/2**level of the tokens, so their
+    # updates are rare; tune the multiplier per FF kind (dynsparse compare does, for both models).
+    ff_lr_scale: float = 1.0
+    ff_weight_decay: float | None = None
     tree_balance_rate: float = 0.0  # > 0: loss-free routing balance of the node biases (train/balance.py)
     grad_clip: float = 1.0
     dtype: str = "fp32"
@@ -97,14 +98,14 @@ class TrainConfig:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
         if self.warmup_steps < 0 or self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("need warmup_steps >= 0, lr > 0 and 0 <= min_lr_ratio <= 1")
-        if not self.tree_lr_scale > 0:
-            raise ValueError(f"tree_lr_scale must be > 0, got {self.tree_lr_scale!r}")
+        if not self.ff_lr_scale > 0:
+            raise ValueError(f"ff_lr_scale must be > 0, got {self.ff_lr_scale!r}")
         if not self.tree_balance_rate >= 0:
             raise ValueError(f"tree_balance_rate must be >= 0, got {self.tree_balance_rate!r}")
         if self.tree_balance_rate > 0 and self.fsdp:
             raise ValueError("tree_balance_rate is not supported with fsdp (sharded biases); use DDP")
-        if self.weight_decay < 0 or (self.tree_weight_decay is not None and self.tree_weight_decay < 0):
-            raise ValueError("weight_decay and tree_weight_decay must be >= 0")
+        if self.weight_decay < 0 or (self.ff_weight_decay is not None and self.ff_weight_decay < 0):
+            raise ValueError("weight_decay and ff_weight_decay must be >= 0")
 
     # ------------------------------------------------------------------ model config
     def model_config(self, vocab_size: int) -> DynSparseLMConfig:

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 from ..data import eval_windows, prepare_tokens, sample_windows, text_source
 from ..lm import DynSparseLMForCausalLM
+from ..lm.model import MLP
+from ..tree import TreeFF
 from . import distributed, telemetry
 from .balance import RoutingBalancer
 from .checkpoint import (CheckpointError, check_model_state, list_checkpoints, load_checkpoint, save_checkpoint,
@@ -78,22 +80,33 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; matrices (and tree weight tables) decay, biases and norms do not (nanoGPT's split).
 
-    With ``tree_lr_scale != 1`` or a ``tree_weight_decay``, the tree tables get groups of their own
-    (w_in/w_out decay with ``tree_weight_decay``, b_in does not) whose ``lr_scale`` the loop applies to
-    the scheduled learning rate; otherwise the two plain groups, so older checkpoints still resume."""
-    layers = telemetry.tree_layers(model).values()
-    split = cfg.tree_lr_scale != 1.0 or cfg.tree_weight_decay is not None
-    tables = [p for l in layers for p in (l.w_in, l.w_out) if p.requires_grad] if split else []
-    biases = [l.b_in for l in layers if l.b_in is not None and l.b_in.requires_grad] if split else []
-    own = {id(p) for p in tables + biases}
+    With ``ff_lr_scale != 1`` or an ``ff_weight_decay``, the FF blocks' weights (dense fc1/fc2, tree
+    w_in/w_out) and their biases get groups of their own whose ``lr_scale`` the loop applies to the
+    scheduled learning rate; otherwise the two plain groups, so older checkpoints still resume."""
+    split = cfg.ff_lr_scale != 1.0 or cfg.ff_weight_decay is not None
+    weights, biases = _ff_parameters(model) if split else ([], [])
+    own = {id(p) for p in weights + biases}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     if split:
-        tree_wd = cfg.weight_decay if cfg.tree_weight_decay is None else cfg.tree_weight_decay
-        groups += [{"params": tables, "weight_decay": tree_wd, "lr_scale": cfg.tree_lr_scale},
-                   {"params": biases, "weight_decay": 0.0, "lr_scale": cfg.tree_lr_scale}]
+        ff_wd = cfg.weight_decay if cfg.ff_weight_decay is None else cfg.ff_weight_decay
+        groups += [{"params": weights, "weight_decay": ff_wd, "lr_scale": cfg.ff_lr_scale},
+                   {"params": biases, "weight_decay": 0.0, "lr_scale": cfg.ff_lr_scale}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def _ff_parameters(model: torch.nn.Module) -> tuple[list, list]:
+    """(weights, biases) of every FF block: tree w_in/w_out and b_in, dense fc1/fc2 weights and biases."""
+    weights, biases = [], []
+    for module in model.modules():
+        if isinstance(module, TreeFF):
+            weights += [module.w_in, module.w_out]
+            biases += [module.b_in] if module.b_in is not None else []
+        elif isinstance(module, MLP):
+            weights += [module.fc1.weight, module.fc2.weight]
+            biases += [b for b in (module.fc1.bias, module.fc2.bias) if b is not None]
+    return [p for p in weights if p.requires_grad], [p for p in biases if p.requires_grad]
 
 
 def lm_loss(model, x, y) -> torch.Tensor:
