@@ -2,6 +2,7 @@
 import json
 
 from dynsparse.cli import main
+from dynsparse.commands.compare import DEMO_FF_DEFAULTS
 
 CORPUS = "".join(f"{i} the king and the queen walked to the {['castle', 'sea', 'hill'][i % 3]}.\n" for i in range(600))
 
@@ -22,6 +23,14 @@ def test_compare_writes_report_and_refuses_other_settings(tmp_path, capsys):
     assert res["results"]["tree"]["ff_active_fraction"] == 4 / 15  # measured from routing: 4 of 15 nodes
     assert res["results"]["dense"]["ff_active_fraction"] == 1.0
     assert "| val loss (nats/token) |" in (cmp / "report.md").read_text()
+    # Each model gets its own tuned optimisation defaults (DEMO_FF_DEFAULTS); shared ones are equal.
+    settings = json.loads((cmp / "compare.json").read_text())
+    for key, value in DEMO_FF_DEFAULTS["tree"].items():
+        assert settings["tree"][key] == value
+    for key, value in DEMO_FF_DEFAULTS["dense"].items():
+        assert settings["dense"][key] == value
+    shared = set(settings["tree"]) - set(DEMO_FF_DEFAULTS["tree"]) - set(DEMO_FF_DEFAULTS["dense"]) - {"ff"}
+    assert all(settings["tree"][k] == settings["dense"][k] for k in shared)
     # Same settings again: both runs are reused, not retrained.
     mtime = (cmp / "tree" / "final" / "model.safetensors").stat().st_mtime_ns
     assert main(argv + ["--json"]) == 0
