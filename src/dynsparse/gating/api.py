@@ -132,14 +132,16 @@ def apply_gates(model: nn.Module, gates: GateSet, impl: str | None = None) -> li
                              f"d_ff={info['d_ff']}, model has {b.d_model}, {b.d_ff}")
         if activation_name(b) != info["activation"]:
             raise ValueError(f"{name}: gates were fitted for activation {info['activation']}, model has {activation_name(b)}")
+    built = {}  # every module first, so a bad tensor in a later layer leaves the model untouched
     for name, info in gates.layers.items():
         b = blocks[name]
         if gates.method == "sibs":
-            new = build_sliced(b, gates.tensors[name], info["activation"])
+            built[name] = build_sliced(b, gates.tensors[name], info["activation"])
         else:
-            new = build_gated(b, gates.tensors[name], info["activation"], impl=impl)
-        p = next(b.fc1.parameters())
-        b.replace(new.to(p.device))
+            built[name] = build_gated(b, gates.tensors[name], info["activation"], impl=impl)
+    for name, new in built.items():
+        b = blocks[name]
+        b.replace(new.to(next(b.fc1.parameters()).device))
     return list(gates.layers)
 
 
