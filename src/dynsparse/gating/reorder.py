@@ -44,7 +44,7 @@ def _leading_component(x: torch.Tensor, iters: int = 50) -> torch.Tensor:
         v = xc.t() @ (xc @ v)
         v = v / v.norm().clamp_min(1e-30)
     score = xc @ v
-    return score if score.sum() >= 0 else -score  # fix the sign too
+    return score if score @ x.sum(1).double() >= 0 else -score  # sign: frequent neurons score high
 
 
 def _balanced_assign(dist: np.ndarray, group_size: int) -> np.ndarray:
@@ -96,8 +96,7 @@ def _kmeans(x: torch.Tensor, active: torch.Tensor, labels: np.ndarray, group_siz
         dens = group_density(active, group_size, perm)
         if dens < best - 1e-12:
             best_perm, best = perm, dens
-        lab = torch.from_numpy(labels)
-        cent = torch.zeros(k, x.shape[1]).index_add_(0, lab, x) / group_size  # (k, n)
+        cent = x[perm].reshape(k, group_size, -1).mean(1)  # (k, n): groups are contiguous in perm
         dist = ((cent * cent).sum(1) - 2 * (x @ cent.t())).numpy()  # + |x|^2, the same for every group
         new = _balanced_assign(dist, group_size)
         if np.array_equal(new, labels):
