@@ -17,6 +17,8 @@ def register(subparsers) -> None:
     p.add_argument("--gate", choices=("lowrank", "grouped"), default="lowrank")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--group-size", type=int, default=16)
+    p.add_argument("--no-reorder", action="store_true",
+                   help="grouped gates: keep the neurons' order (default: co-firing neurons are moved into shared groups)")
     p.add_argument("--steps", type=int, default=300, help="MGS: gate training steps per block")
     p.add_argument("--no-compensate", action="store_true", help="do not add back skipped neurons' mean output")
     p.add_argument("--batch-size", type=int, default=8)
@@ -45,9 +47,12 @@ def run(args) -> int:
         else:
             if args.threshold is not None:
                 raise CLIError("--threshold is a SIBS option; MGS takes --target-recall or --target-sparsity")
+            if args.no_reorder and args.gate != "grouped":
+                raise CLIError("--no-reorder applies to --gate grouped only")
             cfg = MGSConfig(gate=args.gate, rank=args.rank, group_size=args.group_size,
                             target_recall=args.target_recall, target_sparsity=args.target_sparsity,
-                            steps=args.steps, compensate=not args.no_compensate)
+                            steps=args.steps, compensate=not args.no_compensate,
+                            reorder=False if args.no_reorder else None)
         kind = model_kind(model_dir)
         model, proc, kind = load_model(model_dir)
         if args.calib is None:
