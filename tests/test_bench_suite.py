@@ -9,7 +9,7 @@ from dynsparse.bench.timing import median_time
 from dynsparse.cli import main
 
 TINY = Settings(warmup=0, repeats=1, min_time=0.0, d_model=32, d_ff=64, tree_tokens=(1, 8), forest_tokens=16,
-                train_tokens=32, mgs_tokens=100, mgs_d_model=16, mgs_d_ff=512, lm_new_tokens=2, lm_preset="tiny",
+                train_tokens=32, mgs_tokens=100, mgs_d_model=16, mgs_d_ff=512, union_tokens=64, lm_new_tokens=2, lm_preset="tiny",
                 peak_matmul_n=256, peak_megabytes=16)
 
 

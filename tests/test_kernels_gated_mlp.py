@@ -131,13 +131,15 @@ def test_relu_skip_is_the_dense_relu_mlp():
 
 
 def test_dispatcher_picks_union_for_shared_sets_and_per_token_for_scattered():
-    m, d_ff = 64, 512
+    m, d_ff = gm.UNION_MIN_TOKENS, 512
     shared = torch.zeros(m, d_ff, dtype=torch.bool)
     shared[:, :40] = True
     _, idx = gm._csr_from_mask(shared)
     assert gm.choose_path(m, idx, d_ff) is gm.union_sparse_mlp
     _, (_, idx) = _random_csr(m, d_ff, 0.1)
     assert gm.choose_path(m, idx, d_ff) is gm.sparse_mlp
+    _, idx = gm._csr_from_mask(shared[: m - 1])  # below the minimum batch the union's fixed costs dominate
+    assert gm.choose_path(m - 1, idx, d_ff) is gm.sparse_mlp
 
 
 def test_bad_inputs_name_the_problem():

@@ -84,3 +84,13 @@ def test_bad_lists_and_shapes_are_named():
         gq.grouped_sparse_mlp(x, w1, b1, w2_t, b2, indptr[:-1], groups, 8, 1)
     with pytest.raises(ValueError, match="shape"):
         gq.grouped_gate_groups(x[:, :5], G, None, thr)
+
+
+def test_torch_fallback_without_numba(monkeypatch):
+    from dynsparse.kernels import gated_mlp
+
+    monkeypatch.setattr(gated_mlp, "NUMBA", False)
+    x, w1, b1, w2, b2, G, thr = _case(23, 16, 64, 8, 8, 0.4, seed=4)
+    indptr, groups = gq.grouped_gate_groups(x, G, None, thr)
+    y = gq.grouped_sparse_mlp(x, w1, b1, w2.t().contiguous(), b2, indptr, groups, 8, 0)
+    _close(y, _reference(x, w1, b1, w2, b2, G, thr, 8, 0))

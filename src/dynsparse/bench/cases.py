@@ -69,6 +69,7 @@ class Settings:
     mgs_tokens: int = 850
     mgs_d_model: int = 256
     mgs_d_ff: int = 2048
+    union_tokens: int = 256
     lm_new_tokens: int = 128
     lm_preset: str = "small"
     peak_matmul_n: int = 1536  # GEMM size of the compute-peak measurement
@@ -287,7 +288,7 @@ def union_case(s: Settings, m: int, union_share: float, density: float = 0.1) ->
 
 
 def mgs_cases(s: Settings) -> list[Result]:
-    unions = [union_case(s, 64, share) for share in (0.1, 0.25, 0.5, 1.0)]
+    unions = [union_case(s, s.union_tokens, share) for share in (0.1, 0.25, 0.5, 1.0)]
     return mgs_block(s, s.mgs_tokens, s.mgs_d_model, s.mgs_d_ff) + mgs_block(s, 1, s.d_model, s.d_ff) + unions
 
 

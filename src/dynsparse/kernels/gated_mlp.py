@@ -34,12 +34,13 @@ if NUMBA:
 ACT_FUNCTIONS = {0: F.gelu, 1: F.relu, 2: F.silu, 3: torch.tanh, 4: lambda z: z}
 
 # Union path vs per-token path: the union runs dense BLAS over |union| rows for every token, the
-# per-token path does nnz dot+axpy pairs at a lower rate. Union wins when
-# M * |union| < UNION_SPEEDUP * nnz; the factor is the measured BLAS / per-token throughput ratio on
-# a 2-core AVX2 machine (see ``dynsparse bench mgs``). Below UNION_MIN_TOKENS tokens the gathered
-# copies of the union's rows cost more than the per-token kernel's direct reads.
-UNION_SPEEDUP = 4.0
-UNION_MIN_TOKENS = 16
+# per-token path does nnz dot+axpy pairs at a lower rate. Union wins when M * |union| < UNION_SPEEDUP * nnz,
+# i.e. when the tokens' lists overlap by more than 1/UNION_SPEEDUP. Measured with ``dynsparse bench mgs``
+# (256-2048-256, 10 % per token, 2 threads, idle AMD EPYC): at 256 and 850 tokens the union is 2.0x faster
+# at full overlap, 1.2x at 0.4 and 0.5-0.6x at 0.2, so the break-even sits near 0.3; at 64 tokens its fixed
+# costs (gathering the union's rows) push break-even to ~0.7, hence the minimum batch.
+UNION_SPEEDUP = 3.0
+UNION_MIN_TOKENS = 128
 # Below this many multiply-adds (~0.1-0.2 ms on one core) the per-token kernel runs on one thread:
 # waking the pool costs more than it saves, and far more when other processes hold the cores.
 PARALLEL_MIN_WORK = 1 << 21
@@ -285,17 +286,58 @@ def union_sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code):
     _check_act(act_code)
     with torch.no_grad():
         m = x.shape[0]
-        cols = indices.long()
-        union, local = torch.unique(cols, return_inverse=True)
-        rows = torch.repeat_interleave(torch.arange(m, device=x.device), indptr[1:] - indptr[:-1])
-        mask = torch.zeros(m, union.numel(), dtype=torch.float32, device=x.device)
-        mask[rows, local] = 1.0
+        union, mask = _union_and_mask(indptr, indices, w1.shape[0], x.device)
         z = F.linear(x.float(), w1.float()[union], None if b1 is None else b1.float()[union])
         h = ACT_FUNCTIONS[act_code](z) * mask
         y = h @ w2_t.float()[union]
         if b2 is not None:
             y += b2.float()
         return y.to(x.dtype)
+
+
+def _union_and_mask(indptr, indices, d_ff: int, device):
+    """The batch's union of listed neurons (ascending) and each token's 0/1 mask over it, (M, |union|).
+    One pass over the lists in numba; torch (unique + scatter) where numba is missing."""
+    m = indptr.numel() - 1
+    if _use_numba(indptr, indices):
+        present = np.zeros(d_ff, dtype=np.int64)
+        union_size = _mark_union(indices.numpy(), present)
+        union = np.empty(union_size, dtype=np.int64)
+        mask = np.zeros((m, union_size), dtype=np.float32)
+        _fill_union_mask(indptr.numpy(), indices.numpy(), present, union, mask)
+        return torch.from_numpy(union), torch.from_numpy(mask)
+    cols = indices.long()
+    union, local = torch.unique(cols, return_inverse=True)
+    rows = torch.repeat_interleave(torch.arange(m, device=device), indptr[1:] - indptr[:-1])
+    mask = torch.zeros(m, union.numel(), dtype=torch.float32, device=device)
+    mask[rows, local] = 1.0
+    return union, mask
+
+
+if NUMBA:
+
+    @njit(cache=True)
+    def _mark_union(indices, present):
+        """present[j] = 1 for every listed neuron; returns how many there are."""
+        for p in range(indices.shape[0]):
+            present[indices[p]] = 1
+        n = 0
+        for j in range(present.shape[0]):
+            n += present[j]
+        return n
+
+    @njit(cache=True)
+    def _fill_union_mask(indptr, indices, present, union, mask):
+        """union <- the marked neurons in order; present[j] <- j's column in it; mask[i, col] = 1."""
+        n = 0
+        for j in range(present.shape[0]):
+            if present[j]:
+                union[n] = j
+                present[j] = n
+                n += 1
+        for i in range(indptr.shape[0] - 1):
+            for p in range(indptr[i], indptr[i + 1]):
+                mask[i, present[indices[p]]] = 1.0
 
 
 def relu_skip_mlp(x, w1, b1, w2_t, b2):
