@@ -44,6 +44,7 @@ def test_lm_suite_generates():
     assert report["errors"] == {}
     (r,) = report["results"]
     assert r["extra"]["tokens_per_s"] > 0 and r["target"] == 1.5
+    assert r["extra"]["no_ff_ms"] > 0 and r["extra"]["ceiling_ratio"] == pytest.approx(r["baseline_ms"] / r["extra"]["no_ff_ms"])
 
 
 def test_visited_nodes_counts_distinct_path_nodes():

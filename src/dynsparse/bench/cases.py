@@ -293,31 +293,47 @@ def mgs_cases(s: Settings) -> list[Result]:
 
 
 # ------------------------------------------------------------------------------------- lm
+class _NoFF(nn.Module):
+    """Stands in for an FF block that costs nothing: the ceiling of any FF speed-up (Amdahl)."""
+
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
 def lm_cases(s: Settings) -> list[Result]:
+    """Greedy generation at batch 1 with the dense and the tree LM, and with the dense LM's FF blocks
+    replaced by nothing: ``ceiling_ratio`` is the most any FF block could gain in this model."""
     try:
         from ..lm import DynSparseLMForCausalLM, preset_config
+        from ..lm.model import Block
     except ImportError as e:  # the LM package is optional for the kernels
         raise RuntimeError(f"the lm case needs dynsparse.lm: {e}") from e
     n = s.lm_new_tokens
     times, flops = {}, {}
     prompt = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(s.seed))
-    for ff in ("dense", "tree"):
+    for variant in ("dense", "tree", "no FF"):
         torch.manual_seed(s.seed)
+        ff = "tree" if variant == "tree" else "dense"
         config = preset_config(s.lm_preset, ff=ff, max_position_embeddings=max(512, n + 16))
         model = DynSparseLMForCausalLM(config).eval()
+        if variant == "no FF":
+            for block in model.modules():
+                if isinstance(block, Block):
+                    block.mlp = _NoFF()
 
-        def gen(k=n):
+        def gen(k=n, model=model):
             model.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0)
 
         with torch.no_grad():
             gen(4)  # warm-up: kernels loaded, caches allocated
-            times[ff] = median_time(gen, warmup=0, repeats=max(1, s.repeats // 4)) * 1e3
-        flops[ff] = n * config.num_hidden_layers * config.ff_flops_per_token
+            times[variant] = median_time(gen, warmup=0, repeats=max(1, s.repeats // 4)) * 1e3
+        flops[variant] = n * config.num_hidden_layers * config.ff_flops_per_token
     cfg = preset_config(s.lm_preset)
     return [Result(f"tree LM ({s.lm_preset}: d={cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.tree_trees}x{cfg.tree_depth}) "
                    f"generating {n} tokens, batch 1", "dense LM of the same width", times["dense"], times["tree"], 1.5,
                    flops["tree"], 0.0, flops["dense"], 0.0,
                    {"tokens_per_s": n / times["tree"] * 1e3, "baseline_tokens_per_s": n / times["dense"] * 1e3,
+                    "no_ff_ms": times["no FF"], "ceiling_ratio": times["dense"] / times["no FF"],
                     "flops": "FF blocks only"})]
 
 

@@ -30,6 +30,10 @@ class Printer:
         if fp32:
             self.console.print(f"    (the same layer in fp32: {_fmt_ms(fp32)}; bf16 weights are "
                                f"{r['extra']['bf16_over_fp32_speedup']:.2f}x as fast)")
+        ceiling = r["extra"].get("ceiling_ratio")
+        if ceiling:
+            self.console.print(f"    (the dense LM with its FF blocks removed: {_fmt_ms(r['extra']['no_ff_ms'])} = "
+                               f"{ceiling:.2f}x, the most any FF block can gain in this model)")
         picked = r["extra"].get("dispatch_picks")
         if picked:
             verdict = "the faster one" if r["extra"]["dispatch_right"] else f"but {r['extra']['faster']} is faster"

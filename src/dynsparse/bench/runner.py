@@ -8,8 +8,8 @@ import torch
 
 from ..kernels import numba_available
 from ..kernels._common import sync_threads
-from .cases import SUITES, Settings
 from ..kernels.yardstick import gather_ceiling_gflops
+from .cases import SUITES, Settings
 from .timing import cpu_name, matmul_gflops, memory_gbps
 
 

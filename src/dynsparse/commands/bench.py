@@ -28,6 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--mgs-tokens", type=int, default=850, help="tokens of the MGS block case")
     p.add_argument("--mgs-d-model", type=int, default=256, help="d_model of the MGS block case")
     p.add_argument("--mgs-d-ff", type=int, default=2048, help="d_ff of the MGS block case")
+    p.add_argument("--union-tokens", type=int, default=256, help="tokens of the union-vs-per-token cases")
     p.add_argument("--lm-tokens", type=int, default=128, help="tokens the LM generates")
     p.add_argument("--lm-preset", default="small", help="dynsparse.lm preset of the generation case")
     p.add_argument("--peak-matmul-n", type=int, default=1536, help="GEMM size of the matmul-peak measurement")
@@ -52,8 +53,8 @@ def run(args) -> int:
         raise CLIError(f"--tokens must be comma-separated integers, got {args.tokens!r}") from None
     if not tokens:
         raise CLIError("--tokens must name at least one token count")
-    for name in ("repeats", "forest_tokens", "train_tokens", "mgs_tokens", "mgs_d_model", "mgs_d_ff", "lm_tokens",
-                 "d_model", "d_ff", "peak_matmul_n", "peak_megabytes"):
+    for name in ("repeats", "forest_tokens", "train_tokens", "mgs_tokens", "mgs_d_model", "mgs_d_ff", "union_tokens",
+                 "lm_tokens", "d_model", "d_ff", "peak_matmul_n", "peak_megabytes"):
         _positive(name.replace("_", "-"), getattr(args, name))
     if args.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
@@ -62,7 +63,7 @@ def run(args) -> int:
     settings = Settings(
         warmup=args.warmup, repeats=args.repeats, d_model=args.d_model, d_ff=args.d_ff, tree_tokens=tokens,
         forest_tokens=args.forest_tokens, train_tokens=args.train_tokens, mgs_tokens=args.mgs_tokens,
-        mgs_d_model=args.mgs_d_model, mgs_d_ff=args.mgs_d_ff, lm_new_tokens=args.lm_tokens, lm_preset=args.lm_preset,
+        mgs_d_model=args.mgs_d_model, mgs_d_ff=args.mgs_d_ff, union_tokens=args.union_tokens, lm_new_tokens=args.lm_tokens, lm_preset=args.lm_preset,
         peak_matmul_n=args.peak_matmul_n, peak_megabytes=args.peak_megabytes,
     )
     if args.mgs_d_ff % 16:
