@@ -56,15 +56,16 @@ def _check_x(x: torch.Tensor, d: int, what: str) -> None:
         raise ValueError(f"x must have shape (M, {d}) to match {what}, got {tuple(x.shape)}")
 
 
-def _check_csr(indptr: torch.Tensor, indices: torch.Tensor, m: int, d_ff: int) -> None:
+def _check_csr(indptr: torch.Tensor, indices: torch.Tensor, m: int, n: int, name: str = "indices") -> None:
+    """CSR lists over n columns (neurons, or groups with name="groups") for m tokens."""
     if indptr.dtype != torch.int64 or indptr.dim() != 1 or indptr.numel() != m + 1:
         raise ValueError(f"indptr must be int64 of shape ({m + 1},), got {indptr.dtype} {tuple(indptr.shape)}")
     if indices.dtype != torch.int32 or indices.dim() != 1:
-        raise ValueError(f"indices must be a 1-D int32 tensor, got {indices.dtype} {tuple(indices.shape)}")
-    if int(indptr[0]) != 0 or int(indptr[-1]) != indices.numel():
-        raise ValueError("indptr must start at 0 and end at len(indices)")
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= d_ff):
-        raise ValueError(f"indices must lie in [0, {d_ff})")
+        raise ValueError(f"{name} must be a 1-D int32 tensor, got {indices.dtype} {tuple(indices.shape)}")
+    if int(indptr[0]) != 0 or int(indptr[-1]) != indices.numel() or bool((indptr[1:] < indptr[:-1]).any()):
+        raise ValueError(f"indptr must start at 0, never decrease and end at len({name})")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
+        raise ValueError(f"{name} must lie in [0, {n})")
 
 
 def _thresholds(threshold, n: int) -> torch.Tensor:
@@ -132,17 +133,9 @@ def grouped_gate_indices(x, G, c, threshold, group_size):
     """
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    if G.dim() != 2:
-        raise ValueError(f"G must be (d, n_groups), got {tuple(G.shape)}")
-    _check_x(x, G.shape[0], "G (d, n_groups)")
-    n_groups = G.shape[1]
-    thr = _thresholds(threshold, n_groups)
-    if c is not None and c.shape != (n_groups,):
-        raise ValueError(f"c must have shape ({n_groups},), got {tuple(c.shape)}")
     with torch.no_grad():
-        logits = x.float() @ G.float()  # (M, d_ff / group_size): small, dense BLAS
-        if c is not None:
-            logits += c.float()
+        logits, thr = grouped_gate_logits(x, G, c, threshold)  # (M, d_ff / group_size): small, dense BLAS
+        n_groups = G.shape[1]
         if not _use_numba(x, G):
             on = logits > thr.to(logits.device)
             return _csr_from_mask(on.repeat_interleave(group_size, dim=1))
@@ -152,6 +145,22 @@ def grouped_gate_indices(x, G, c, threshold, group_size):
         scratch = np.empty((m, n_groups * group_size), dtype=np.int32)
         _grouped_scan(as_f32(logits), thr.numpy(), group_size, scratch, counts)
         return _compact(scratch, counts)
+
+
+def grouped_gate_logits(x, G, c, threshold):
+    """Checked inputs of a grouped gate -> (logits x @ G + c (M, n_groups) float32, thresholds (n_groups,))."""
+    if G.dim() != 2:
+        raise ValueError(f"G must be (d, n_groups), got {tuple(G.shape)}")
+    _check_x(x, G.shape[0], "G (d, n_groups)")
+    n_groups = G.shape[1]
+    thr = _thresholds(threshold, n_groups)
+    if c is not None and c.shape != (n_groups,):
+        raise ValueError(f"c must have shape ({n_groups},), got {tuple(c.shape)}")
+    with torch.no_grad():
+        logits = x.float() @ G.float()
+        if c is not None:
+            logits += c.float()
+    return logits, thr
 
 
 def _csr_from_mask(mask: torch.Tensor):
@@ -285,7 +294,6 @@ def union_sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code):
     _check_csr(indptr, indices, x.shape[0], w1.shape[0])
     _check_act(act_code)
     with torch.no_grad():
-        m = x.shape[0]
         union, mask = _union_and_mask(indptr, indices, w1.shape[0], x.device)
         z = F.linear(x.float(), w1.float()[union], None if b1 is None else b1.float()[union])
         h = ACT_FUNCTIONS[act_code](z) * mask

@@ -19,11 +19,12 @@ import torch
 from ._common import FAST, NUMBA, as_f32, sync_threads, weight_view
 from .gated_mlp import (
     _check_act,
+    _check_csr,
     _check_mlp,
-    _check_x,
+    _csr_from_mask,
     _opt,
-    _thresholds,
     _use_numba,
+    grouped_gate_logits,
     sparse_mlp_torch,
 )
 
@@ -43,21 +44,9 @@ def grouped_gate_groups(x, G, c, threshold):
     x (M, d), G (d, n_groups), c (n_groups,) or None, threshold scalar or (n_groups,).
     Returns CSR lists (indptr int64 (M+1,), groups int32 (nnz,)), ascending per token.
     """
-    if G.dim() != 2:
-        raise ValueError(f"G must be (d, n_groups), got {tuple(G.shape)}")
-    _check_x(x, G.shape[0], "G (d, n_groups)")
-    n_groups = G.shape[1]
-    thr = _thresholds(threshold, n_groups)
-    if c is not None and c.shape != (n_groups,):
-        raise ValueError(f"c must have shape ({n_groups},), got {tuple(c.shape)}")
+    logits, thr = grouped_gate_logits(x, G, c, threshold)
     with torch.no_grad():
-        logits = x.float() @ G.float()
-        if c is not None:
-            logits += c.float()
-        on = logits > thr.to(logits.device)
-        indptr = torch.zeros(x.shape[0] + 1, dtype=torch.int64, device=x.device)
-        torch.cumsum(on.sum(1), 0, out=indptr[1:])
-        return indptr, on.nonzero()[:, 1].to(torch.int32)
+        return _csr_from_mask(logits > thr.to(logits.device))
 
 
 def expand_groups(indptr, groups, group_size: int):
@@ -80,7 +69,7 @@ def grouped_sparse_mlp(x, w1, b1, w2_t, b2, indptr, groups, group_size: int, act
     d_ff = w1.shape[0]
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or d_ff % group_size:
         raise ValueError(f"group_size must be a positive int dividing d_ff={d_ff}, got {group_size!r}")
-    _check_group_csr(indptr, groups, x.shape[0], d_ff // group_size)
+    _check_csr(indptr, groups, x.shape[0], d_ff // group_size, name="groups")
     with torch.no_grad():
         if not _use_numba(x, w1, w2_t):
             return sparse_mlp_torch(x, w1, b1, w2_t, b2, *expand_groups(indptr, groups, group_size), act_code)
@@ -95,17 +84,6 @@ def grouped_sparse_mlp(x, w1, b1, w2_t, b2, indptr, groups, group_size: int, act
             sync_threads()
             _grouped_mlp_parallel(*args, numba.get_num_threads())
         return torch.from_numpy(y).to(x.dtype)
-
-
-def _check_group_csr(indptr, groups, m: int, n_groups: int) -> None:
-    if indptr.dtype != torch.int64 or indptr.dim() != 1 or indptr.numel() != m + 1:
-        raise ValueError(f"indptr must be int64 of shape ({m + 1},), got {indptr.dtype} {tuple(indptr.shape)}")
-    if groups.dtype != torch.int32 or groups.dim() != 1:
-        raise ValueError(f"groups must be a 1-D int32 tensor, got {groups.dtype} {tuple(groups.shape)}")
-    if int(indptr[0]) != 0 or int(indptr[-1]) != groups.numel() or bool((indptr[1:] < indptr[:-1]).any()):
-        raise ValueError("indptr must start at 0, never decrease and end at len(groups)")
-    if groups.numel() and (int(groups.min()) < 0 or int(groups.max()) >= n_groups):
-        raise ValueError(f"groups must lie in [0, {n_groups})")
 
 
 if NUMBA:
