@@ -51,7 +51,7 @@ class MLPBlock:
     fc1: nn.Module
     fc2: nn.Module
     act: Callable | None
-    gated: bool = False  # Llama-style act(gate(x)) * up(x)
+    gate_proj: nn.Module | None = None  # Llama-style gated block: fc2(act(gate_proj(x)) * fc1(x)), fc1 = up_proj
     _fc1_path: tuple[str, ...] = ()
     _fc2_path: tuple[str, ...] = ()
     _act_path: tuple[str, ...] = ()
@@ -67,12 +67,28 @@ class MLPBlock:
         return _linear_weight(self.fc1).shape[0]
 
     @property
+    def gated(self) -> bool:
+        return self.gate_proj is not None
+
+    @property
     def activation_name(self) -> str:
         return type(self.act).__name__ if self.act is not None else "none"
 
     def linear_weights(self):
         """(W1 (d_ff, d_model), b1 or None, W2 (d_model, d_ff), b2 or None) in nn.Linear convention."""
         return (_linear_weight(self.fc1), self.fc1.bias, _linear_weight(self.fc2), self.fc2.bias)
+
+    def gate_weights(self):
+        """(Wg (d_ff, d_model), bg or None) of a gated block's gate projection; (None, None) otherwise."""
+        if self.gate_proj is None:
+            return None, None
+        return _linear_weight(self.gate_proj), self.gate_proj.bias
+
+    def routing_weights(self):
+        """(W, b) whose pre-activation decides if a neuron is active (act(z) > 0): the gate projection of a
+        gated block, fc1 otherwise. Gates that predict activity start from these."""
+        w1, b1, _, _ = self.linear_weights()
+        return self.gate_weights() if self.gated else (w1, b1)
 
     def replace(self, new: nn.Module) -> None:
         """Install ``new`` (a module mapping (..., d_model) -> (..., d_model)) in place of the block."""
@@ -120,7 +136,8 @@ def _match(name: str, module: nn.Module):
         if w1.shape[0] != w2.shape[1] or w1.shape[1] != w2.shape[0]:
             continue  # not an in -> hidden -> in block
         act_name, act = _find_act(module, act_names)
-        gated = _is_linear(children.get("gate_proj"))
+        gate = children.get("gate_proj") if _is_linear(children.get("gate_proj")) else None
+        gated = gate is not None
         own = {first, second} | ({"gate_proj"} if gated else set())
         # Any other child with parameters (attention, norms) means the module does more than the MLP.
         others = [n for n, c in children.items() if n not in own and any(True for _ in c.parameters())]
@@ -128,7 +145,7 @@ def _match(name: str, module: nn.Module):
         if kind == "inline" and gated:
             continue
         return MLPBlock(
-            name, kind, module, a, b, act, gated=gated,
+            name, kind, module, a, b, act, gate_proj=gate,
             _fc1_path=(first,), _fc2_path=(second,), _act_path=(act_name,) if act_name else (),
         )
     return None

@@ -109,7 +109,7 @@ def fit_gates(model: nn.Module, config, calib: Iterable | None = None, filter_fn
     layers, tensors, report = {}, {}, {}
     for name, block in blocks.items():
         s = stats[name]
-        layers[name] = {"activation": s.activation, "d_model": s.d_model, "d_ff": s.d_ff}
+        layers[name] = {"activation": s.activation, "d_model": s.d_model, "d_ff": s.d_ff, "gated": block.gated}
         if method == "sibs":
             tensors[name] = sibs_tensors(block, s, config)
             kept = len(tensors[name]["kept"])
@@ -132,6 +132,10 @@ def apply_gates(model: nn.Module, gates: GateSet, impl: str | None = None) -> li
                              f"d_ff={info['d_ff']}, model has {b.d_model}, {b.d_ff}")
         if activation_name(b) != info["activation"]:
             raise ValueError(f"{name}: gates were fitted for activation {info['activation']}, model has {activation_name(b)}")
+        if info.get("gated", False) != b.gated:  # files written before gated blocks were supported lack the key
+            raise ValueError(f"gate file does not match the model at {name}: gates for a "
+                             f"{'gated' if info.get('gated') else 'plain'} MLP, the model's is "
+                             f"{'gated' if b.gated else 'plain'}")
     built = {}  # every module first, so a bad tensor in a later layer leaves the model untouched
     for name, info in gates.layers.items():
         b = blocks[name]

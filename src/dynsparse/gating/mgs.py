@@ -117,8 +117,9 @@ def _split(n: int, cfg: MGSConfig):
 
 
 def calibrate_threshold(gate, x_hold: torch.Tensor, active_hold: torch.Tensor, target_recall: float | None = None,
-                        target_sparsity: float | None = None):
-    """(threshold, report) for ``gate`` on held-out rows, for a target recall or a target sparsity."""
+                        target_sparsity: float | None = None, gated_mlp: bool = False):
+    """(threshold, report) for ``gate`` on held-out rows, for a target recall or a target sparsity
+    (``gated_mlp``: the block has three projections, which only changes its reported FLOPs)."""
     with torch.no_grad():
         logits = gate(x_hold)  # per neuron (lowrank) or per group (grouped)
         if target_recall is not None:
@@ -139,7 +140,7 @@ def calibrate_threshold(gate, x_hold: torch.Tensor, active_hold: torch.Tensor, t
             "precision": tp / max(pred.sum().item(), 1),
             "threshold": thr,
             "gate_flops_per_token": gate.flops_per_token,
-            "mlp_flops_per_token": 4 * x_hold.shape[1] * d_ff,
+            "mlp_flops_per_token": (6 if gated_mlp else 4) * x_hold.shape[1] * d_ff,
         }
         if isinstance(gate, GroupedGate):  # what a perfect gate of this layout would compute
             report["natural_group_density"] = group_density(active_hold, gate.group_size)
@@ -160,7 +161,8 @@ def train_gate(block: MLPBlock, stats: LayerStats, cfg: MGSConfig, perm: torch.T
     if stats.samples_x is None or stats.samples_x.shape[0] < cfg.min_samples:
         n = 0 if stats.samples_x is None else stats.samples_x.shape[0]
         raise ValueError(f"{block.name}: {n} recorded calibration rows, need >= {cfg.min_samples} to train a gate")
-    w1, b1, _, _ = (t.detach().float() if t is not None else None for t in block.linear_weights())
+    # the weights whose pre-activation decides activity: fc1, or a gated block's gate projection
+    w1, b1 = (t.detach().float() if t is not None else None for t in block.routing_weights())
     x, active = stats.samples_x, stats.samples_active
     if perm is not None:
         perm = check_permutation(perm, stats.d_ff)
@@ -186,7 +188,8 @@ def train_gate(block: MLPBlock, stats: LayerStats, cfg: MGSConfig, perm: torch.T
         loss.backward()
         opt.step()
     gate.requires_grad_(False)
-    thr, report = calibrate_threshold(gate, x[hold], active[hold], cfg.target_recall, cfg.target_sparsity)
+    thr, report = calibrate_threshold(gate, x[hold], active[hold], cfg.target_recall, cfg.target_sparsity,
+                                      gated_mlp=block.gated)
     report["pos_weight"] = pw
     return gate, thr, report
 
@@ -216,7 +219,8 @@ def recalibrate_(gates, stats: dict[str, LayerStats], target_recall: float | Non
         active = s.samples_active[hold]
         if "perm" in ts:
             active = active[:, check_permutation(ts["perm"], info["d_ff"])]
-        thr, report = calibrate_threshold(gate, s.samples_x[hold], active, target_recall, target_sparsity)
+        thr, report = calibrate_threshold(gate, s.samples_x[hold], active, target_recall, target_sparsity,
+                                          gated_mlp=info.get("gated", False))
         ts["threshold"] = thr.reshape(())
         gates.report[name] = {**gates.report[name], **report}
     gates.config = dataclasses.asdict(cfg)
@@ -240,6 +244,7 @@ def mgs_tensors(block: MLPBlock, stats: LayerStats, cfg: MGSConfig):
 
 def build_gated(block: MLPBlock, tensors: dict[str, torch.Tensor], activation: str, impl=None) -> GatedMLP:
     w1, b1, w2, b2 = block.linear_weights()
+    wg, bg = block.gate_weights()
     gate = gate_from_tensors(tensors, block.d_model, block.d_ff)
     comp = tensors.get("compensation")
     if "perm" in tensors:  # the gate's neuron layout; same function, neurons in another order
@@ -247,6 +252,7 @@ def build_gated(block: MLPBlock, tensors: dict[str, torch.Tensor], activation: s
             raise ValueError(f"{block.name}: gate tensors hold a neuron permutation but not a grouped gate")
         perm = check_permutation(tensors["perm"], block.d_ff)
         w1, b1, w2 = permute_mlp(w1, b1, w2, perm)
+        wg, bg = (None if t is None else t[perm] for t in (wg, bg))
         comp = None if comp is None else comp[perm]
     return GatedMLP(w1, b1, w2, b2, gate, tensors["threshold"], activation, comp, impl=impl,
-                    act=block.act if callable(block.act) else None)
+                    act=block.act if callable(block.act) else None, wg=wg, bg=bg)

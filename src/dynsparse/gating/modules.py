@@ -6,6 +6,9 @@
   for CSR index lists (of groups for a grouped gate) and runs ``kernels.grouped_mlp.grouped_sparse_mlp`` or
   ``kernels.gated_mlp.gated_sparse_mlp`` (only listed rows of fc1 and fc2 are read); ``forward_reference`` is the plain torch definition the fast path is tested against.
 * ``ReLUSkipMLP``: the exact ReLU skip (dense fc1, fc2 only over non-zeros), the zero-loss baseline.
+
+``SlicedMLP`` and ``GatedMLP`` also take a gated (Llama-style) block's gate projection ``wg``/``bg``:
+its hidden value is act(x wg^T + bg) * (x w1^T + b1), with w1 the up projection.
 """
 from __future__ import annotations
 
@@ -33,22 +36,21 @@ def act_fn(name: str):
 
 
 class SlicedMLP(nn.Module):
-    """fc2(act(fc1(x))) over the ``kept`` neurons only; ``bias_shift`` = W2[:, removed] @ mean(a[removed])."""
+    """fc2(act(fc1(x))) over the ``kept`` neurons only; ``bias_shift`` = W2[:, removed] @ mean(a[removed]).
+    With ``wg`` (a gated block): fc2(act(gate_proj(x)) * fc1(x)), gate_proj sliced like fc1."""
 
     def __init__(self, w1, b1, w2, b2, kept: torch.Tensor, activation: str, bias_shift: torch.Tensor | None = None,
-                 act=None):
+                 act=None, wg=None, bg=None):
         super().__init__()
         kept = kept.long()
-        d_ff_kept, d_in, d_out = len(kept), w1.shape[1], w2.shape[0]
+        d_ff_kept, d_out = len(kept), w2.shape[0]
         self.activation = activation
         self.act = act if act is not None else act_fn(activation)  # the block's own (e.g. GPT-2's tanh GELU)
-        self.fc1 = nn.Linear(d_in, d_ff_kept, bias=b1 is not None)
+        self.fc1 = _sliced_linear(w1, b1, kept)
+        self.gate_proj = None if wg is None else _sliced_linear(wg, bg, kept)
         self.fc2 = nn.Linear(d_ff_kept, d_out)
         self.register_buffer("kept", kept)
         with torch.no_grad():
-            self.fc1.weight.copy_(w1[kept])
-            if b1 is not None:
-                self.fc1.bias.copy_(b1[kept])
             self.fc2.weight.copy_(w2[:, kept])
             bias = b2.detach().clone() if b2 is not None else torch.zeros(d_out)
             if bias_shift is not None:
@@ -56,7 +58,19 @@ class SlicedMLP(nn.Module):
             self.fc2.bias.copy_(bias)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        if self.gate_proj is None:
+            return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.act(self.gate_proj(x)) * self.fc1(x))
+
+
+def _sliced_linear(w, b, rows: torch.Tensor) -> nn.Linear:
+    """nn.Linear holding the given output rows of (w, b)."""
+    lin = nn.Linear(w.shape[1], len(rows), bias=b is not None)
+    with torch.no_grad():
+        lin.weight.copy_(w[rows])
+        if b is not None:
+            lin.bias.copy_(b[rows])
+    return lin
 
 
 class LowRankGate(nn.Module):
@@ -106,11 +120,11 @@ class GatedMLP(nn.Module):
 
     ``compensation`` (d_ff,), optional: the expected output of a skipped neuron (mean of a over tokens
     where it is inactive, zero for ReLU); skipped neurons then contribute it instead of zero. The kernels
-    cannot add it, so with compensation the torch path runs.
+    cannot add it, so with compensation the torch path runs. ``wg``/``bg``: a gated block's gate projection.
     """
 
     def __init__(self, w1, b1, w2, b2, gate: nn.Module, threshold: torch.Tensor, activation: str,
-                 compensation: torch.Tensor | None = None, impl: str | None = None, act=None):
+                 compensation: torch.Tensor | None = None, impl: str | None = None, act=None, wg=None, bg=None):
         super().__init__()
         self.activation = activation
         self.act_code = ACTIVATION_CODES[activation]
@@ -118,6 +132,8 @@ class GatedMLP(nn.Module):
         self.act = act if act is not None else act_fn(activation)
         self.register_buffer("w1", w1.detach().float().contiguous())
         self.register_buffer("b1", None if b1 is None else b1.detach().float().contiguous())
+        self.register_buffer("wg", None if wg is None else wg.detach().float().contiguous())
+        self.register_buffer("bg", None if bg is None else bg.detach().float().contiguous())
         self.register_buffer("w2_t", w2.detach().float().t().contiguous())
         self.register_buffer("b2", None if b2 is None else b2.detach().float().contiguous())
         self.gate = gate
@@ -148,7 +164,9 @@ class GatedMLP(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
         mask = self.gate_mask(x2)
-        a = self.act(F.linear(x2, self.w1, self.b1))
+        a = self.act(F.linear(x2, self.w1, self.b1) if self.wg is None else F.linear(x2, self.wg, self.bg))
+        if self.wg is not None:
+            a = a * F.linear(x2, self.w1, self.b1)
         a = torch.where(mask, a, self.compensation if self.compensation is not None else torch.zeros_like(a))
         y = a @ self.w2_t
         if self.b2 is not None:
@@ -165,11 +183,13 @@ class GatedMLP(nn.Module):
             indptr, groups = grouped_mlp.grouped_gate_groups(x2, self.gate.G.detach(), self.gate.c.detach(),
                                                              self.threshold)
             y = grouped_mlp.grouped_sparse_mlp(x2, self.w1, self.b1, self.w2_t, self.b2, indptr, groups,
-                                               self.gate.group_size, self.act_code)
+                                               self.gate.group_size, self.act_code, self.wg, self.bg)
             return y, groups.numel() * self.gate.group_size
         indptr, indices = k.lowrank_gate_indices(x2, self.gate.A.detach(), self.gate.B.detach(), self.gate.c.detach(),
                                                  self.threshold)
-        return k.gated_sparse_mlp(x2, self.w1, self.b1, self.w2_t, self.b2, indptr, indices, self.act_code), indices.numel()
+        y = k.gated_sparse_mlp(x2, self.w1, self.b1, self.w2_t, self.b2, indptr, indices, self.act_code,
+                               self.wg, self.bg)
+        return y, indices.numel()
 
     def forward(self, x):
         k = _kernels() if self.impl != "torch" else None

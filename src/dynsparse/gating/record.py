@@ -14,6 +14,9 @@ enter any statistic or the reservoir:
 
 "Active" means ``a > 0`` (a ReLU neuron's exact non-zeros, a GELU neuron's positive branch); the separate
 "near zero" count uses ``|a| <= eps`` (eps reported) so smooth activations get an honest sparsity number.
+Gated (Llama-style) blocks have a = act(gate_proj(x)) * up_proj(x); there a neuron is active when its
+gate is, ``act(gate_proj(x)) > 0`` (exact zeros for a ReLU gate, SiLU's positive branch), because the up
+projection's sign says nothing about whether the neuron matters. Every other statistic uses the product.
 """
 from __future__ import annotations
 
@@ -37,6 +40,15 @@ def activation_name(block: MLPBlock) -> str:
         if key in name:
             return "relu" if key == "relu" and "leaky" not in name else key
     return name
+
+
+def hidden_activations(block: MLPBlock, x: torch.Tensor, z: torch.Tensor):
+    """(a, active) for rows ``x`` whose fc1 output is ``z``: a is what fc2 consumes; active is None for
+    plain blocks (a > 0) and act(gate_proj(x)) > 0 for gated ones."""
+    if not block.gated:
+        return block.act(z), None
+    gate = block.act(block.gate_proj(x))
+    return gate * z, gate > 0
 
 
 @dataclass
@@ -94,11 +106,13 @@ class LayerStats:
     def batch_union(self) -> float:
         return self.union_sum / max(self.n_batches, 1)
 
-    def update(self, x: torch.Tensor, a: torch.Tensor) -> None:
-        """Fold in rows ``x`` (n, d_model) and their activations ``a`` (n, d_ff) (real tokens only)."""
+    def update(self, x: torch.Tensor, a: torch.Tensor, active: torch.Tensor | None = None) -> None:
+        """Fold in rows ``x`` (n, d_model), their activations ``a`` (n, d_ff) and which are active
+        (default ``a > 0``; real tokens only)."""
         if x.shape[0] == 0:
             return
-        active = a > 0
+        if active is None:
+            active = a > 0
         self.n_tokens += x.shape[0]
         self.n_batches += 1
         self.fire_count += active.sum(0)
@@ -154,8 +168,6 @@ class ActivationRecorder:
             raise ValueError(f"{type(model).__name__} has no recognisable MLP blocks (fc1 -> act -> fc2)")
         self.stats: dict[str, LayerStats] = {}
         for name, b in self.blocks.items():
-            if b.gated:
-                raise ValueError(f"{name}: gated (Llama-style) MLPs are not supported by the recorder")
             if b.act is None:
                 raise ValueError(f"{name}: MLP block has no activation function to record")
             self.stats[name] = LayerStats(name, b.d_model, b.d_ff, activation_name(b), eps, max_samples=max_samples)
@@ -176,13 +188,13 @@ class ActivationRecorder:
         def hook(module, inputs, z):
             x = inputs[0]
             with torch.no_grad():
-                a = block.act(z)
                 mask = self._mask_for(name, x)
-                x2, a2 = x.reshape(-1, x.shape[-1]), a.reshape(-1, a.shape[-1])
+                x2, z2 = x.reshape(-1, x.shape[-1]), z.reshape(-1, z.shape[-1])
                 if mask is not None:
                     keep = mask.reshape(-1)
-                    x2, a2 = x2[keep], a2[keep]
-                self.stats[name].update(x2.detach(), a2.detach().float())
+                    x2, z2 = x2[keep], z2[keep]
+                a, active = hidden_activations(block, x2, z2)
+                self.stats[name].update(x2.detach(), a.detach().float(), active)
 
         return hook
 

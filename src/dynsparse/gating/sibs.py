@@ -65,7 +65,7 @@ def sibs_tensors(block: MLPBlock, stats: LayerStats, cfg: SIBSConfig) -> dict[st
 
 
 def build_sliced(block: MLPBlock, tensors: dict[str, torch.Tensor], activation: str) -> SlicedMLP:
-    w1, b1, w2, b2 = block.linear_weights()
-    return SlicedMLP(w1.detach(), None if b1 is None else b1.detach(), w2.detach(),
-                     None if b2 is None else b2.detach(), tensors["kept"], activation, tensors["bias_shift"],
-                     act=block.act if callable(block.act) else None)
+    w1, b1, w2, b2 = (None if t is None else t.detach() for t in block.linear_weights())
+    wg, bg = (None if t is None else t.detach() for t in block.gate_weights())
+    return SlicedMLP(w1, b1, w2, b2, tensors["kept"], activation, tensors["bias_shift"],
+                     act=block.act if callable(block.act) else None, wg=wg, bg=bg)

@@ -13,6 +13,10 @@ most of its work. These kernels read only the weight rows of active neurons:
 * ``relu_skip_mlp`` is the exact ReLU baseline: dense fc1, then fc2 over each token's non-zeros only;
 * ``gated_sparse_mlp`` picks per-token or union from the measured sizes.
 
+Gated (GLU, Llama-style) blocks ``y = fc2(act(gate(x)) * up(x))`` pass the gate projection as
+``wg``/``bg`` to any MLP kernel: a listed neuron then costs two dots (gate row and up row, ``w1`` being the
+up projection) and one axpy, and ``act`` applies to the gate's pre-activation only.
+
 Every kernel computes in float32 and returns x's dtype. Each has a pure-torch path (used when numba
 is missing, and by the tests as the reference). Activation codes: gelu 0, relu 1, silu 2, tanh 3,
 identity 4 (``dynsparse.tree.activations.ACTIVATION_CODES``).
@@ -87,6 +91,25 @@ def _check_mlp(x, w1, b1, w2_t, b2):
         raise ValueError(f"b1 must have shape ({w1.shape[0]},), got {tuple(b1.shape)}")
     if b2 is not None and b2.shape != (w2_t.shape[1],):
         raise ValueError(f"b2 must have shape ({w2_t.shape[1]},), got {tuple(b2.shape)}")
+
+
+def _check_glu(w1, wg, bg) -> None:
+    if wg is None:
+        if bg is not None:
+            raise ValueError("bg was given without wg (the gate projection of a gated MLP)")
+        return
+    if wg.shape != w1.shape:
+        raise ValueError(f"wg (gate projection) must have w1's shape {tuple(w1.shape)}, got {tuple(wg.shape)}")
+    if bg is not None and bg.shape != (w1.shape[0],):
+        raise ValueError(f"bg must have shape ({w1.shape[0]},), got {tuple(bg.shape)}")
+
+
+def _hidden(x, w1, b1, act_code, wg=None, bg=None):
+    """Dense hidden activations in torch: act(x w1^T + b1), or act(x wg^T + bg) * (x w1^T + b1) (GLU)."""
+    z = F.linear(x, w1, b1)
+    if wg is None:
+        return ACT_FUNCTIONS[act_code](z)
+    return ACT_FUNCTIONS[act_code](F.linear(x, wg, bg)) * z
 
 
 def _use_numba(*tensors) -> bool:
@@ -242,25 +265,29 @@ if NUMBA:
 
 
 # ---------------------------------------------------------------------------------------------- MLPs
-def sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code):
+def sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code, wg=None, bg=None):
     """Per-token sparse MLP: y[m] = b2 + sum_{j in list m} act(w1[j] . x[m] + b1[j]) * w2_t[j].
 
     x (M, d), w1 (d_ff, d) (nn.Linear weight), b1 (d_ff,) or None, w2_t (d_ff, d_out) (fc2.weight.T,
-    contiguous), b2 (d_out,) or None, CSR lists from a gate. Returns (M, d_out) in x's dtype.
+    contiguous), b2 (d_out,) or None, CSR lists from a gate. With ``wg`` (d_ff, d) and ``bg`` (GLU) the
+    neuron's value is act(wg[j] . x[m] + bg[j]) * (w1[j] . x[m] + b1[j]). Returns (M, d_out) in x's dtype.
     """
     _check_mlp(x, w1, b1, w2_t, b2)
+    _check_glu(w1, wg, bg)
     _check_csr(indptr, indices, x.shape[0], w1.shape[0])
     _check_act(act_code)
     with torch.no_grad():
-        if not _use_numba(x, w1, w2_t):
-            return sparse_mlp_torch(x, w1, b1, w2_t, b2, indptr, indices, act_code)
+        if not _use_numba(x, w1, w2_t, wg):
+            return sparse_mlp_torch(x, w1, b1, w2_t, b2, indptr, indices, act_code, wg, bg)
         sync_threads()
         d_ff, d_out = w2_t.shape
         y = np.empty((x.shape[0], d_out), dtype=np.float32)
-        args = (as_f32(x), weight_view(w1), _opt(b1, d_ff), weight_view(w2_t), _opt(b2, d_out), indptr.numpy(),
-                indices.numpy())
+        glu = wg is not None
+        w1_view = weight_view(w1)
+        args = (as_f32(x), weight_view(wg) if glu else w1_view, _opt(bg, d_ff), glu, w1_view, _opt(b1, d_ff),
+                weight_view(w2_t), _opt(b2, d_out), indptr.numpy(), indices.numpy())
         threads = numba.get_num_threads()
-        if indices.numel() * (x.shape[1] + d_out) < PARALLEL_MIN_WORK or threads == 1:
+        if indices.numel() * (x.shape[1] * (1 + glu) + d_out) < PARALLEL_MIN_WORK or threads == 1:
             _sparse_mlp_serial(*args, act_code, y)
         elif x.shape[0] < threads:
             _sparse_mlp_split(*args, act_code, y, np.empty((threads, d_out), dtype=np.float32))
@@ -269,16 +296,20 @@ def sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code):
         return torch.from_numpy(y).to(x.dtype)
 
 
-def sparse_mlp_torch(x, w1, b1, w2_t, b2, indptr, indices, act_code):
+def sparse_mlp_torch(x, w1, b1, w2_t, b2, indptr, indices, act_code, wg=None, bg=None):
     """Pure-torch sparse_mlp (fallback and reference): gather the (token, neuron) pairs, scatter-add back."""
     m = x.shape[0]
     xf = x.float()
     rows = torch.repeat_interleave(torch.arange(m, device=x.device), indptr[1:] - indptr[:-1])
     cols = indices.long()
-    z = (w1.float()[cols] * xf[rows]).sum(-1)
-    if b1 is not None:
-        z = z + b1.float()[cols]
-    h = ACT_FUNCTIONS[act_code](z)
+
+    def pre_activation(w, b):
+        z = (w.float()[cols] * xf[rows]).sum(-1)
+        return z if b is None else z + b.float()[cols]
+
+    h = ACT_FUNCTIONS[act_code](pre_activation(w1, b1) if wg is None else pre_activation(wg, bg))
+    if wg is not None:
+        h = h * pre_activation(w1, b1)
     y = torch.zeros(m, w2_t.shape[1], dtype=torch.float32, device=x.device)
     y.index_add_(0, rows, h.unsqueeze(1) * w2_t.float()[cols])
     if b2 is not None:
@@ -286,17 +317,21 @@ def sparse_mlp_torch(x, w1, b1, w2_t, b2, indptr, indices, act_code):
     return y.to(x.dtype)
 
 
-def union_sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code):
+def union_sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code, wg=None, bg=None):
     """The same result as ``sparse_mlp`` via the batch's union of active neurons: gather those rows once,
     run dense matmuls over them, and zero each token's neurons outside its own list. Wins when the
     tokens' sets overlap a lot (small batches, shared hot neurons)."""
     _check_mlp(x, w1, b1, w2_t, b2)
+    _check_glu(w1, wg, bg)
     _check_csr(indptr, indices, x.shape[0], w1.shape[0])
     _check_act(act_code)
     with torch.no_grad():
         union, mask = _union_and_mask(indptr, indices, w1.shape[0], x.device)
-        z = F.linear(x.float(), w1.float()[union], None if b1 is None else b1.float()[union])
-        h = ACT_FUNCTIONS[act_code](z) * mask
+
+        def rows(t):
+            return None if t is None else t.float()[union]
+
+        h = _hidden(x.float(), rows(w1), rows(b1), act_code, rows(wg), rows(bg)) * mask
         y = h @ w2_t.float()[union]
         if b2 is not None:
             y += b2.float()
@@ -368,11 +403,12 @@ def relu_skip_mlp(x, w1, b1, w2_t, b2):
         return torch.from_numpy(y).to(x.dtype)
 
 
-def gated_sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code):
+def gated_sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code, wg=None, bg=None):
     """Sparse MLP with the execution picked by measured sizes: union (dense BLAS over the union of
     active neurons) when M * |union| < UNION_SPEEDUP * nnz, else per-token."""
     _check_csr(indptr, indices, x.shape[0], w1.shape[0])
-    return choose_path(x.shape[0], indices, w1.shape[0])(x, w1, b1, w2_t, b2, indptr, indices, act_code)
+    path = choose_path(x.shape[0], indices, w1.shape[0])
+    return path(x, w1, b1, w2_t, b2, indptr, indices, act_code, wg, bg)
 
 
 def choose_path(m: int, indices: torch.Tensor, d_ff: int):
@@ -428,22 +464,63 @@ if NUMBA:
                 yi[q] += h * out[q]
             p += 1
 
+    @njit(inline="always", fastmath=FAST, cache=True)
+    def _accumulate_glu(xi, wg, bg, w1, b1, w2_t, indices, start, end, act_code, yi):
+        """GLU form of ``_accumulate``: yi += act(wg[j] . xi + bg[j]) * (w1[j] . xi + b1[j]) * w2_t[j],
+        two neurons at a time (four dots share each load of x)."""
+        d = xi.shape[0]
+        d_out = yi.shape[0]
+        p = start
+        while p + 2 <= end:
+            j0, j1 = indices[p], indices[p + 1]
+            g0, g1, u0, u1 = wg[j0], wg[j1], w1[j0], w1[j1]
+            zg0, zg1, zu0, zu1 = bg[j0], bg[j1], b1[j0], b1[j1]
+            for k in range(d):
+                xk = xi[k]
+                zg0 += g0[k] * xk
+                zg1 += g1[k] * xk
+                zu0 += u0[k] * xk
+                zu1 += u1[k] * xk
+            h0, h1 = _act(zg0, act_code) * zu0, _act(zg1, act_code) * zu1
+            o0, o1 = w2_t[j0], w2_t[j1]
+            for q in range(d_out):
+                yi[q] += h0 * o0[q] + h1 * o1[q]
+            p += 2
+        if p < end:
+            j = indices[p]
+            g, u = wg[j], w1[j]
+            zg, zu = bg[j], b1[j]
+            for k in range(d):
+                zg += g[k] * xi[k]
+                zu += u[k] * xi[k]
+            h = _act(zg, act_code) * zu
+            out = w2_t[j]
+            for q in range(d_out):
+                yi[q] += h * out[q]
+
+    @njit(inline="always", fastmath=FAST, cache=True)
+    def _accumulate_any(xi, wg, bg, glu, w1, b1, w2_t, indices, start, end, act_code, yi):
+        if glu:
+            _accumulate_glu(xi, wg, bg, w1, b1, w2_t, indices, start, end, act_code, yi)
+        else:
+            _accumulate(xi, w1, b1, w2_t, indices, start, end, act_code, yi)
+
     @njit(parallel=True, fastmath=FAST, cache=True)
-    def _sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code, y):
+    def _sparse_mlp(x, wg, bg, glu, w1, b1, w2_t, b2, indptr, indices, act_code, y):
         for i in prange(x.shape[0]):
             yi = y[i]
             yi[:] = b2
-            _accumulate(x[i], w1, b1, w2_t, indices, indptr[i], indptr[i + 1], act_code, yi)
+            _accumulate_any(x[i], wg, bg, glu, w1, b1, w2_t, indices, indptr[i], indptr[i + 1], act_code, yi)
 
     @njit(fastmath=FAST, cache=True)
-    def _sparse_mlp_serial(x, w1, b1, w2_t, b2, indptr, indices, act_code, y):
+    def _sparse_mlp_serial(x, wg, bg, glu, w1, b1, w2_t, b2, indptr, indices, act_code, y):
         for i in range(x.shape[0]):
             yi = y[i]
             yi[:] = b2
-            _accumulate(x[i], w1, b1, w2_t, indices, indptr[i], indptr[i + 1], act_code, yi)
+            _accumulate_any(x[i], wg, bg, glu, w1, b1, w2_t, indices, indptr[i], indptr[i + 1], act_code, yi)
 
     @njit(parallel=True, fastmath=FAST, cache=True)
-    def _sparse_mlp_split(x, w1, b1, w2_t, b2, indptr, indices, act_code, y, parts):
+    def _sparse_mlp_split(x, wg, bg, glu, w1, b1, w2_t, b2, indptr, indices, act_code, y, parts):
         """Few tokens, more threads: each thread takes a slice of a token's list, partial sums add up."""
         n_parts, d_out = parts.shape
         for i in range(x.shape[0]):
@@ -453,7 +530,7 @@ if NUMBA:
                 part = parts[t]
                 part[:] = 0.0
                 a = min(end, start + t * step)
-                _accumulate(x[i], w1, b1, w2_t, indices, a, min(end, a + step), act_code, part)
+                _accumulate_any(x[i], wg, bg, glu, w1, b1, w2_t, indices, a, min(end, a + step), act_code, part)
             yi = y[i]
             yi[:] = b2
             for t in range(n_parts):

@@ -1,0 +1,68 @@
+"""Gated (GLU, Llama-style) MLPs through every sparse MLP kernel, against a dense masked torch reference:
+y = fc2((act(x wg^T + bg) * (x w1^T + b1)) * mask)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dynsparse.kernels import gated_mlp as gm
+from dynsparse.kernels import grouped_mlp as gq
+
+ACTS = {0: F.gelu, 1: F.relu, 2: F.silu, 3: torch.tanh, 4: lambda z: z}
+
+
+def _glu(m, d=24, d_ff=96, d_out=20, seed=0, biases=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, d, generator=g)
+    wg, w1 = torch.randn(d_ff, d, generator=g) / d**0.5, torch.randn(d_ff, d, generator=g) / d**0.5
+    w2 = torch.randn(d_out, d_ff, generator=g) / d_ff**0.5
+    bg, b1, b2 = (torch.randn(n, generator=g) * 0.1 if biases else None for n in (d_ff, d_ff, d_out))
+    return x, wg, bg, w1, b1, w2, b2
+
+
+def _reference(x, wg, bg, w1, b1, w2, b2, mask, act_code):
+    return F.linear(ACTS[act_code](F.linear(x, wg, bg)) * F.linear(x, w1, b1) * mask, w2, b2)
+
+
+def _close(a, b):
+    scale = b.abs().max().clamp_min(1e-6)
+    assert (a - b).abs().max() / scale < 1e-4, float((a - b).abs().max() / scale)
+
+
+@pytest.mark.parametrize("m", [1, 3, 37, 200])
+@pytest.mark.parametrize("biases", [True, False])
+@pytest.mark.parametrize("work_limit", [0, 1 << 62])  # threaded (split or prange) / serial
+def test_per_token_and_union_paths(m, biases, work_limit, monkeypatch):
+    monkeypatch.setattr(gm, "PARALLEL_MIN_WORK", work_limit)
+    for act_code in range(5):
+        x, wg, bg, w1, b1, w2, b2 = _glu(m, seed=act_code, biases=biases)
+        mask = torch.rand(m, w1.shape[0], generator=torch.Generator().manual_seed(act_code)) < 0.3
+        indptr, indices = gm._csr_from_mask(mask)
+        ref = _reference(x, wg, bg, w1, b1, w2, b2, mask, act_code)
+        w2_t = w2.t().contiguous()
+        for kernel in (gm.sparse_mlp, gm.sparse_mlp_torch, gm.union_sparse_mlp, gm.gated_sparse_mlp):
+            _close(kernel(x, w1, b1, w2_t, b2, indptr, indices, act_code, wg, bg), ref)
+
+
+@pytest.mark.parametrize("m,group_size", [(1, 4), (9, 16), (130, 8)])
+@pytest.mark.parametrize("work_limit", [0, 1 << 62])
+def test_grouped_path(m, group_size, work_limit, monkeypatch):
+    monkeypatch.setattr(gq, "PARALLEL_MIN_WORK", work_limit)
+    for act_code in range(5):
+        x, wg, bg, w1, b1, w2, b2 = _glu(m, seed=10 + act_code)
+        G = torch.randn(x.shape[1], w1.shape[0] // group_size, generator=torch.Generator().manual_seed(act_code))
+        indptr, groups = gq.grouped_gate_groups(x, G, None, 0.5)
+        mask = (x @ G > 0.5).repeat_interleave(group_size, dim=1)
+        y = gq.grouped_sparse_mlp(x, w1, b1, w2.t().contiguous(), b2, indptr, groups, group_size, act_code, wg, bg)
+        _close(y, _reference(x, wg, bg, w1, b1, w2, b2, mask, act_code))
+
+
+def test_bad_gate_projection_is_named():
+    x, wg, bg, w1, b1, w2, b2 = _glu(4)
+    indptr, indices = gm._csr_from_mask(torch.ones(4, w1.shape[0], dtype=torch.bool))
+    w2_t = w2.t().contiguous()
+    with pytest.raises(ValueError, match="wg"):
+        gm.sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, 2, wg[:-1], bg)
+    with pytest.raises(ValueError, match="bg"):
+        gm.sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, 2, wg, bg[:-1])
+    with pytest.raises(ValueError, match="without wg"):
+        gm.union_sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, 2, None, bg)
