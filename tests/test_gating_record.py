@@ -28,6 +28,7 @@ def test_stats_match_direct_computation():
     assert s.n_tokens == 21
     assert torch.equal(s.fire_count, (a > 0).sum(0))
     assert torch.allclose(s.mean_activation.float(), a.mean(0), atol=1e-6)
+    assert torch.allclose(s.mean_square_activation.float(), a.square().mean(0), atol=1e-6)
     assert s.sparsity == pytest.approx(1 - (a > 0).float().mean().item())
     assert s.batch_union == pytest.approx((a > 0).any(0).float().mean().item())
 

@@ -82,6 +82,56 @@ def test_sibs_threshold_and_target_select_lowest_frequency():
         assert torch.equal(ts["kept"], torch.nonzero(stats[name].firing_frequency >= 0.2).flatten())
 
 
+class _MLP(torch.nn.Module):
+    def __init__(self, d=16, d_ff=64):
+        super().__init__()
+        self.fc1, self.fc2, self.act = torch.nn.Linear(d, d_ff), torch.nn.Linear(d_ff, d), torch.nn.ReLU()
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = _MLP()
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+@pytest.mark.parametrize("compensate", [False, True])
+def test_sibs_output_error_keeps_a_rare_but_massive_neuron_and_beats_frequency(compensate):
+    # neuron 7 fires on ~1 % of tokens (x[0] > 2.3) but hugely: frequency removes it first, output_error
+    # keeps it, and the block sliced by output_error is closer to dense on the calibration rows
+    from dynsparse.gating.sibs import build_sliced, removal_error, sibs_tensors
+    from dynsparse.mlps import find_mlps
+
+    torch.manual_seed(0)
+    net = _Net().eval()
+    with torch.no_grad():
+        net.mlp.fc1.weight[7] = 0.0
+        net.mlp.fc1.weight[7, 0] = 50.0
+        net.mlp.fc1.bias[7] = -50.0 * 2.3
+    x = torch.randn(4000, 16)
+    block = find_mlps(net)["mlp"]
+    stats = record_activations(net, [{"x": x[i:i + 500]} for i in range(0, 4000, 500)])["mlp"]
+    assert 0 < stats.firing_frequency[7] < 0.02
+    by_error = SIBSConfig(target_sparsity=0.5, compensate=compensate, criterion="output_error")
+    by_freq = SIBSConfig(target_sparsity=0.5, compensate=compensate)
+    kept_err, kept_freq = sibs_tensors(block, stats, by_error)["kept"], sibs_tensors(block, stats, by_freq)["kept"]
+    assert 7 in kept_err and 7 not in kept_freq
+    err = removal_error(stats, block.fc2.weight, compensate)
+    removed = torch.ones(64, dtype=torch.bool)
+    removed[kept_err] = False
+    assert err[kept_err].min() >= err[removed].max()
+    with torch.no_grad():
+        dense = net.mlp(x)
+        errs = {cfg.criterion: (build_sliced(block, sibs_tensors(block, stats, cfg), "relu")(x) - dense).pow(2).mean()
+                for cfg in (by_error, by_freq)}
+    assert errs["output_error"] < errs["frequency"]
+
+
 @pytest.mark.parametrize("gate", ["lowrank", "grouped"])
 def test_gated_mlp_fast_path_equals_reference(gate):
     torch.manual_seed(0)
@@ -162,6 +212,10 @@ def test_gate_file_round_trip_and_mismatch(tmp_path):
 def test_bad_configs_and_too_little_calibration():
     with pytest.raises(ValueError, match="exactly one"):
         SIBSConfig()
+    with pytest.raises(ValueError, match="criterion must be"):
+        SIBSConfig(target_sparsity=0.5, criterion="magnitude")
+    with pytest.raises(ValueError, match="takes target_sparsity"):
+        SIBSConfig(threshold=0.1, criterion="output_error")
     with pytest.raises(ValueError, match="at most one"):
         MGSConfig(target_recall=0.9, target_sparsity=0.5)
     with pytest.raises(ValueError, match="gate must be"):

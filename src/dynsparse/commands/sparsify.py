@@ -14,6 +14,9 @@ def register(subparsers) -> None:
     p.add_argument("--threshold", type=float, default=None, help="SIBS: remove neurons firing less often than this")
     p.add_argument("--target-sparsity", type=float, default=None, help="SIBS or MGS: share to switch off")
     p.add_argument("--target-recall", type=float, default=None, help="MGS: share of active neurons to keep (default 0.99)")
+    p.add_argument("--criterion", choices=("frequency", "output_error"), default="frequency",
+                   help="SIBS: remove the least often firing neurons (the paper), or those whose removal adds the "
+                        "least squared error to the block output (needs --target-sparsity)")
     p.add_argument("--gate", choices=("lowrank", "grouped"), default="lowrank")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--group-size", type=int, default=16)
@@ -42,7 +45,7 @@ def run(args) -> int:
         if args.method == "sibs":
             if args.threshold is None and args.target_sparsity is None:
                 raise CLIError("sibs needs --threshold or --target-sparsity")
-            cfg = SIBSConfig(threshold=args.threshold, target_sparsity=args.target_sparsity,
+            cfg = SIBSConfig(threshold=args.threshold, target_sparsity=args.target_sparsity, criterion=args.criterion,
                              compensate=not args.no_compensate)
         else:
             if args.threshold is not None:

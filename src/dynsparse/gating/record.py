@@ -65,6 +65,7 @@ class LayerStats:
     fire_count: torch.Tensor = None  # (d_ff,) int64: tokens with a > 0
     near_zero_count: torch.Tensor = None  # (d_ff,) int64: tokens with |a| <= eps
     act_sum: torch.Tensor = None  # (d_ff,) float64: sum of a (for mean-output compensation)
+    sq_sum: torch.Tensor = None  # (d_ff,) float64: sum of a^2 (what dropping a neuron costs, see sibs)
     inactive_sum: torch.Tensor = None  # (d_ff,) float64: sum of a over tokens with a <= 0
     union_sum: float = 0.0  # sum over batches of the fraction of neurons active for >= 1 token of the batch
     max_samples: int = 0
@@ -77,6 +78,7 @@ class LayerStats:
         self.fire_count = torch.zeros(self.d_ff, dtype=torch.int64)
         self.near_zero_count = torch.zeros(self.d_ff, dtype=torch.int64)
         self.act_sum = torch.zeros(self.d_ff, dtype=torch.float64)
+        self.sq_sum = torch.zeros(self.d_ff, dtype=torch.float64)
         self.inactive_sum = torch.zeros(self.d_ff, dtype=torch.float64)
         self._gen = torch.Generator().manual_seed(0)
 
@@ -87,6 +89,10 @@ class LayerStats:
     @property
     def mean_activation(self) -> torch.Tensor:
         return self.act_sum / max(self.n_tokens, 1)
+
+    @property
+    def mean_square_activation(self) -> torch.Tensor:
+        return self.sq_sum / max(self.n_tokens, 1)
 
     @property
     def mean_inactive_activation(self) -> torch.Tensor:
@@ -117,7 +123,9 @@ class LayerStats:
         self.n_batches += 1
         self.fire_count += active.sum(0)
         self.near_zero_count += (a.abs() <= self.eps).sum(0)
-        self.act_sum += a.double().sum(0)
+        a64 = a.double()
+        self.act_sum += a64.sum(0)
+        self.sq_sum += a64.square().sum(0)
         self.inactive_sum += torch.where(active, 0.0, a).double().sum(0)
         self.union_sum += active.any(0).float().mean().item()
         if self.max_samples:

@@ -2,11 +2,20 @@
 
 A neuron that rarely fires on calibration data is predicted inactive for every input and removed: fc1's
 rows and fc2's columns are sliced out, leaving a smaller dense MLP (real speed, real memory saving, no
-index lists at run time). Which neurons go is decided per layer by their firing frequency (share of
-real tokens with a > 0): either below ``threshold``, or the ``target_sparsity`` share of lowest-frequency
-neurons. With ``compensate`` each removed neuron's mean output (over all calibration tokens) is added to
-fc2's bias; for smooth activations this is what keeps the model close to dense (a GELU neuron's
-negative outputs do not vanish), for ReLU it is the MSE-best constant and zero for dead neurons.
+index lists at run time). Which neurons go is decided per layer by ``criterion``:
+
+* ``"frequency"`` (the paper's indicator, default): firing frequency, the share of real tokens with
+  a > 0; either below ``threshold``, or the ``target_sparsity`` share of lowest-frequency neurons.
+* ``"output_error"``: the ``target_sparsity`` share of neurons whose removal adds the least expected
+  squared error to the block output, E[a^2] * |W2[:, j]|^2 (Var[a] instead of E[a^2] with compensation).
+  Pretrained transformers have neurons that fire rarely but hugely on a few tokens (massive activations
+  on separator-like tokens); frequency removes them first. On all-MiniLM-L6-v2 the 25 % lowest-frequency
+  neurons carry almost all of the first layer's output energy on held-out text.
+
+With ``compensate`` each removed neuron's mean output (over all calibration tokens) is added to fc2's
+bias: the MSE-best constant, zero for dead ReLU neurons. It lowers every layer's output error, but a
+rare huge output turned into a small constant on every token can still hurt end to end: on MiniLM it
+does with ``"frequency"`` and helps with ``"output_error"`` (docs/results/minilm).
 """
 from __future__ import annotations
 
@@ -24,6 +33,7 @@ class SIBSConfig:
     threshold: float | None = None  # remove neurons firing on fewer than this share of tokens
     target_sparsity: float | None = None  # or: remove this share of each layer's neurons
     compensate: bool = True
+    criterion: str = "frequency"  # or "output_error" (needs target_sparsity); see the module docstring
     eps: float = 1e-3  # near-zero tolerance reported by the recorder
     min_tokens: int = 16  # fewer calibration tokens than this per layer is an error
 
@@ -34,18 +44,36 @@ class SIBSConfig:
             raise ValueError(f"threshold is a firing frequency in [0, 1], got {self.threshold}")
         if self.target_sparsity is not None and not 0 <= self.target_sparsity < 1:
             raise ValueError(f"target_sparsity must be in [0, 1), got {self.target_sparsity}")
+        if self.criterion not in ("frequency", "output_error"):
+            raise ValueError(f"criterion must be 'frequency' or 'output_error', got {self.criterion!r}")
+        if self.criterion == "output_error" and self.threshold is not None:
+            raise ValueError("threshold is a firing frequency; criterion='output_error' takes target_sparsity=")
 
 
-def select_kept(stats: LayerStats, cfg: SIBSConfig) -> torch.Tensor:
-    """Sorted indices of the neurons SIBS keeps (at least one)."""
-    f = stats.firing_frequency
+def removal_error(stats: LayerStats, w2: torch.Tensor, compensate: bool) -> torch.Tensor:
+    """(d_ff,) expected squared error each neuron's removal adds to the block output on calibration
+    tokens: E[a^2] |W2[:, j]|^2, or Var[a] |W2[:, j]|^2 when its mean is added back."""
+    second = stats.mean_square_activation
+    if compensate:
+        second = (second - stats.mean_activation.square()).clamp_min(0)
+    return second * w2.detach().double().square().sum(0)
+
+
+def select_kept(stats: LayerStats, cfg: SIBSConfig, w2: torch.Tensor | None = None) -> torch.Tensor:
+    """Sorted indices of the neurons SIBS keeps (at least one); ``w2`` (fc2's weight) for output_error."""
+    if cfg.criterion == "output_error":
+        if w2 is None:
+            raise ValueError("criterion='output_error' needs the block's fc2 weight")
+        score = removal_error(stats, w2, cfg.compensate)
+    else:
+        score = stats.firing_frequency
     if cfg.threshold is not None:
-        kept = torch.nonzero(f >= cfg.threshold).flatten()
+        kept = torch.nonzero(score >= cfg.threshold).flatten()
         if len(kept) == 0:
-            kept = f.argmax().reshape(1)
+            kept = score.argmax().reshape(1)
     else:
         n_keep = max(1, stats.d_ff - int(cfg.target_sparsity * stats.d_ff))
-        order = torch.sort(f, descending=True, stable=True).indices
+        order = torch.sort(score, descending=True, stable=True).indices
         kept = order[:n_keep].sort().values
     return kept
 
@@ -54,8 +82,8 @@ def sibs_tensors(block: MLPBlock, stats: LayerStats, cfg: SIBSConfig) -> dict[st
     """What a SIBS layer needs beside the dense weights: kept indices and the bias shift."""
     if stats.n_tokens < cfg.min_tokens:
         raise ValueError(f"{block.name}: only {stats.n_tokens} calibration tokens (need >= {cfg.min_tokens})")
-    kept = select_kept(stats, cfg)
     _, _, w2, _ = block.linear_weights()
+    kept = select_kept(stats, cfg, w2)
     removed = torch.ones(stats.d_ff, dtype=torch.bool)
     removed[kept] = False
     shift = torch.zeros(w2.shape[0])
