@@ -133,19 +133,22 @@ def test_sibs_output_error_keeps_a_rare_but_massive_neuron_and_beats_frequency(c
 
 
 @pytest.mark.parametrize("gate", ["lowrank", "grouped"])
-def test_gated_mlp_fast_path_equals_reference(gate):
+@pytest.mark.parametrize("act,compensated", [("relu", False), ("gelu", True)])
+def test_gated_mlp_fast_path_equals_reference(gate, act, compensated):
     torch.manual_seed(0)
     d, d_ff = 16, 64
     w1, b1, w2, b2 = torch.randn(d_ff, d), torch.randn(d_ff), torch.randn(d, d_ff), torch.randn(d)
+    comp = -0.1 * torch.rand(d_ff) if compensated else None  # a skipped GELU neuron's mean output
     g = LowRankGate(d, d_ff, 4) if gate == "lowrank" else GroupedGate(d, d_ff, 8)
     g.requires_grad_(False)
-    mod = GatedMLP(w1, b1, w2, b2, g, torch.tensor(0.1), "relu")
+    mod = GatedMLP(w1, b1, w2, b2, g, torch.tensor(0.1), act, compensation=comp, impl="kernel")
     x = torch.randn(3, 7, d)
     with torch.no_grad():
         fast, ref = mod(x), mod.forward_reference(x)
         mask = mod.gate_mask(x.reshape(-1, d))
     assert torch.allclose(fast, ref, atol=1e-4)
-    direct = mlp_ref(x.reshape(-1, d), w1, b1, w2, b2, F.relu, mask).reshape(3, 7, d)
+    act_fn = F.relu if act == "relu" else F.gelu
+    direct = mlp_ref(x.reshape(-1, d), w1, b1, w2, b2, act_fn, mask, comp).reshape(3, 7, d)
     assert torch.allclose(ref, direct, atol=1e-4)
     assert 0 < mod.last_density < 1
 

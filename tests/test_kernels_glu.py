@@ -1,5 +1,5 @@
-"""Gated (GLU, Llama-style) MLPs through every sparse MLP kernel, against a dense masked torch reference:
-y = fc2((act(x wg^T + bg) * (x w1^T + b1)) * mask)."""
+"""Gated (GLU, Llama-style) MLPs and hidden-value offsets (MGS compensation) through every sparse MLP
+kernel, against a dense masked torch reference: y = fc2((act(x wg^T + bg) * (x w1^T + b1) - offset) * mask)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,11 @@ def _glu(m, d=24, d_ff=96, d_out=20, seed=0, biases=True):
     return x, wg, bg, w1, b1, w2, b2
 
 
-def _reference(x, wg, bg, w1, b1, w2, b2, mask, act_code):
-    return F.linear(ACTS[act_code](F.linear(x, wg, bg)) * F.linear(x, w1, b1) * mask, w2, b2)
+def _reference(x, wg, bg, w1, b1, w2, b2, mask, act_code, offset=None):
+    h = F.linear(x, w1, b1) if wg is None else ACTS[act_code](F.linear(x, wg, bg)) * F.linear(x, w1, b1)
+    if wg is None:
+        h = ACTS[act_code](h)
+    return F.linear((h - (0 if offset is None else offset)) * mask, w2, b2)
 
 
 def _close(a, b):
@@ -56,6 +59,28 @@ def test_grouped_path(m, group_size, work_limit, monkeypatch):
         _close(y, _reference(x, wg, bg, w1, b1, w2, b2, mask, act_code))
 
 
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("work_limit", [0, 1 << 62])
+def test_offsets_in_every_path(glu, work_limit, monkeypatch):
+    monkeypatch.setattr(gm, "PARALLEL_MIN_WORK", work_limit)
+    monkeypatch.setattr(gq, "PARALLEL_MIN_WORK", work_limit)
+    for m in (1, 37, 200):
+        x, wg, bg, w1, b1, w2, b2 = _glu(m, seed=m)
+        wg, bg = (wg, bg) if glu else (None, None)
+        offset = torch.randn(w1.shape[0], generator=torch.Generator().manual_seed(m)) * 0.3
+        mask = torch.rand(m, w1.shape[0], generator=torch.Generator().manual_seed(m + 1)) < 0.3
+        indptr, indices = gm._csr_from_mask(mask)
+        w2_t = w2.t().contiguous()
+        ref = _reference(x, wg, bg, w1, b1, w2, b2, mask, 0, offset)
+        for kernel in (gm.sparse_mlp, gm.sparse_mlp_torch, gm.union_sparse_mlp, gm.gated_sparse_mlp):
+            _close(kernel(x, w1, b1, w2_t, b2, indptr, indices, 0, wg, bg, offset), ref)
+        G = torch.randn(x.shape[1], w1.shape[0] // 8, generator=torch.Generator().manual_seed(m))
+        gptr, groups = gq.grouped_gate_groups(x, G, None, 0.5)
+        gmask = (x @ G > 0.5).repeat_interleave(8, dim=1)
+        y = gq.grouped_sparse_mlp(x, w1, b1, w2_t, b2, gptr, groups, 8, 0, wg, bg, offset)
+        _close(y, _reference(x, wg, bg, w1, b1, w2, b2, gmask, 0, offset))
+
+
 def test_bad_gate_projection_is_named():
     x, wg, bg, w1, b1, w2, b2 = _glu(4)
     indptr, indices = gm._csr_from_mask(torch.ones(4, w1.shape[0], dtype=torch.bool))
@@ -66,3 +91,5 @@ def test_bad_gate_projection_is_named():
         gm.sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, 2, wg, bg[:-1])
     with pytest.raises(ValueError, match="without wg"):
         gm.union_sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, 2, None, bg)
+    with pytest.raises(ValueError, match="offset"):
+        gm.sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, 2, offset=torch.zeros(3))

@@ -120,7 +120,8 @@ class GatedMLP(nn.Module):
 
     ``compensation`` (d_ff,), optional: the expected output of a skipped neuron (mean of a over tokens
     where it is inactive, zero for ReLU); skipped neurons then contribute it instead of zero. The kernels
-    cannot add it, so with compensation the torch path runs. ``wg``/``bg``: a gated block's gate projection.
+    run it sparsely: fc2's bias absorbs W2 c once, and each computed neuron gives act(z) - c_j.
+    ``wg``/``bg``: a gated block's gate projection.
     """
 
     def __init__(self, w1, b1, w2, b2, gate: nn.Module, threshold: torch.Tensor, activation: str,
@@ -139,6 +140,11 @@ class GatedMLP(nn.Module):
         self.gate = gate
         self.register_buffer("threshold", torch.as_tensor(threshold, dtype=torch.float32).detach().clone())
         self.register_buffer("compensation", None if compensation is None else compensation.detach().float())
+        # kernel form of the compensation: b2 + W2 c, and c subtracted from every computed neuron
+        b2_kernel = self.b2
+        if self.compensation is not None:
+            b2_kernel = (0 if self.b2 is None else self.b2) + self.compensation @ self.w2_t
+        self.register_buffer("b2_kernel", b2_kernel, persistent=False)
         if impl not in (None, "torch", "kernel"):
             raise ValueError(f"impl must be None, 'torch' or 'kernel', got {impl!r}")
         self.impl = impl
@@ -182,21 +188,22 @@ class GatedMLP(nn.Module):
 
             indptr, groups = grouped_mlp.grouped_gate_groups(x2, self.gate.G.detach(), self.gate.c.detach(),
                                                              self.threshold)
-            y = grouped_mlp.grouped_sparse_mlp(x2, self.w1, self.b1, self.w2_t, self.b2, indptr, groups,
-                                               self.gate.group_size, self.act_code, self.wg, self.bg)
+            y = grouped_mlp.grouped_sparse_mlp(x2, self.w1, self.b1, self.w2_t, self.b2_kernel, indptr, groups,
+                                               self.gate.group_size, self.act_code, self.wg, self.bg,
+                                               self.compensation)
             return y, groups.numel() * self.gate.group_size
         indptr, indices = k.lowrank_gate_indices(x2, self.gate.A.detach(), self.gate.B.detach(), self.gate.c.detach(),
                                                  self.threshold)
-        y = k.gated_sparse_mlp(x2, self.w1, self.b1, self.w2_t, self.b2, indptr, indices, self.act_code,
-                               self.wg, self.bg)
+        y = k.gated_sparse_mlp(x2, self.w1, self.b1, self.w2_t, self.b2_kernel, indptr, indices, self.act_code,
+                               self.wg, self.bg, self.compensation)
         return y, indices.numel()
 
     def forward(self, x):
         k = _kernels() if self.impl != "torch" else None
-        use_kernel = (k is not None and self.compensation is None and not torch.is_grad_enabled()
+        use_kernel = (k is not None and not torch.is_grad_enabled()
                       and x.device.type == "cpu")
         if self.impl == "kernel" and not use_kernel:
-            raise RuntimeError("impl='kernel' needs the gated_mlp kernels, no compensation, CPU and no grad")
+            raise RuntimeError("impl='kernel' needs the gated_mlp kernels, CPU and no grad")
         if not use_kernel:
             return self.forward_reference(x)
         shape = x.shape

@@ -17,6 +17,10 @@ Gated (GLU, Llama-style) blocks ``y = fc2(act(gate(x)) * up(x))`` pass the gate 
 ``wg``/``bg`` to any MLP kernel: a listed neuron then costs two dots (gate row and up row, ``w1`` being the
 up projection) and one axpy, and ``act`` applies to the gate's pre-activation only.
 
+``offset`` (d_ff,), optional, is subtracted from every computed hidden value: h_j = act(z_j) - offset[j].
+MGS compensation (a skipped neuron counts as its mean c_j) is then exact and still sparse:
+y = (b2 + W2 c) + sum over listed j of (act(z_j) - c_j) w2_j.
+
 Every kernel computes in float32 and returns x's dtype. Each has a pure-torch path (used when numba
 is missing, and by the tests as the reference). Activation codes: gelu 0, relu 1, silu 2, tanh 3,
 identity 4 (``dynsparse.tree.activations.ACTIVATION_CODES``).
@@ -104,12 +108,17 @@ def _check_glu(w1, wg, bg) -> None:
         raise ValueError(f"bg must have shape ({w1.shape[0]},), got {tuple(bg.shape)}")
 
 
-def _hidden(x, w1, b1, act_code, wg=None, bg=None):
-    """Dense hidden activations in torch: act(x w1^T + b1), or act(x wg^T + bg) * (x w1^T + b1) (GLU)."""
+def _check_offset(offset, d_ff: int) -> None:
+    if offset is not None and offset.shape != (d_ff,):
+        raise ValueError(f"offset must have shape ({d_ff},), got {tuple(offset.shape)}")
+
+
+def _hidden(x, w1, b1, act_code, wg=None, bg=None, offset=None):
+    """Dense hidden activations in torch: act(x w1^T + b1), or act(x wg^T + bg) * (x w1^T + b1) (GLU),
+    minus ``offset``."""
     z = F.linear(x, w1, b1)
-    if wg is None:
-        return ACT_FUNCTIONS[act_code](z)
-    return ACT_FUNCTIONS[act_code](F.linear(x, wg, bg)) * z
+    h = ACT_FUNCTIONS[act_code](z) if wg is None else ACT_FUNCTIONS[act_code](F.linear(x, wg, bg)) * z
+    return h if offset is None else h - offset
 
 
 def _use_numba(*tensors) -> bool:
@@ -265,27 +274,29 @@ if NUMBA:
 
 
 # ---------------------------------------------------------------------------------------------- MLPs
-def sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code, wg=None, bg=None):
+def sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code, wg=None, bg=None, offset=None):
     """Per-token sparse MLP: y[m] = b2 + sum_{j in list m} act(w1[j] . x[m] + b1[j]) * w2_t[j].
 
     x (M, d), w1 (d_ff, d) (nn.Linear weight), b1 (d_ff,) or None, w2_t (d_ff, d_out) (fc2.weight.T,
     contiguous), b2 (d_out,) or None, CSR lists from a gate. With ``wg`` (d_ff, d) and ``bg`` (GLU) the
-    neuron's value is act(wg[j] . x[m] + bg[j]) * (w1[j] . x[m] + b1[j]). Returns (M, d_out) in x's dtype.
+    neuron's value is act(wg[j] . x[m] + bg[j]) * (w1[j] . x[m] + b1[j]); ``offset[j]`` is subtracted from
+    it. Returns (M, d_out) in x's dtype.
     """
     _check_mlp(x, w1, b1, w2_t, b2)
     _check_glu(w1, wg, bg)
+    _check_offset(offset, w1.shape[0])
     _check_csr(indptr, indices, x.shape[0], w1.shape[0])
     _check_act(act_code)
     with torch.no_grad():
         if not _use_numba(x, w1, w2_t, wg):
-            return sparse_mlp_torch(x, w1, b1, w2_t, b2, indptr, indices, act_code, wg, bg)
+            return sparse_mlp_torch(x, w1, b1, w2_t, b2, indptr, indices, act_code, wg, bg, offset)
         sync_threads()
         d_ff, d_out = w2_t.shape
         y = np.empty((x.shape[0], d_out), dtype=np.float32)
         glu = wg is not None
         w1_view = weight_view(w1)
         args = (as_f32(x), weight_view(wg) if glu else w1_view, _opt(bg, d_ff), glu, w1_view, _opt(b1, d_ff),
-                weight_view(w2_t), _opt(b2, d_out), indptr.numpy(), indices.numpy())
+                _opt(offset, d_ff), weight_view(w2_t), _opt(b2, d_out), indptr.numpy(), indices.numpy())
         threads = numba.get_num_threads()
         if indices.numel() * (x.shape[1] * (1 + glu) + d_out) < PARALLEL_MIN_WORK or threads == 1:
             _sparse_mlp_serial(*args, act_code, y)
@@ -296,7 +307,7 @@ def sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code, wg=None, bg=None)
         return torch.from_numpy(y).to(x.dtype)
 
 
-def sparse_mlp_torch(x, w1, b1, w2_t, b2, indptr, indices, act_code, wg=None, bg=None):
+def sparse_mlp_torch(x, w1, b1, w2_t, b2, indptr, indices, act_code, wg=None, bg=None, offset=None):
     """Pure-torch sparse_mlp (fallback and reference): gather the (token, neuron) pairs, scatter-add back."""
     m = x.shape[0]
     xf = x.float()
@@ -310,6 +321,8 @@ def sparse_mlp_torch(x, w1, b1, w2_t, b2, indptr, indices, act_code, wg=None, bg
     h = ACT_FUNCTIONS[act_code](pre_activation(w1, b1) if wg is None else pre_activation(wg, bg))
     if wg is not None:
         h = h * pre_activation(w1, b1)
+    if offset is not None:
+        h = h - offset.float()[cols]
     y = torch.zeros(m, w2_t.shape[1], dtype=torch.float32, device=x.device)
     y.index_add_(0, rows, h.unsqueeze(1) * w2_t.float()[cols])
     if b2 is not None:
@@ -317,12 +330,13 @@ def sparse_mlp_torch(x, w1, b1, w2_t, b2, indptr, indices, act_code, wg=None, bg
     return y.to(x.dtype)
 
 
-def union_sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code, wg=None, bg=None):
+def union_sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code, wg=None, bg=None, offset=None):
     """The same result as ``sparse_mlp`` via the batch's union of active neurons: gather those rows once,
     run dense matmuls over them, and zero each token's neurons outside its own list. Wins when the
     tokens' sets overlap a lot (small batches, shared hot neurons)."""
     _check_mlp(x, w1, b1, w2_t, b2)
     _check_glu(w1, wg, bg)
+    _check_offset(offset, w1.shape[0])
     _check_csr(indptr, indices, x.shape[0], w1.shape[0])
     _check_act(act_code)
     with torch.no_grad():
@@ -331,7 +345,7 @@ def union_sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code, wg=None, bg
         def rows(t):
             return None if t is None else t.float()[union]
 
-        h = _hidden(x.float(), rows(w1), rows(b1), act_code, rows(wg), rows(bg)) * mask
+        h = _hidden(x.float(), rows(w1), rows(b1), act_code, rows(wg), rows(bg), rows(offset)) * mask
         y = h @ w2_t.float()[union]
         if b2 is not None:
             y += b2.float()
@@ -403,12 +417,12 @@ def relu_skip_mlp(x, w1, b1, w2_t, b2):
         return torch.from_numpy(y).to(x.dtype)
 
 
-def gated_sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code, wg=None, bg=None):
+def gated_sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, act_code, wg=None, bg=None, offset=None):
     """Sparse MLP with the execution picked by measured sizes: union (dense BLAS over the union of
     active neurons) when M * |union| < UNION_SPEEDUP * nnz, else per-token."""
     _check_csr(indptr, indices, x.shape[0], w1.shape[0])
     path = choose_path(x.shape[0], indices, w1.shape[0])
-    return path(x, w1, b1, w2_t, b2, indptr, indices, act_code, wg, bg)
+    return path(x, w1, b1, w2_t, b2, indptr, indices, act_code, wg, bg, offset)
 
 
 def choose_path(m: int, indices: torch.Tensor, d_ff: int):
@@ -430,7 +444,7 @@ def _check_act(act_code) -> None:
 if NUMBA:
 
     @njit(inline="always", fastmath=FAST, cache=True)
-    def _accumulate(xi, w1, b1, w2_t, indices, start, end, act_code, yi):
+    def _accumulate(xi, w1, b1, off, w2_t, indices, start, end, act_code, yi):
         """yi += sum over indices[start:end] of act(w1[j] . xi + b1[j]) * w2_t[j], four neurons at a
         time so each load of x (dot) and of y (axpy) serves four rows."""
         d = xi.shape[0]
@@ -446,8 +460,8 @@ if NUMBA:
                 z1 += r1[k] * xk
                 z2 += r2[k] * xk
                 z3 += r3[k] * xk
-            h0, h1 = _act(z0, act_code), _act(z1, act_code)
-            h2, h3 = _act(z2, act_code), _act(z3, act_code)
+            h0, h1 = _act(z0, act_code) - off[j0], _act(z1, act_code) - off[j1]
+            h2, h3 = _act(z2, act_code) - off[j2], _act(z3, act_code) - off[j3]
             o0, o1, o2, o3 = w2_t[j0], w2_t[j1], w2_t[j2], w2_t[j3]
             for q in range(d_out):
                 yi[q] += h0 * o0[q] + h1 * o1[q] + h2 * o2[q] + h3 * o3[q]
@@ -458,14 +472,14 @@ if NUMBA:
             z = b1[j]
             for k in range(d):
                 z += row[k] * xi[k]
-            h = _act(z, act_code)
+            h = _act(z, act_code) - off[j]
             out = w2_t[j]
             for q in range(d_out):
                 yi[q] += h * out[q]
             p += 1
 
     @njit(inline="always", fastmath=FAST, cache=True)
-    def _accumulate_glu(xi, wg, bg, w1, b1, w2_t, indices, start, end, act_code, yi):
+    def _accumulate_glu(xi, wg, bg, w1, b1, off, w2_t, indices, start, end, act_code, yi):
         """GLU form of ``_accumulate``: yi += act(wg[j] . xi + bg[j]) * (w1[j] . xi + b1[j]) * w2_t[j],
         two neurons at a time (four dots share each load of x)."""
         d = xi.shape[0]
@@ -481,7 +495,7 @@ if NUMBA:
                 zg1 += g1[k] * xk
                 zu0 += u0[k] * xk
                 zu1 += u1[k] * xk
-            h0, h1 = _act(zg0, act_code) * zu0, _act(zg1, act_code) * zu1
+            h0, h1 = _act(zg0, act_code) * zu0 - off[j0], _act(zg1, act_code) * zu1 - off[j1]
             o0, o1 = w2_t[j0], w2_t[j1]
             for q in range(d_out):
                 yi[q] += h0 * o0[q] + h1 * o1[q]
@@ -493,34 +507,34 @@ if NUMBA:
             for k in range(d):
                 zg += g[k] * xi[k]
                 zu += u[k] * xi[k]
-            h = _act(zg, act_code) * zu
+            h = _act(zg, act_code) * zu - off[j]
             out = w2_t[j]
             for q in range(d_out):
                 yi[q] += h * out[q]
 
     @njit(inline="always", fastmath=FAST, cache=True)
-    def _accumulate_any(xi, wg, bg, glu, w1, b1, w2_t, indices, start, end, act_code, yi):
+    def _accumulate_any(xi, wg, bg, glu, w1, b1, off, w2_t, indices, start, end, act_code, yi):
         if glu:
-            _accumulate_glu(xi, wg, bg, w1, b1, w2_t, indices, start, end, act_code, yi)
+            _accumulate_glu(xi, wg, bg, w1, b1, off, w2_t, indices, start, end, act_code, yi)
         else:
-            _accumulate(xi, w1, b1, w2_t, indices, start, end, act_code, yi)
+            _accumulate(xi, w1, b1, off, w2_t, indices, start, end, act_code, yi)
 
     @njit(parallel=True, fastmath=FAST, cache=True)
-    def _sparse_mlp(x, wg, bg, glu, w1, b1, w2_t, b2, indptr, indices, act_code, y):
+    def _sparse_mlp(x, wg, bg, glu, w1, b1, off, w2_t, b2, indptr, indices, act_code, y):
         for i in prange(x.shape[0]):
             yi = y[i]
             yi[:] = b2
-            _accumulate_any(x[i], wg, bg, glu, w1, b1, w2_t, indices, indptr[i], indptr[i + 1], act_code, yi)
+            _accumulate_any(x[i], wg, bg, glu, w1, b1, off, w2_t, indices, indptr[i], indptr[i + 1], act_code, yi)
 
     @njit(fastmath=FAST, cache=True)
-    def _sparse_mlp_serial(x, wg, bg, glu, w1, b1, w2_t, b2, indptr, indices, act_code, y):
+    def _sparse_mlp_serial(x, wg, bg, glu, w1, b1, off, w2_t, b2, indptr, indices, act_code, y):
         for i in range(x.shape[0]):
             yi = y[i]
             yi[:] = b2
-            _accumulate_any(x[i], wg, bg, glu, w1, b1, w2_t, indices, indptr[i], indptr[i + 1], act_code, yi)
+            _accumulate_any(x[i], wg, bg, glu, w1, b1, off, w2_t, indices, indptr[i], indptr[i + 1], act_code, yi)
 
     @njit(parallel=True, fastmath=FAST, cache=True)
-    def _sparse_mlp_split(x, wg, bg, glu, w1, b1, w2_t, b2, indptr, indices, act_code, y, parts):
+    def _sparse_mlp_split(x, wg, bg, glu, w1, b1, off, w2_t, b2, indptr, indices, act_code, y, parts):
         """Few tokens, more threads: each thread takes a slice of a token's list, partial sums add up."""
         n_parts, d_out = parts.shape
         for i in range(x.shape[0]):
@@ -530,7 +544,7 @@ if NUMBA:
                 part = parts[t]
                 part[:] = 0.0
                 a = min(end, start + t * step)
-                _accumulate_any(x[i], wg, bg, glu, w1, b1, w2_t, indices, a, min(end, a + step), act_code, part)
+                _accumulate_any(x[i], wg, bg, glu, w1, b1, off, w2_t, indices, a, min(end, a + step), act_code, part)
             yi = y[i]
             yi[:] = b2
             for t in range(n_parts):

@@ -21,6 +21,7 @@ from .gated_mlp import (
     _check_act,
     _check_csr,
     _check_glu,
+    _check_offset,
     _check_mlp,
     _csr_from_mask,
     _opt,
@@ -60,15 +61,18 @@ def expand_groups(indptr, groups, group_size: int):
     return neuron_ptr, (groups.unsqueeze(1) * group_size + offsets).reshape(-1)
 
 
-def grouped_sparse_mlp(x, w1, b1, w2_t, b2, indptr, groups, group_size: int, act_code: int, wg=None, bg=None):
+def grouped_sparse_mlp(x, w1, b1, w2_t, b2, indptr, groups, group_size: int, act_code: int, wg=None, bg=None,
+                       offset=None):
     """y[m] = b2 + sum over the neurons j of token m's groups of act(w1[j] . x[m] + b1[j]) * w2_t[j].
 
     x (M, d), w1 (d_ff, d), b1 (d_ff,) or None, w2_t (d_ff, d_out) contiguous, b2 (d_out,) or None,
     group CSR lists from ``grouped_gate_groups``; d_ff must be a multiple of group_size. With ``wg``
-    (d_ff, d) and ``bg`` (GLU) a neuron's value is act(wg[j] . x[m] + bg[j]) * (w1[j] . x[m] + b1[j]).
+    (d_ff, d) and ``bg`` (GLU) a neuron's value is act(wg[j] . x[m] + bg[j]) * (w1[j] . x[m] + b1[j]);
+    ``offset[j]`` is subtracted from it (see ``gated_mlp``).
     """
     _check_mlp(x, w1, b1, w2_t, b2)
     _check_glu(w1, wg, bg)
+    _check_offset(offset, w1.shape[0])
     _check_act(act_code)
     d_ff = w1.shape[0]
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or d_ff % group_size:
@@ -77,13 +81,13 @@ def grouped_sparse_mlp(x, w1, b1, w2_t, b2, indptr, groups, group_size: int, act
     with torch.no_grad():
         if not _use_numba(x, w1, w2_t, wg):
             return sparse_mlp_torch(x, w1, b1, w2_t, b2, *expand_groups(indptr, groups, group_size), act_code,
-                                    wg, bg)
+                                    wg, bg, offset)
         m, d_out = x.shape[0], w2_t.shape[1]
         y = np.empty((m, d_out), dtype=np.float32)
         glu = wg is not None
         w1_view = weight_view(w1)
         args = (as_f32(x), weight_view(wg) if glu else w1_view, _opt(bg, d_ff), glu, w1_view, _opt(b1, d_ff),
-                weight_view(w2_t), _opt(b2, d_out), indptr.numpy(), groups.numpy(), group_size, act_code, y)
+                _opt(offset, d_ff), weight_view(w2_t), _opt(b2, d_out), indptr.numpy(), groups.numpy(), group_size, act_code, y)
         work = groups.numel() * group_size * (x.shape[1] * (1 + glu) + d_out)
         if work < PARALLEL_MIN_WORK:
             _grouped_mlp_block(*args, 0, m)
@@ -151,27 +155,31 @@ if NUMBA:
             q += 1
 
     @njit(inline="always", fastmath=FAST, cache=True)
-    def _hidden4(wg, bg, glu, w1, b1, j, x0, x1, x2, x3, act_code):
-        """Hidden value of neuron j for four tokens: ``_dots4``, times the up projection for a GLU."""
-        if not glu:
-            return _dots4(w1, b1, j, x0, x1, x2, x3, act_code)
-        a0, a1, a2, a3 = _dots4(wg, bg, j, x0, x1, x2, x3, act_code)
-        u0, u1, u2, u3 = _dots4(w1, b1, j, x0, x1, x2, x3, IDENTITY)
-        return a0 * u0, a1 * u1, a2 * u2, a3 * u3
+    def _hidden4(wg, bg, glu, w1, b1, off, j, x0, x1, x2, x3, act_code):
+        """Hidden value of neuron j for four tokens: ``_dots4`` (times the up projection for a GLU) - off[j]."""
+        if glu:
+            a0, a1, a2, a3 = _dots4(wg, bg, j, x0, x1, x2, x3, act_code)
+            u0, u1, u2, u3 = _dots4(w1, b1, j, x0, x1, x2, x3, IDENTITY)
+            a0, a1, a2, a3 = a0 * u0, a1 * u1, a2 * u2, a3 * u3
+        else:
+            a0, a1, a2, a3 = _dots4(w1, b1, j, x0, x1, x2, x3, act_code)
+        return a0 - off[j], a1 - off[j], a2 - off[j], a3 - off[j]
 
     @njit(inline="always", fastmath=FAST, cache=True)
-    def _hidden_one(wg, bg, glu, w1, b1, base, xi, hi, up, group_size, act_code):
-        """A group's hidden values for one token (``_rows_for_one``; for a GLU, gate times up)."""
-        if not glu:
+    def _hidden_one(wg, bg, glu, w1, b1, off, base, xi, hi, up, group_size, act_code):
+        """A group's hidden values for one token (``_rows_for_one``; for a GLU, gate times up) - off."""
+        if glu:
+            _rows_for_one(wg, bg, base, xi, hi, group_size, act_code)
+            _rows_for_one(w1, b1, base, xi, up, group_size, IDENTITY)
+            for q in range(group_size):
+                hi[q] *= up[q]
+        else:
             _rows_for_one(w1, b1, base, xi, hi, group_size, act_code)
-            return
-        _rows_for_one(wg, bg, base, xi, hi, group_size, act_code)
-        _rows_for_one(w1, b1, base, xi, up, group_size, IDENTITY)
         for q in range(group_size):
-            hi[q] *= up[q]
+            hi[q] -= off[base + q]
 
     @njit(fastmath=FAST, cache=True)
-    def _grouped_mlp_block(x, wg, bg, glu, w1, b1, w2_t, b2, indptr, groups, group_size, act_code, y, i0, i1):
+    def _grouped_mlp_block(x, wg, bg, glu, w1, b1, off, w2_t, b2, indptr, groups, group_size, act_code, y, i0, i1):
         """Tokens i0..i1-1: lists transposed to tokens per group, then group by group."""
         n_groups = w1.shape[0] // group_size
         for i in range(i0, i1):
@@ -197,7 +205,7 @@ if NUMBA:
                 t0, t1, t2, t3 = tokens[p], tokens[p + 1], tokens[p + 2], tokens[p + 3]
                 x0, x1, x2, x3 = x[t0], x[t1], x[t2], x[t3]
                 for q in range(group_size):
-                    h[0, q], h[1, q], h[2, q], h[3, q] = _hidden4(wg, bg, glu, w1, b1, base + q, x0, x1, x2, x3,
+                    h[0, q], h[1, q], h[2, q], h[3, q] = _hidden4(wg, bg, glu, w1, b1, off, base + q, x0, x1, x2, x3,
                                                                   act_code)
                 _add_rows(y[t0], w2_t, base, h[0], group_size)
                 _add_rows(y[t1], w2_t, base, h[1], group_size)
@@ -206,14 +214,14 @@ if NUMBA:
                 p += 4
             while p < end:
                 t0 = tokens[p]
-                _hidden_one(wg, bg, glu, w1, b1, base, x[t0], h[0], up, group_size, act_code)
+                _hidden_one(wg, bg, glu, w1, b1, off, base, x[t0], h[0], up, group_size, act_code)
                 _add_rows(y[t0], w2_t, base, h[0], group_size)
                 p += 1
 
     @njit(parallel=True, fastmath=FAST, cache=True)
-    def _grouped_mlp_parallel(x, wg, bg, glu, w1, b1, w2_t, b2, indptr, groups, group_size, act_code, y, tasks):
+    def _grouped_mlp_parallel(x, wg, bg, glu, w1, b1, off, w2_t, b2, indptr, groups, group_size, act_code, y, tasks):
         m = x.shape[0]
         step = (m + tasks - 1) // tasks
         for b in prange(tasks):
-            _grouped_mlp_block(x, wg, bg, glu, w1, b1, w2_t, b2, indptr, groups, group_size, act_code, y,
+            _grouped_mlp_block(x, wg, bg, glu, w1, b1, off, w2_t, b2, indptr, groups, group_size, act_code, y,
                                min(m, b * step), min(m, (b + 1) * step))
