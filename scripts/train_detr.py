@@ -5,7 +5,8 @@
 1. writes the synthetic COCO set (dynsparse.detection.synthetic) if --data does not exist;
 2. preprocesses the train split once with the DETR image processor (images are 128 px, no resizing);
 3. trains DetrForObjectDetection (backbone batch norms trainable while training) (dynsparse.detection.model.small_detr_config) with AdamW, Hungarian-matched
-   DETR loss incl. auxiliary decoder losses, random horizontal flips, grad-norm clip 0.1, linear warm-up, lr / 10 for the
+   DETR loss incl. auxiliary decoder losses, plus a dense per-cell class+box loss on the encoder output
+   (dynsparse.detection.encoder_aux, training only: it breaks DETR's early plateau), random horizontal flips, grad-norm clip 0.1, linear warm-up, lr / 10 for the
    last 20 % of the time budget;
 4. every --eval-minutes evaluates val AP with pycocotools and checkpoints (last + best) under --workdir;
 5. exports the best checkpoint in float16 safetensors + config + image-processor config to --out.
@@ -24,9 +25,14 @@ from pathlib import Path
 import torch
 
 from dynsparse.detection.coco import CocoDetection, make_collate
+from dynsparse.detection.encoder_aux import EncoderDenseHead
 from dynsparse.detection.evaluate import evaluate_detr
-from dynsparse.detection.model import (build_small_detr, freeze_batch_norm_, small_detr_processor,
-                                       trainable_batch_norm_)
+from dynsparse.detection.model import (
+    build_small_detr,
+    freeze_batch_norm_,
+    small_detr_processor,
+    trainable_batch_norm_,
+)
 from dynsparse.detection.synthetic import make_synthetic_coco
 
 
@@ -46,6 +52,41 @@ def save_atomic(model, processor, out: Path, dtype=None, extra: dict | None = No
     os.replace(tmp, out)
 
 
+def random_batch(pixels, labels, batch_size: int):
+    """A random batch with random horizontal flips (boxes flipped with their images)."""
+    idx = torch.randint(len(labels), (batch_size,))
+    x = pixels[idx].clone()
+    flip = torch.rand(batch_size) < 0.5
+    x[flip] = x[flip].flip(-1)
+    ys = []
+    for k, i in enumerate(idx.tolist()):
+        y = {"class_labels": labels[i]["class_labels"], "boxes": labels[i]["boxes"].clone()}
+        if flip[k]:
+            y["boxes"][:, 0] = 1 - y["boxes"][:, 0]
+        ys.append(y)
+    return x, ys
+
+
+def warm_up_encoder(model, aux, pixels, labels, args) -> None:
+    """Backbone, input projection and encoder learn the dense per-cell task alone first: with the DETR loss
+    from the start, its box terms dominate the shared gradient and the features stay uninformative."""
+    params = [*model.model.backbone.parameters(), *model.model.input_projection.parameters(),
+              *model.model.encoder.parameters(), *aux.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.encoder_warmup_lr, weight_decay=1e-4)
+    t0 = time.time()
+    for step in range(1, args.encoder_warmup_steps + 1):
+        for g in opt.param_groups:
+            g["lr"] = args.encoder_warmup_lr * min(1.0, step / args.warmup_steps)
+        x, ys = random_batch(pixels, labels, args.batch_size)
+        memory = model.model(pixel_values=x, pixel_mask=torch.ones(x.shape[0], *x.shape[2:], dtype=torch.long))
+        loss = aux.loss(memory.encoder_last_hidden_state, ys)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            print(f"encoder warm-up step {step} {(time.time() - t0) / 60:.1f} min enc-aux {loss.item():.3f}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="runs/synth_coco")
@@ -58,6 +99,11 @@ def main() -> int:
     ap.add_argument("--warmup-steps", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--encoder-aux-weight", type=float, default=1.0,
+                    help="weight of the dense per-cell class+box loss on the encoder output (0: plain DETR loss)")
+    ap.add_argument("--encoder-warmup-steps", type=int, default=2000,
+                    help="steps that train backbone + encoder on the dense loss alone before the DETR loss starts")
+    ap.add_argument("--encoder-warmup-lr", type=float, default=1e-3)
     ap.add_argument("--n-train", type=int, default=3000)
     ap.add_argument("--n-val", type=int, default=400)
     args = ap.parse_args()
@@ -78,10 +124,13 @@ def main() -> int:
 
     model = build_small_detr(train.id2label).train()
     trainable_batch_norm_(model)  # random backbone: real batch norm while training, frozen again when saved
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    aux = EncoderDenseHead(model.config.d_model, len(train.id2label))
+    opt = torch.optim.AdamW([*model.parameters(), *aux.parameters()], lr=args.lr, weight_decay=1e-4)
     t0, last_eval, step, best = time.time(), time.time(), 0, -1.0
     budget = args.minutes * 60
     history = []
+    if args.encoder_warmup_steps and args.encoder_aux_weight:
+        warm_up_encoder(model, aux, pixels, labels, args)
     while True:
         elapsed = time.time() - t0
         if elapsed > budget:
@@ -90,26 +139,19 @@ def main() -> int:
         lr *= min(1.0, (step + 1) / args.warmup_steps)
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = torch.randint(len(labels), (args.batch_size,))
-        x = pixels[idx].clone()
-        ys = []
-        flip = torch.rand(args.batch_size) < 0.5
-        x[flip] = x[flip].flip(-1)
-        for k, i in enumerate(idx.tolist()):
-            y = {"class_labels": labels[i]["class_labels"], "boxes": labels[i]["boxes"].clone()}
-            if flip[k]:
-                y["boxes"][:, 0] = 1 - y["boxes"][:, 0]
-            ys.append(y)
+        x, ys = random_batch(pixels, labels, args.batch_size)
         outputs = model(pixel_values=x, pixel_mask=torch.ones(x.shape[0], *x.shape[2:], dtype=torch.long), labels=ys)
+        aux_loss = aux.loss(outputs.encoder_last_hidden_state, ys) if args.encoder_aux_weight else torch.zeros(())
         opt.zero_grad(set_to_none=True)
-        outputs.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        (outputs.loss + args.encoder_aux_weight * aux_loss).backward()
+        torch.nn.utils.clip_grad_norm_([*model.parameters(), *aux.parameters()], 0.1)
         opt.step()
         step += 1
         if step % 50 == 0:
             ld = outputs.loss_dict
             print(f"step {step} {elapsed / 60:.1f} min lr {lr:.0e} loss {outputs.loss.item():.3f} "
-                  f"ce {ld['loss_ce'].item():.3f} l1 {ld['loss_bbox'].item():.3f} giou {ld['loss_giou'].item():.3f}",
+                  f"ce {ld['loss_ce'].item():.3f} l1 {ld['loss_bbox'].item():.3f} giou {ld['loss_giou'].item():.3f} "
+                  f"enc-aux {aux_loss.item():.3f}",
                   flush=True)
         if time.time() - last_eval > args.eval_minutes * 60 or time.time() - t0 > budget:
             stats = evaluate_detr(model.eval(), processor, val, batch_size=16, verbose=False)

@@ -5,6 +5,7 @@
 All runs use the same val images, batch size and post-processing (score threshold 0, all queries kept,
 original sizes). Calibration uses train images only. MGS gates are trained once per block and their
 thresholds re-calibrated for each target recall (``dynsparse.gating.mgs.recalibrate_``).
+SIBS runs with both neuron-selection criteria (firing frequency, the paper's; and output error).
 Sparsity: SIBS = share of neurons removed; MGS = share of (token, neuron) pairs the gates switched off,
 counted during the val run; ReLU skip = the model's natural sparsity (a = 0) on the calibration images.
 """
@@ -67,12 +68,14 @@ def run(out_dir: str | os.PathLike, coco_root: str | os.PathLike | None = None, 
         b.replace(ReLUSkipMLP(*[t.detach() if t is not None else None for t in b.linear_weights()]))
     warm(m)
     evaluate(m, "ReLU skip (exact)", natural, int(dense_flops / 2 * (1 + (1 - natural))))
-    for target in (0.3, 0.5, 0.7, 0.8, 0.9):
-        m = copy.deepcopy(dense)
-        g = fit_gates(m, SIBSConfig(target_sparsity=target), stats=stats)
-        apply_gates(m, g)
-        sp = sum(r["removed_fraction"] for r in g.report.values()) / len(g.report)
-        evaluate(m, "SIBS", sp, int(dense_flops * (1 - sp)))
+    for criterion in ("frequency", "output_error"):
+        for target in (0.3, 0.5, 0.7, 0.8, 0.9):
+            m = copy.deepcopy(dense)
+            g = fit_gates(m, SIBSConfig(target_sparsity=target, criterion=criterion), stats=stats)
+            apply_gates(m, g)
+            sp = sum(r["removed_fraction"] for r in g.report.values()) / len(g.report)
+            evaluate(m, "SIBS" + (" output-error" if criterion == "output_error" else ""), sp,
+                     int(dense_flops * (1 - sp)))
     mgs = fit_gates(dense, MGSConfig(rank=rank), stats=stats)
     gate_flops = next(iter(mgs.report.values()))["gate_flops_per_token"]
     for recall in (0.999, 0.99, 0.97, 0.95, 0.9, 0.8, 0.7):
