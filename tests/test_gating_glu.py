@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from gating_helpers import TEST, calib, out
 from transformers import LlamaConfig, LlamaModel
 
 from dynsparse import find_mlps
@@ -24,19 +25,6 @@ def tiny_llama(act="silu"):
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, hidden_act=act,
                       mlp_bias=act == "relu")  # one variant with biases, so bg and b1 are exercised too
     return LlamaModel(cfg).eval()
-
-
-def calib(n=12, b=4, s=16):
-    g = torch.Generator().manual_seed(1)
-    return [{"input_ids": torch.randint(0, 60, (b, s), generator=g)} for _ in range(n)]
-
-
-TEST = {"input_ids": torch.randint(0, 60, (2, 16), generator=torch.Generator().manual_seed(2))}
-
-
-def out(model):
-    with torch.no_grad():
-        return model(**TEST).last_hidden_state
 
 
 def block_inputs(model, batches):

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from gating_helpers import calib, out, tiny_gpt2, tiny_opt
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import GPT2Config, GPT2Model, OPTConfig, OPTModel
 
 from dynsparse.gating import (
     GateSet,
@@ -28,31 +28,6 @@ from dynsparse.gating.reorder import (
 )
 from dynsparse.kernels.gated_mlp import ACT_FUNCTIONS
 from dynsparse.mlps import find_mlps
-
-
-def tiny_opt():  # ReLU MLPs, d_ff 128
-    torch.manual_seed(0)
-    cfg = OPTConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, ffn_dim=128, num_attention_heads=2,
-                    max_position_embeddings=64, word_embed_proj_dim=32)
-    return OPTModel(cfg).eval()
-
-
-def tiny_gpt2():  # GELU MLPs (compensation), Conv1D weights, d_ff 128
-    torch.manual_seed(0)
-    return GPT2Model(GPT2Config(vocab_size=60, n_embd=32, n_layer=2, n_head=2, n_positions=64)).eval()
-
-
-def calib(n=3, b=4, s=16):
-    g = torch.Generator().manual_seed(1)
-    return [{"input_ids": torch.randint(0, 60, (b, s), generator=g)} for _ in range(n)]
-
-
-TEST = {"input_ids": torch.randint(0, 60, (2, 16), generator=torch.Generator().manual_seed(2))}
-
-
-def out(model):
-    with torch.no_grad():
-        return model(**TEST).last_hidden_state
 
 
 def planted(n_tokens=400, blocks=8, size=8, p=0.2, seed=0):
@@ -125,7 +100,7 @@ def test_permuted_mlp_computes_the_dense_function():
 @pytest.mark.parametrize("make", [tiny_opt, tiny_gpt2])
 def test_reordered_grouped_gate_keeps_the_dense_function_and_trains_on_the_permuted_layout(make):
     m = make()
-    stats = record_activations(m, calib(), max_samples=10**6)
+    stats = record_activations(m, calib(3), max_samples=10**6)
     gates = fit_gates(m, MGSConfig(gate="grouped", group_size=8, target_recall=0.9, steps=10), stats=stats)
     blocks = find_mlps(m)
     for name, ts in gates.tensors.items():
@@ -154,7 +129,7 @@ def test_reordered_grouped_gate_keeps_the_dense_function_and_trains_on_the_permu
 
 def test_gate_file_round_trip_keeps_the_permutation(tmp_path):
     m = tiny_gpt2()
-    g = sparsify_(m, MGSConfig(gate="grouped", group_size=8, target_recall=0.9, steps=10), calib=calib())
+    g = sparsify_(m, MGSConfig(gate="grouped", group_size=8, target_recall=0.9, steps=10), calib=calib(3))
     path = g.save(tmp_path / "g")
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
@@ -170,7 +145,7 @@ def test_gate_file_round_trip_keeps_the_permutation(tmp_path):
 def test_gate_files_without_a_permutation_still_load(tmp_path):
     # a file as written before reordering existed: no perm tensors, no "reorder" in the config
     m = tiny_gpt2()
-    stats = record_activations(m, calib(), max_samples=10**6)
+    stats = record_activations(m, calib(3), max_samples=10**6)
     g = sparsify_(m, MGSConfig(gate="grouped", group_size=8, reorder=False, target_recall=0.9, steps=10), stats=stats)
     assert all("perm" not in ts for ts in g.tensors.values())
     path = g.save(tmp_path / "old")

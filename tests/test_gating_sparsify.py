@@ -4,35 +4,22 @@ recall on held-out rows, gate files round-trip, and bad input is named."""
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2Model, OPTConfig, OPTModel
+from gating_helpers import calib, out, tiny_gpt2, tiny_opt
 
-from dynsparse.gating import (GatedMLP, GateSet, LowRankGate, GroupedGate, MGSConfig, ReLUSkipMLP, SIBSConfig,
-                              SlicedMLP, fit_gates, load_gates, record_activations, sparsify_)
-
-
-def tiny_opt():  # ReLU MLPs
-    torch.manual_seed(0)
-    cfg = OPTConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, ffn_dim=128, num_attention_heads=2,
-                    max_position_embeddings=64, word_embed_proj_dim=32)
-    return OPTModel(cfg).eval()
-
-
-def tiny_gpt2():  # GELU MLPs, Conv1D weights
-    torch.manual_seed(0)
-    return GPT2Model(GPT2Config(vocab_size=60, n_embd=32, n_layer=2, n_head=2, n_positions=64)).eval()
-
-
-def calib(n=12, b=4, s=16):
-    g = torch.Generator().manual_seed(1)
-    return [{"input_ids": torch.randint(0, 60, (b, s), generator=g)} for _ in range(n)]
-
-
-TEST = {"input_ids": torch.randint(0, 60, (2, 16), generator=torch.Generator().manual_seed(2))}
-
-
-def out(model):
-    with torch.no_grad():
-        return model(**TEST).last_hidden_state
+from dynsparse.gating import (
+    GatedMLP,
+    GateSet,
+    GroupedGate,
+    LowRankGate,
+    MGSConfig,
+    ReLUSkipMLP,
+    SIBSConfig,
+    SlicedMLP,
+    fit_gates,
+    load_gates,
+    record_activations,
+    sparsify_,
+)
 
 
 def mlp_ref(x, w1, b1, w2, b2, act, mask=None, fill=None):
