@@ -2,10 +2,12 @@
 import pytest
 import torch
 
-from dynsparse.kernels import tree_forward_kernel
-from dynsparse.kernels import tree_infer
-from dynsparse.tree.activations import ACTIVATION_CODES
-from dynsparse.tree.reference import tree_ff_masked
+from dynsparse.activations import REGISTRY
+from dynsparse.ops.tree import numba_infer as tree_infer
+from dynsparse.ops.tree.numba_infer import tree_infer_numba as tree_forward_kernel
+
+ACTIVATION_CODES = {name: a.code for name, a in REGISTRY.items()}
+from dynsparse.ops.tree.reference import tree_ff_masked
 
 
 def _params(trees, depth, d, d_out, bias, seed):

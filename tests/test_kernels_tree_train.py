@@ -1,10 +1,17 @@
-"""The numba training path (forward + backward of tree_ff_gather on fp32 CPU) against the masked reference."""
+"""The tree training op (forward + backward, numba and torch backends) against the masked reference."""
 import pytest
 import torch
 
-from dynsparse.kernels.tree_train import train_kernels_apply
-from dynsparse.tree.gather import tree_ff_gather
-from dynsparse.tree.reference import tree_ff_masked
+from dynsparse.ops.tree import supported_backends, tree_train
+from dynsparse.ops.tree.reference import tree_ff_masked
+
+
+def train_kernels_apply(x, w_in, b_in, w_out):
+    return "numba" in supported_backends(x, w_in, train=True)
+
+
+def tree_ff_gather(x, w_in, b_in, w_out, depth, activation, act_position, backend="auto"):
+    return tree_train(x, w_in, b_in, w_out, depth, activation, act_position, backend)
 
 CASES = [(1, 3, 37, 16, 5), (3, 5, 33, 40, 24), (2, 0, 9, 8, 8), (16, 4, 50, 32, 16), (1, 9, 70, 12, 20)]
 
@@ -23,7 +30,8 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("trees,depth,m,d,d_out", CASES)
 @pytest.mark.parametrize("act_position", ["node", "path"])
-def test_gradients_match_masked_reference(trees, depth, m, d, d_out, act_position):
+@pytest.mark.parametrize("backend", ["numba", "torch", "reference"])
+def test_gradients_match_masked_reference(trees, depth, m, d, d_out, act_position, backend):
     g = torch.Generator().manual_seed(trees * 100 + depth)
     n = 2 ** (depth + 1) - 1
     for activation, bias in [("gelu", True), ("relu", True), ("silu", False), ("tanh", True), ("identity", False)]:
@@ -33,7 +41,8 @@ def test_gradients_match_masked_reference(trees, depth, m, d, d_out, act_positio
         x, grad_y = torch.randn(m, d, generator=g), torch.randn(m, d_out, generator=g)
         assert train_kernels_apply(x, *params)
         y0, l0, gx0, gp0 = _run(tree_ff_masked, x, params, depth, activation, act_position, grad_y)
-        y1, l1, gx1, gp1 = _run(tree_ff_gather, x, params, depth, activation, act_position, grad_y)
+        y1, l1, gx1, gp1 = _run(lambda *a: tree_ff_gather(*a, backend=backend), x, params, depth, activation,
+                                act_position, grad_y)
         # inputs are well away from routing ties at these sizes; a tie would show up as a leaf mismatch
         assert torch.equal(l0, l1)
         assert _rel(y1, y0) < 1e-5 and _rel(gx1, gx0) < 1e-4

@@ -38,7 +38,7 @@ def test_fast_path_equals_general_path_and_reference(act_position, bias):
         assert layer._fast_path_applies(x)
         fast = layer(x)
         general = _general(layer, x)
-        layer.impl = "masked"
+        layer.backend = "reference"
         reference = layer(x)
     assert torch.equal(fast, general)
     assert torch.allclose(fast, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
@@ -66,9 +66,9 @@ def test_fast_path_only_where_it_applies():
         layer.train()
         assert not layer._fast_path_applies(x)
         layer.eval()
-        layer.impl = "gather"
+        layer.backend = "torch"
         assert not layer._fast_path_applies(x)
-        layer.impl = None
+        layer.backend = "auto"
         layer.check_finite = True
         assert not layer._fast_path_applies(x)
         layer.check_finite = False

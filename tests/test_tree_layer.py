@@ -7,23 +7,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dynsparse import TreeFF
-from dynsparse.tree.activations import ACTIVATIONS
-from dynsparse.tree.reference import route_dense
+from dynsparse.activations import NAMES
+from dynsparse.ops.backend import resolve
+from dynsparse.ops.tree import supported_backends, tree_train
+from dynsparse.ops.tree.reference import route_dense
 from tree_helpers import unambiguous_inputs
 
-ACTS = sorted(ACTIVATIONS)
+ACTS = sorted(NAMES)
 
 
-def _forward(layer, x, impl):
-    layer.impl = impl
-    if impl == "kernel":
-        with torch.no_grad():
-            return layer(x)
-    return layer(x)
+def _forward(layer, x, backend):
+    layer.backend = backend
+    with torch.no_grad():
+        return layer(x)
 
 
-def _grads(layer, x, impl):
-    layer.impl = impl
+def _grads(layer, x, backend):
+    layer.backend = backend
     layer.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
     y = layer(x)
@@ -46,26 +46,27 @@ def _grads(layer, x, impl):
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_three_impls_agree(depth, trees, d_model, d_out, act, position, bias, seed):
+def test_backends_agree(depth, trees, d_model, d_out, act, position, bias, seed):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     layer = TreeFF(d_model, depth, trees=trees, d_out=d_out, activation=act, act_position=position, bias=bias)
     x = unambiguous_inputs(layer, 12, generator=g)
-    y_ref, g_ref = _grads(layer, x, "masked")
-    y_gat, g_gat = _grads(layer, x, "gather")
-    y_ker = _forward(layer, x, "kernel")
-    torch.testing.assert_close(y_gat, y_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(y_ker, y_ref, atol=1e-5, rtol=1e-5)
-    for name in g_ref:
-        torch.testing.assert_close(g_gat[name], g_ref[name], atol=1e-5, rtol=1e-4, msg=name)
+    y_ref, g_ref = _grads(layer, x, "reference")
+    for backend in ("torch", "numba"):
+        y_gat, g_gat = _grads(layer, x, backend)
+        y_ker = _forward(layer, x, backend)
+        torch.testing.assert_close(y_gat, y_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y_ker, y_ref, atol=1e-5, rtol=1e-5)
+        for name in g_ref:
+            torch.testing.assert_close(g_gat[name], g_ref[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("position", ["node", "path"])
 def test_gradients_match_in_float64(position):
     layer = TreeFF(10, 5, trees=3, d_out=7, act_position=position, dtype=torch.float64)
     x = unambiguous_inputs(layer, 64)
-    _, g_ref = _grads(layer, x, "masked")
-    _, g_gat = _grads(layer, x, "gather")
+    _, g_ref = _grads(layer, x, "reference")
+    _, g_gat = _grads(layer, x, "torch")
     for name in g_ref:
         torch.testing.assert_close(g_gat[name], g_ref[name], atol=1e-12, rtol=1e-10, msg=name)
 
@@ -73,19 +74,17 @@ def test_gradients_match_in_float64(position):
 def test_gradcheck_gather_path():
     layer = TreeFF(4, 2, trees=2, d_out=3, act_position="node", dtype=torch.float64)
     x = unambiguous_inputs(layer, 5, margin=1e-2)
-    from dynsparse.tree.gather import TreeGatherFunction
-
     def f(x, w_in, b_in, w_out):
-        return TreeGatherFunction.apply(x, w_in, b_in, w_out, 2, "gelu", "node")[0]
+        return tree_train(x, w_in, b_in, w_out, 2, "gelu", "node", "torch")[0]
 
     inputs = (x.requires_grad_(), layer.w_in.detach().requires_grad_(), layer.b_in.detach().requires_grad_(),
               layer.w_out.detach().requires_grad_())
     assert torch.autograd.gradcheck(f, inputs, eps=1e-7, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["masked", "gather"])
-def test_unvisited_nodes_get_exactly_zero_gradient(impl):
-    layer = TreeFF(8, 6, trees=2, impl=impl)
+@pytest.mark.parametrize("backend", ["reference", "torch", "numba"])
+def test_unvisited_nodes_get_exactly_zero_gradient(backend):
+    layer = TreeFF(8, 6, trees=2, backend=backend)
     x = torch.randn(5, 8)
     layer(x).square().sum().backward()
     visited = torch.zeros(2, layer.nodes, dtype=torch.bool)
@@ -103,7 +102,7 @@ def test_unvisited_nodes_get_exactly_zero_gradient(impl):
 
 def test_routing_follows_the_sign_of_z_and_the_path_sum():
     """A hand-built depth-1 tree: root z<=0 goes to node 1, z>0 to node 2."""
-    layer = TreeFF(1, 1, trees=1, d_out=1, activation="identity", bias=False, impl="masked")
+    layer = TreeFF(1, 1, trees=1, d_out=1, activation="identity", bias=False, backend="reference")
     with torch.no_grad():
         layer.w_in.copy_(torch.tensor([[[1.0], [2.0], [3.0]]]))
         layer.w_out.copy_(torch.tensor([[[10.0], [100.0], [1000.0]]]))
@@ -114,7 +113,7 @@ def test_routing_follows_the_sign_of_z_and_the_path_sum():
 
 
 def test_path_position_applies_activation_after_the_sum():
-    layer = TreeFF(1, 1, trees=2, d_out=1, activation="relu", act_position="path", bias=False, impl="masked")
+    layer = TreeFF(1, 1, trees=2, d_out=1, activation="relu", act_position="path", bias=False, backend="reference")
     with torch.no_grad():
         layer.w_in.fill_(1.0)
         layer.w_out.copy_(torch.tensor([[[1.0], [1.0], [-3.0]], [[1.0], [1.0], [1.0]]]))
@@ -148,14 +147,15 @@ def test_leading_dimensions_are_kept():
     torch.testing.assert_close(y.reshape(-1, 5), layer(x.reshape(-1, 6)).detach())
 
 
-def test_default_impl_choice():
+def test_default_backend_choice():
     layer = TreeFF(4, 2)
     x = torch.randn(3, 4)
-    assert layer.resolve_impl(x) == "gather"  # training mode
-    layer.eval()
-    assert layer.resolve_impl(x) == "gather"  # grads still enabled for the parameters
-    with torch.no_grad():
-        assert layer.resolve_impl(x) == "kernel"
+    assert resolve(layer.backend, x.device, supported_backends(x, layer.w_in, train=True)) == "numba"
+    assert resolve(layer.backend, x.device, supported_backends(x, layer.w_in, train=False)) == "numba"
+    x64, w64 = x.double(), layer.w_in.double()
+    assert resolve("auto", x.device, supported_backends(x64, w64, train=False)) == "torch"  # numba rounds to fp32
+    with pytest.raises(ValueError, match="'numba' does not serve"):
+        resolve("numba", x.device, supported_backends(x64, w64, train=False))
 
 
 def test_bfloat16_runs_and_tracks_fp32():
@@ -164,15 +164,15 @@ def test_bfloat16_runs_and_tracks_fp32():
     ref = layer(x)
     layer16 = TreeFF(32, 4, trees=4, dtype=torch.bfloat16)
     layer16.load_state_dict(layer.state_dict())
-    for impl in ("masked", "gather"):
-        layer16.impl = impl
+    for backend in ("reference", "torch"):
+        layer16.backend = backend
         y = layer16(x.bfloat16())
         assert y.dtype == torch.bfloat16
         y.float().sum().backward()
         assert layer16.w_in.grad.dtype == torch.bfloat16
         assert (y.float() - ref).abs().max() < 0.1
     with torch.no_grad():
-        layer16.impl = "kernel"
+        layer16.backend = "numba"
         assert layer16(x.bfloat16()).dtype == torch.bfloat16
 
 
@@ -186,10 +186,12 @@ def test_autocast_bfloat16_training():
     assert layer.w_in.grad is not None and layer.w_in.grad.dtype == torch.float32
 
 
-def test_kernel_refuses_to_silently_drop_gradients():
-    layer = TreeFF(4, 2, impl="kernel")
-    with pytest.raises(RuntimeError, match="inference-only"):
-        layer(torch.randn(2, 4))
+def test_explicit_backend_that_cannot_serve_is_refused():
+    layer = TreeFF(4, 2, backend="numba", dtype=torch.float64)  # numba would round float64 routing
+    with pytest.raises(ValueError, match="'numba' does not serve"):
+        layer(torch.randn(2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        layer.backend = "bogus"
 
 
 # ---------------------------------------------------------------- bad input
@@ -202,7 +204,7 @@ def test_kernel_refuses_to_silently_drop_gradients():
         ({"trees": 0}, ValueError, "trees"),
         ({"activation": "swish"}, ValueError, "activation"),
         ({"act_position": "leaf"}, ValueError, "act_position"),
-        ({"impl": "fast"}, ValueError, "impl"),
+        ({"backend": "fast"}, ValueError, "backend"),
         ({"d_out": 0}, ValueError, "d_out"),
     ],
 )
@@ -234,10 +236,10 @@ def test_bad_inputs():
 def test_cuda_matches_cpu(position):
     layer = TreeFF(16, 5, trees=4, act_position=position)
     x = unambiguous_inputs(layer, 32, margin=1e-3)
-    y_cpu, g_cpu = _grads(layer, x, "masked")
+    y_cpu, g_cpu = _grads(layer, x, "reference")
     layer.cuda()
-    for impl in ("masked", "gather"):
-        y, g = _grads(layer, x.cuda(), impl)
+    for backend in ("reference", "torch", "triton"):
+        y, g = _grads(layer, x.cuda(), backend)
         torch.testing.assert_close(y.cpu(), y_cpu, atol=1e-4, rtol=1e-4)
         for name in g_cpu:
             torch.testing.assert_close(g[name].cpu(), g_cpu[name], atol=1e-4, rtol=1e-3)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dynsparse import TreeFF
-from dynsparse.tree.reference import route_dense
+from dynsparse.ops.tree.reference import route_dense
 from dynsparse.tree.telemetry import node_visits_from_leaves, usage_from_leaf_visits
 
 
@@ -16,9 +16,9 @@ def _paths(layer, x):
         return route_dense(z, layer.depth)
 
 
-@pytest.mark.parametrize("impl", ["masked", "gather", "kernel"])
-def test_visit_counts_match_the_paths(impl):
-    layer = TreeFF(8, 4, trees=3, impl=impl).eval().track_usage(True)
+@pytest.mark.parametrize("backend", ["reference", "torch", "numba"])
+def test_visit_counts_match_the_paths(backend):
+    layer = TreeFF(8, 4, trees=3, backend=backend).eval().track_usage(True)
     x = torch.randn(200, 8)
     with torch.no_grad():
         layer(x[:120])

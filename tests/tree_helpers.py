@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from dynsparse import TreeFF
-from dynsparse.tree.reference import route_dense
+from dynsparse.ops.tree.reference import route_dense
 
 
 def routing_margin(layer: TreeFF, x: torch.Tensor) -> torch.Tensor:

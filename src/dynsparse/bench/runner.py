@@ -7,8 +7,8 @@ import time
 import torch
 
 from ..kernels import numba_available
-from ..kernels._common import sync_threads
-from ..kernels.yardstick import gather_ceiling_gflops
+from ..ops._numba import sync_threads
+from .yardstick import gather_ceiling_gflops
 from .cases import SUITES, Settings
 from .timing import cpu_name, matmul_gflops, memory_gbps
 

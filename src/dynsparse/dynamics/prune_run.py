@@ -77,7 +77,7 @@ def prune_run(run: str | Path, out: str | Path, calib_windows: int = 64, val_win
     calib = eval_windows(data.splits["train"], cfg.seq_len, calib_windows)
     val = eval_windows(data.splits["val"], cfg.seq_len, val_windows)
     for layer in trees.values():
-        layer.impl = "gather"  # one execution path for counting and comparing
+        layer.backend = "torch"  # one execution path for counting and comparing
         layer.reset_usage()
         layer.track_usage(True)
     calib_before = _loss(model, calib)

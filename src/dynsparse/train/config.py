@@ -12,6 +12,7 @@ import yaml
 
 from ..lm import FF_KINDS, PRESETS, DynSparseLMConfig, preset_config
 from ..lm.config import TREE_OUT_INITS
+from ..ops.backend import BACKENDS
 
 # Optimisation defaults per architecture preset (the architecture itself lives in dynsparse.lm.PRESETS).
 TRAIN_PRESETS: dict[str, dict] = {
@@ -21,7 +22,6 @@ TRAIN_PRESETS: dict[str, dict] = {
     "1.3b": dict(seq_len=2048, batch_size=512, lr=2e-4, max_steps=100_000, warmup_steps=2000),
 }
 DTYPES = ("fp32", "bf16")
-TREE_IMPLS = (None, "gather", "masked")
 
 
 @dataclass
@@ -64,7 +64,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     dtype: str = "fp32"
     seed: int = 0
-    tree_impl: str | None = None  # TreeFF execution path while training (None: the layer's default)
+    backend: str = "auto"  # the tree ops' backend while training (dynsparse.ops.BACKENDS)
     # bookkeeping
     eval_every: int = 200
     eval_batches: int = 8
@@ -87,8 +87,8 @@ class TrainConfig:
             raise ValueError(f"tree_out_init must be one of {TREE_OUT_INITS}, got {self.tree_out_init!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.tree_impl not in TREE_IMPLS:
-            raise ValueError(f"tree_impl must be one of {TREE_IMPLS}, got {self.tree_impl!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
                      "ckpt_every", "keep_checkpoints", "log_every", "telemetry_every"):
             value = getattr(self, name)
@@ -136,6 +136,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        if "tree_impl" in d:  # runs saved before the op layer named the execution path this way
+            d["backend"] = "reference" if d.pop("tree_impl") == "masked" else "auto"
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -18,7 +18,7 @@ class TreeConfig:
     activation: str = "gelu"
     act_position: str = "node"
     bias: bool = True
-    impl: str | None = None
+    backend: str = "auto"
 
     def build(self, d_model: int, d_out: int | None = None, **factory) -> TreeFF:
         return TreeFF(d_model, d_out=d_out, **asdict(self), **factory)

@@ -8,17 +8,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..kernels import numba_available, tree_forward_kernel
-from ..kernels._common import as_f32, weight_table
-from ..kernels.tree_infer import run_tree_kernel
-from .activations import ACTIVATION_CODES, get_activation
-from .gather import tree_ff_gather
-from .reference import tree_ff_masked
+from .. import activations
+from ..ops import backend as backends
+from ..ops.tree import tree_infer, tree_train
+from ..ops.tree.reference import tree_ff_masked
 from .telemetry import TreeUsage, usage_from_leaf_visits
 
 MAX_DEPTH = 24
-IMPLS = ("masked", "gather", "kernel")
-_NUMBA = numba_available()
+_NUMBA = backends.numba_available()
+if _NUMBA:
+    from ..ops._numba import as_f32, weight_table
+    from ..ops.tree.numba_infer import run_tree_kernel
 ACT_POSITIONS = ("node", "path")
 # Per-layer numpy views of the weights for the inference fast path, outside the module so that
 # pickling, deepcopy and state_dict never see them: layer -> (data pointers, (w_in, b_in, w_out)).
@@ -42,10 +42,11 @@ class TreeFF(nn.Module):
       node receive gradients of the same form (the variant that keeps trees balanced).
     * Input (..., d_model) -> output (..., d_out).
 
-    Execution (all three compute the same function):
-    ``impl="masked"`` computes every node and masks the path (reference); ``impl="gather"`` touches
-    only visited rows, forward and backward (default when training or when gradients are needed);
-    ``impl="kernel"`` is the numba CPU inference kernel (default in eval on CPU). ``impl=None`` picks.
+    Execution: ``backend`` is one of ``dynsparse.ops.BACKENDS``. ``"reference"`` computes every node and
+    masks the path (the definition, plain autograd); every other backend runs the registered tree ops,
+    which touch only visited rows: ``dynsparse::tree_train_forward`` (with autograd) when gradients are
+    needed, ``dynsparse::tree_infer`` otherwise. ``"auto"`` (default) defers to ``dynsparse.ops.set_backend``
+    and then picks numba on CPU, triton on CUDA, torch elsewhere.
     """
 
     def __init__(
@@ -57,7 +58,7 @@ class TreeFF(nn.Module):
         activation: str = "gelu",
         act_position: str = "node",
         bias: bool = True,
-        impl: str | None = None,
+        backend: str = "auto",
         check_finite: bool = False,
         device=None,
         dtype=None,
@@ -68,14 +69,13 @@ class TreeFF(nn.Module):
         _check_int("trees", trees, 1)
         d_out = d_model if d_out is None else d_out
         _check_int("d_out", d_out, 1)
-        get_activation(activation)
+        activations.get(activation)
         if act_position not in ACT_POSITIONS:
             raise ValueError(f"act_position must be one of {ACT_POSITIONS}, got {act_position!r}")
-        _check_impl(impl)
 
         self.d_model, self.depth, self.trees, self.d_out = d_model, depth, trees, d_out
         self.activation, self.act_position = activation, act_position
-        self.impl, self.check_finite = impl, check_finite
+        self.backend, self.check_finite = backend, check_finite
         self.nodes = 2 ** (depth + 1) - 1
         kw = {"device": device, "dtype": dtype}
         self.w_in = nn.Parameter(torch.empty(trees, self.nodes, d_model, **kw))
@@ -131,12 +131,13 @@ class TreeFF(nn.Module):
         return usage_from_leaf_visits(self.leaf_visits.cpu())
 
     # ------------------------------------------------------------------ forward
-    def resolve_impl(self, x: torch.Tensor) -> str:
-        if self.impl is not None:
-            return self.impl
-        if not self.training and x.device.type == "cpu" and not self._needs_grad(x) and _NUMBA:
-            return "kernel"
-        return "gather"
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._backend = backends.check_backend(value)
 
     def _needs_grad(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
@@ -155,18 +156,12 @@ class TreeFF(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x2 = x if x.dim() == 2 else x.reshape(-1, self.d_model)
-        impl = self.resolve_impl(x2)
         args = self._weights_for(x2)
-        if impl == "masked":
+        if self.backend == "reference":
             y, leaves = tree_ff_masked(x2, *args, self.depth, self.activation, self.act_position)
-        elif impl == "gather":
-            y, leaves = tree_ff_gather(x2, *args, self.depth, self.activation, self.act_position)
         else:
-            if self._needs_grad(x2):
-                raise RuntimeError("impl='kernel' is inference-only: run under torch.no_grad() or use impl='gather'")
-            y, leaves = tree_forward_kernel(
-                x2, *args, self.depth, ACTIVATION_CODES[self.activation], self.act_position == "path"
-            )
+            op = tree_train if self._needs_grad(x2) else tree_infer
+            y, leaves = op(x2, *args, self.depth, self.activation, self.act_position, self.backend)
         if self._tracking:
             self._count(leaves)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.d_out)
@@ -174,11 +169,13 @@ class TreeFF(nn.Module):
     # ------------------------------------------------------------------ inference fast path
     def _fast_path_applies(self, x) -> bool:
         """The common inference call (fp32 or bf16 CPU tensor in the layer's dtype, no grad, no
-        autocast, no checks) skips the general path's Python: at one token per call (generation)
-        that Python cost several times the kernel's ~4 us. Any other call takes the general path.
-        (Parameters are read from ``_parameters`` directly: nn.Module's attribute lookup costs ~1 us.)"""
+        autocast, no checks, numba chosen) skips the general path's Python and the op dispatch: at one
+        token per call (generation) that cost several times the kernel. Any other call, and every call
+        under ``torch.compile``, takes the registered ops. (Parameters are read from ``_parameters``
+        directly: nn.Module's attribute lookup is slow at this scale.)"""
         return (
             _NUMBA
+            and not torch.compiler.is_compiling()
             and not self.training
             and not torch.is_grad_enabled()
             and type(x) is torch.Tensor
@@ -187,7 +184,7 @@ class TreeFF(nn.Module):
             and not x.requires_grad
             and x.dim() >= 1
             and x.shape[-1] == self.d_model
-            and (self.impl is None or self.impl == "kernel")
+            and (self._backend == "numba" or (self._backend == "auto" and backends.get_backend() in ("auto", "numba")))
             and not self.check_finite
             and self._parameters["w_in"].dtype is x.dtype
             and not torch.is_autocast_enabled("cpu")
@@ -218,7 +215,7 @@ class TreeFF(nn.Module):
         y = np.empty((m, self.d_out), dtype=np.float32)
         leaves = np.empty((m, self.trees), dtype=np.int64)
         w_in, b_in, w_out = self._kernel_views()
-        run_tree_kernel(x2.numpy(), w_in, b_in, w_out, self.depth, ACTIVATION_CODES[self.activation],
+        run_tree_kernel(x2.numpy(), w_in, b_in, w_out, self.depth, activations.code(self.activation),
                         self.act_position == "path", y, leaves)
         if self._tracking:
             self._count(torch.from_numpy(leaves))
@@ -254,8 +251,3 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> None:
     if value < low or (high is not None and value > high):
         expect = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be {expect}, got {value}")
-
-
-def _check_impl(impl) -> None:
-    if impl is not None and impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")

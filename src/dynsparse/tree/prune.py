@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .activations import get_activation
+from ..activations import fn as get_activation
 from .layer import TreeFF
 from .telemetry import node_visits_from_leaves
 

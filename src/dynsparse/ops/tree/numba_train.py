@@ -10,7 +10,8 @@ scatters gradients with index_add. Here:
 * backward pass B, parallel over nodes: tokens are bucketed by the node they visited (a counting
   sort) and each node's w_in/w_out/b_in gradient is summed by one thread - no races, no atomics, and
   nodes no token visited keep exactly zero gradient.
-fp32 CPU only; ``dynsparse.tree.gather`` falls back to torch for other dtypes and devices.
+fp32 CPU only (the op's ``torch`` backend serves other dtypes and devices). Outputs are torch-allocated:
+numpy-owned storage cannot be resized, which FSDP2 does to gradients.
 """
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ import math
 import numpy as np
 import torch
 
-from ._common import FAST, NUMBA, as_f32, sync_threads
+from .._numba import FAST, NUMBA, as_f32, sync_threads
 
 if NUMBA:
     import numba
     from numba import njit, prange
 
-    from ._common import act as _act
+    from .._numba import act as _act
 
 
 if NUMBA:
@@ -173,27 +174,22 @@ if NUMBA:
         return counts, entries
 
 
-def train_kernels_apply(*tensors) -> bool:
-    """Whether the numba training kernels can serve these tensors (fp32, CPU, numba present)."""
-    return NUMBA and all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
-
-
-def tree_train_forward(x, w_in, b_in, w_out, depth, act_code, act_on_path):
+def tree_train_forward_numba(x, w_in, b_in, w_out, depth, act_code, act_on_path):
     """Returns y (M, d_out), idx (M, T, depth+1) int64 flat node indices (t * nodes + node), zs (same, fp32)."""
     trees, nodes, d = w_in.shape
     d_out = w_out.shape[-1]
     m = x.shape[0]
     sync_threads()
-    y = np.empty((m, d_out), dtype=np.float32)
-    idx = np.empty((m, trees, depth + 1), dtype=np.int64)
-    zs = np.empty((m, trees, depth + 1), dtype=np.float32)
+    y = torch.empty(m, d_out, dtype=torch.float32)
+    idx = torch.empty(m, trees, depth + 1, dtype=torch.int64)
+    zs = torch.empty(m, trees, depth + 1, dtype=torch.float32)
     bi = as_f32(b_in).reshape(-1) if b_in is not None else np.zeros(trees * nodes, dtype=np.float32)
     _forward(as_f32(x), as_f32(w_in).reshape(-1, d), bi, as_f32(w_out).reshape(-1, d_out), nodes, depth,
-             act_code, bool(act_on_path), y, idx, zs)
-    return torch.from_numpy(y), torch.from_numpy(idx), torch.from_numpy(zs)
+             act_code, bool(act_on_path), y.numpy(), idx.numpy(), zs.numpy())
+    return y, idx, zs
 
 
-def tree_train_backward(grad_y, x, w_in, w_out, idx, zs, act_code, act_on_path):
+def tree_train_backward_numba(grad_y, x, w_in, b_in, w_out, idx, zs, act_code, act_on_path):
     """Returns (g_x (M, d), g_w_in (T, N, d), g_b_in (T, N), g_w_out (T, N, d_out)), all fp32."""
     trees, nodes, d = w_in.shape
     d_out = w_out.shape[-1]
@@ -201,23 +197,18 @@ def tree_train_backward(grad_y, x, w_in, w_out, idx, zs, act_code, act_on_path):
     sync_threads()
     gy, xf = as_f32(grad_y), as_f32(x)
     wi, wo = as_f32(w_in).reshape(-1, d), as_f32(w_out).reshape(-1, d_out)
-    idx_np, zs_np = idx.numpy(), zs.numpy()
+    idx_np, zs_np = idx.contiguous().numpy(), as_f32(zs)
     length = idx.shape[2]
-    g_x = np.empty((m, d), dtype=np.float32)
+    g_x = torch.empty(m, d, dtype=torch.float32)
     dz = np.empty((m, trees, length), dtype=np.float32)
     coeff = np.empty((m, trees, length) if not act_on_path else (1, 1, 1), dtype=np.float32)
     g_h = np.empty((m, trees, d_out) if act_on_path else (1, 1, 1), dtype=np.float32)
-    _backward_tokens(gy, wi, wo, idx_np, zs_np, act_code, bool(act_on_path), g_x, dz, coeff, g_h)
+    _backward_tokens(gy, wi, wo, idx_np, zs_np, act_code, bool(act_on_path), g_x.numpy(), dz, coeff, g_h)
     starts, entries = _bucket(idx_np, trees * nodes)
     order = np.argsort(-np.diff(starts), kind="stable")
-    g_in = np.zeros((trees * nodes, d), dtype=np.float32)
-    g_out = np.zeros((trees * nodes, d_out), dtype=np.float32)
-    g_b = np.zeros(trees * nodes, dtype=np.float32)
+    g_in = torch.zeros(trees * nodes, d, dtype=torch.float32)
+    g_out = torch.zeros(trees * nodes, d_out, dtype=torch.float32)
+    g_b = torch.zeros(trees * nodes, dtype=torch.float32)
     _backward_nodes(xf, gy, idx_np, zs_np, dz, coeff, g_h, bool(act_on_path), order, starts, entries,
-                    g_in, g_b, g_out, numba.get_num_threads())
-    return (
-        torch.from_numpy(g_x),
-        torch.from_numpy(g_in).view(trees, nodes, d),
-        torch.from_numpy(g_b).view(trees, nodes),
-        torch.from_numpy(g_out).view(trees, nodes, d_out),
-    )
+                    g_in.numpy(), g_b.numpy(), g_out.numpy(), numba.get_num_threads())
+    return g_x, g_in.view(trees, nodes, d), g_b.view(trees, nodes), g_out.view(trees, nodes, d_out)

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from ._common import FAST, NUMBA, sync_threads
+from ..ops._numba import FAST, NUMBA, sync_threads
 
 if NUMBA:
     import numba

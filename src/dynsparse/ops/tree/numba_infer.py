@@ -4,7 +4,7 @@ Each token reads only depth+1 rows of w_in and w_out per tree (a dot product, th
 work is trees * (depth+1) * (d + d_out) multiply-adds instead of a dense MLP's d * width * 2.
 
 What makes it fast:
-* SIMD dot products (reassociated partial sums, see ``_common.FAST``) and axpys;
+* SIMD dot products (reassociated partial sums, see ``ops._numba.FAST``) and axpys;
 * four tokens walk together: at a node they share, its w_in row is loaded once for four dots and its
   w_out row once for four axpys (shallow nodes are shared by most tokens; deep ones rarely);
 * small batches (the generation case) run a serial kernel: no thread start-up for a few microseconds
@@ -16,14 +16,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._common import FAST, NUMBA, as_f32, sync_threads, weight_table, weight_view
+from .._numba import FAST, NUMBA, as_f32, sync_threads, weight_table, weight_view
 
 if NUMBA:
     import numba
     from numba import njit, prange
 
-    from ._common import act as _act
-    from ._common import load
+    from .._numba import act as _act
+    from .._numba import load
 
 # Below this many multiply-adds (~0.1-0.2 ms on one core) the serial kernel runs: waking the
 # thread pool costs ~10-50 us on an idle machine and far more when other processes hold the cores.
@@ -193,7 +193,7 @@ def run_tree_kernel(x, w_in, b_in, w_out, depth, act_code, act_on_path, y, leave
     """The kernel on numpy arrays (float32, C-contiguous): fills y (M, d_out) and leaves (M, T).
 
     The module's inference fast path calls this with cached weight views; everything else goes
-    through ``tree_forward_kernel``. Small batches run serially, large ones on torch's thread count.
+    through ``tree_infer_numba``. Small batches run serially, large ones on torch's thread count.
     """
     if x.shape[0] * w_in.shape[0] * (depth + 1) * (x.shape[1] + w_out.shape[-1]) < PARALLEL_MIN_WORK:
         _tree_forward_serial(x, w_in, b_in, w_out, depth, act_code, act_on_path, y, leaves)
@@ -202,26 +202,22 @@ def run_tree_kernel(x, w_in, b_in, w_out, depth, act_code, act_on_path, y, leave
         _tree_forward_parallel(x, w_in, b_in, w_out, depth, act_code, act_on_path, y, leaves, numba.get_num_threads())
 
 
-def tree_forward_kernel(x, w_in, b_in, w_out, depth, act_code, act_on_path):
+def tree_infer_numba(x, w_in, b_in, w_out, depth, act_code, act_on_path):
     """x: (M, d) -> (y (M, d_out), leaves (M, T) int64), computed in fp32 and returned in x's dtype.
 
     bfloat16 weight tables are read as bfloat16 (half the memory traffic) and widened in registers;
-    other dtypes are converted to float32.
+    other dtypes are converted to float32. Outputs are torch-allocated (resizable storage, so FSDP2 and
+    autograd may free or reuse them).
 
     Routing uses SIMD partial sums, so a token whose |z| at some node is within float rounding of 0
     may turn differently than a sequential sum would; any such token is a tie under either order.
     """
-    if not NUMBA:
-        raise RuntimeError("impl='kernel' needs numba: pip install numba (or use impl='gather')")
-    if x.device.type != "cpu":
-        raise RuntimeError(f"impl='kernel' runs on CPU tensors only, got {x.device}")
     trees, nodes, _ = w_in.shape
     xf = as_f32(x)
     wi, wo = weight_table(w_in), weight_table(w_out)
     bi = weight_view(b_in) if b_in is not None else np.zeros((trees, nodes), dtype=np.float32)
     m = xf.shape[0]
-    y = np.empty((m, wo.shape[-1]), dtype=np.float32)
-    leaves = np.empty((m, trees), dtype=np.int64)
-    run_tree_kernel(xf, wi, bi, wo, depth, act_code, bool(act_on_path), y, leaves)
-    out = torch.from_numpy(y)
-    return (out if x.dtype == torch.float32 else out.to(x.dtype)), torch.from_numpy(leaves)
+    y = torch.empty(m, wo.shape[-1], dtype=torch.float32)
+    leaves = torch.empty(m, trees, dtype=torch.int64)
+    run_tree_kernel(xf, wi, bi, wo, depth, act_code, bool(act_on_path), y.numpy(), leaves.numpy())
+    return (y if x.dtype == torch.float32 else y.to(x.dtype)), leaves

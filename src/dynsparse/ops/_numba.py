@@ -1,4 +1,4 @@
-"""Pieces every numba kernel shares: availability, thread count, activations, tensor <-> array glue."""
+"""Pieces every numba kernel shares: thread count, activations by code, tensor <-> array glue."""
 from __future__ import annotations
 
 import math
@@ -122,7 +122,7 @@ if NUMBA:
 
     @njit(inline="always", cache=True)
     def act(z, code):
-        """Activation by code (dynsparse.tree.activations.ACTIVATION_CODES): gelu(erf), relu, silu, tanh, identity."""
+        """Activation by code (dynsparse.activations.REGISTRY): gelu(erf), relu, silu, tanh, identity."""
         if code == 0:
             return 0.5 * z * (1.0 + math.erf(z * 0.7071067811865476))
         if code == 1:
