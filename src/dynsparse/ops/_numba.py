@@ -53,7 +53,32 @@ def bf16_bits(t: torch.Tensor) -> np.ndarray:
     t = t.detach()
     if not t.is_contiguous():
         t = t.contiguous()
-    return t.view(torch.int16).numpy().view(np.uint16)
+    return array(t.view(torch.int16)).view(np.uint16)
+
+
+_TYPESTR = {torch.float32: "<f4", torch.float64: "<f8", torch.int64: "<i8", torch.int32: "<i4",
+            torch.int16: "<i2", torch.uint8: "|u1", torch.bool: "|b1"}
+
+
+class _Exported:
+    """Holds a tensor and describes its memory to numpy through the array interface."""
+
+    def __init__(self, t: torch.Tensor):
+        self.tensor = t
+        self.__array_interface__ = {"data": (t.data_ptr(), False), "shape": tuple(t.shape),
+                                    "typestr": _TYPESTR[t.dtype], "version": 3}
+
+
+def array(t: torch.Tensor) -> np.ndarray:
+    """A zero-copy numpy view of a contiguous CPU tensor that keeps the tensor alive.
+
+    ``Tensor.numpy()`` marks the storage as not resizable for good, and FSDP2 frees unsharded
+    parameters by resizing their storage to zero ("Trying to resize storage that is not resizable"),
+    so every array a kernel reads or writes is made this way instead."""
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return np.asarray(_Exported(t))
 
 
 def as_f32(t: torch.Tensor) -> np.ndarray:
@@ -61,9 +86,7 @@ def as_f32(t: torch.Tensor) -> np.ndarray:
     t = t.detach()
     if t.dtype != torch.float32:
         t = t.to(torch.float32)
-    if not t.is_contiguous():
-        t = t.contiguous()
-    return t.numpy()
+    return array(t)
 
 
 # Weight tensors' numpy views, so that a per-token call (generation) does not pay for

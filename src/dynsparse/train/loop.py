@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -17,14 +18,17 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..atomic import recover
 from ..data import eval_windows, prepare_tokens, sample_windows, text_source
 from ..lm import DynSparseLMForCausalLM
 from ..lm.model import MLP
+from ..sparse_ff import ff_usage
 from ..tree import TreeFF
 from . import distributed, telemetry
 from .balance import RoutingBalancer
-from .checkpoint import (CheckpointError, check_model_state, list_checkpoints, load_checkpoint, save_checkpoint,
-                         set_rng_state)
+from ..outputs import LOCK_NAME, RunLock, live_holder
+from .checkpoint import (_STEP_DIR, CheckpointError, check_model_state, load_latest_checkpoint,
+                         save_checkpoint, set_rng_state)
 from .config import TrainConfig, diff_configs
 from .progress import Progress
 from .tensorboard_log import TensorBoardLog
@@ -34,28 +38,59 @@ class RunDirError(ValueError):
     """The output directory cannot be used as asked (holds another run, nothing to resume, ...)."""
 
 
-def prepare_run_dir(run: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> None:
+def prepare_run_dir(run: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> RunLock:
     """Refuse to mix runs: an existing run continues only with ``resume`` and a compatible config,
-    and is replaced only with ``overwrite``."""
+    and is replaced only with ``overwrite``; a run a live process holds is never touched.
+
+    Returns the run's lock, to hold until the run ends. Under it, what a killed run left half-written is
+    recovered or removed. config.json is written later, once data and model are built, so a start that
+    fails leaves nothing that a corrected rerun would take for another run."""
     config_path = run / "config.json"
     if resume and overwrite:
         raise RunDirError("choose one of --resume and --overwrite")
+    if run.exists() and not run.is_dir():
+        raise RunDirError(f"--out {run} is a file, not a run directory")
+    pid = live_holder(run)
+    if pid is not None:
+        raise RunDirError(f"{run} is in use by a running dynsparse process (pid {pid}): wait for it to finish "
+                          "or stop it first (two processes on one run would corrupt it)")
+    contents = [p for p in run.iterdir() if p.name != LOCK_NAME] if run.exists() else []
     if resume:
         if not config_path.exists():
             raise RunDirError(f"nothing to resume in {run}: no config.json")
-        diff = diff_configs(json.loads(config_path.read_text()), cfg.to_dict())
+        try:
+            saved = json.loads(config_path.read_text())
+        except (ValueError, OSError):
+            raise RunDirError(f"cannot resume {run}: its config.json is not valid JSON") from None
+        diff = diff_configs(saved, cfg.to_dict()) if isinstance(saved, dict) else ["(not a mapping)"]
         if diff:
             raise RunDirError(f"cannot resume {run}: its config differs in {', '.join(diff)}")
-        return
-    if run.exists() and any(run.iterdir()):
+    elif contents:
         if not overwrite:
             what = "another run" if config_path.exists() else "other files"
             raise RunDirError(f"{run} holds {what}: pass --resume to continue it or --overwrite to replace it")
         if not config_path.exists() and not (run / "checkpoints").exists():
             raise RunDirError(f"refusing to overwrite {run}: it does not look like a run directory")
-        shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
-    cfg.save(config_path)
+    lock = RunLock(run).acquire()
+    try:
+        notes = [lock.stale_note()] if lock.stale else []
+        if overwrite and not resume:
+            for p in run.iterdir():
+                if p.name != LOCK_NAME:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        else:
+            notes += recover(run, lambda name: name == "final")
+            notes += recover(run / "checkpoints", lambda name: bool(_STEP_DIR.match(name)))
+            for name in ("config.tmp", "metrics.tmp", "telemetry.tmp"):  # TrainConfig.save, truncate_jsonl
+                if (run / name).is_file():
+                    (run / name).unlink()
+                    notes.append(f"removed the temporary {run / name}")
+        for line in notes:
+            print(f"dynsparse: {line}", file=sys.stderr)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -141,32 +176,29 @@ def evaluate_rows(model, x, y, batch: int, device) -> float:
 
 
 def ff_summary(model: torch.nn.Module) -> dict:
-    """FF active fraction and FLOPs/token (per block, averaged over blocks) from the model's layers."""
-    from ..mlps import find_mlps
-
-    trees = telemetry.tree_layers(model)
-    if trees:
-        layers = list(trees.values())
-        return {"ff_active_fraction": sum(l.active_fraction for l in layers) / len(layers),
-                "ff_flops_per_token": sum(l.flops_per_token for l in layers) / len(layers)}
-    mlps = list(find_mlps(distributed.unwrap(model)).values())
-    if not mlps:
-        return {}
-    return {"ff_active_fraction": 1.0,
-            "ff_flops_per_token": sum(4 * m.d_model * m.d_ff for m in mlps) / len(mlps)}
+    """FF active fraction and FLOPs/token (per block, averaged over blocks): the nominal cost of the
+    model's FF blocks (training logs it beside the loss; measured costs come from evaluation)."""
+    return ff_usage(distributed.unwrap(model), measured=False)
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
           progress: bool = True, on_step: Callable[[int, float], None] | None = None,
           tensorboard: bool = True) -> dict:
     """Run (or continue) a training run in ``out``; returns the final metrics (also in final/metrics.json).
-    With ``tensorboard`` (and the package installed) the logged scalars also go to ``<run>/tensorboard/``."""
+    With ``tensorboard`` (and the package installed) the logged scalars also go to ``<run>/tensorboard/``.
+    The run's lock is held from the first check to the end, so no second process can use the run."""
     d = distributed.setup()
     run = Path(out)
-    if d.main:
-        prepare_run_dir(run, cfg, resume, overwrite)
+    lock = prepare_run_dir(run, cfg, resume, overwrite) if d.main else None
     d.barrier()
+    try:
+        return _train(cfg, run, d, resume, progress, on_step, tensorboard)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _train(cfg: TrainConfig, run: Path, d, resume: bool, progress: bool, on_step, tensorboard: bool) -> dict:
     # ---- data (rank 0 tokenizes into the cache first; the others then read it)
     tokenizer_dir = cfg.tokenizer
     if tokenizer_dir is None and cfg.init_from:  # continue with the pretrained model's own tokenizer
@@ -200,29 +232,39 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
     if model.config.max_position_embeddings < cfg.seq_len:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's context ({model.config.max_position_embeddings})")
     for layer in telemetry.tree_layers(model).values():
-        # TreeFF's gather path (a custom autograd function holding the weight tables) fails under FSDP2
-        # ("Trying to resize storage that is not resizable" when FSDP frees the unsharded weights), so
-        # sharded runs train trees with the masked path, which computes the same function.
-        layer.impl = "masked" if cfg.fsdp and cfg.tree_impl in (None, "gather") else cfg.tree_impl
+        layer.backend = cfg.backend
     telemetry.set_tracking(model, cfg.telemetry)
     model = distributed.wrap(model, d, cfg.fsdp)
     optimizer = make_optimizer(model, cfg)
 
-    start, tokens_seen = 0, 0
-    ckpts = list_checkpoints(run)
-    if resume and ckpts:
-        step, path = ckpts[-1]
-        ck = load_checkpoint(path)
+    start, tokens_seen, resumed = 0, 0, {}
+    if resume:
         reference = _plain_copy(cfg, vocab_size) if cfg.fsdp and not cfg.init_from else distributed.unwrap(model)
-        check_model_state(reference, ck["model"], str(path))
-        distributed.load_full_state(model, optimizer, ck["model"], ck["optimizer"])
-        set_rng_state(ck["rng"])
-        start, tokens_seen = ck["state"]["step"], ck["state"]["tokens"]
+
+        def restore(ck, path):
+            check_model_state(reference, ck["model"], str(path))
+            try:
+                distributed.load_full_state(model, optimizer, ck["model"], ck["optimizer"])
+            except (ValueError, KeyError, IndexError, RuntimeError) as e:
+                raise CheckpointError(f"checkpoint {path}: its optimizer state does not fit this model "
+                                      f"({type(e).__name__})") from None
+
+        note = (lambda line: print(f"dynsparse: {line}", file=sys.stderr)) if d.main else None
+        ck = load_latest_checkpoint(run, restore, move=d.main, note=note)
+        if ck is not None:
+            set_rng_state(ck["rng"])
+            resumed = ck["state"]
+            start, tokens_seen = resumed["step"], resumed["tokens"]
+    if d.main and not (run / "config.json").exists():
+        cfg.save(run / "config.json")  # data and model are built: from here on this folder is a run
     if d.main:
         for name in ("metrics.jsonl", "telemetry.jsonl"):
             telemetry.truncate_jsonl(run / name, start)
     if start >= cfg.max_steps and (run / "final").exists():
         return json.loads((run / "final" / "metrics.json").read_text())
+    if start > cfg.max_steps:
+        raise RunDirError(f"cannot resume {run} with --max-steps {cfg.max_steps}: its last checkpoint is at step "
+                          f"{start}; pass --max-steps {start} or more")
 
     balancer = RoutingBalancer(model, cfg.tree_balance_rate) if cfg.tree_balance_rate > 0 else None
 
@@ -235,7 +277,15 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
     amp = torch.autocast(d.device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" else contextlib.nullcontext()
     eval_bs = max(1, per_rank)
     eval_windows_n = cfg.eval_batches * eval_bs
-    train_time, telemetry_time, last_loss, val_loss = 0.0, 0.0, float("nan"), None
+    train_time, telemetry_time = 0.0, 0.0
+    last_loss, val_loss = float(resumed.get("loss", float("nan"))), resumed.get("val_loss")
+    if start == cfg.max_steps:  # killed while saving the final model: finish it from the last checkpoint
+        if val_loss is None:  # a checkpoint written before the state kept the losses
+            val_loss = (evaluate_rows(model, *qa.splits["val"], eval_bs, d.device) if cfg.qa else
+                        evaluate(model, data.splits["val"], cfg.seq_len, eval_bs, eval_windows_n, d.device))
+        if not math.isfinite(last_loss):
+            logged = [r for r in telemetry.read_jsonl(run / "metrics.jsonl") if r.get("step") == start]
+            last_loss = float(logged[-1]["loss"]) if logged else last_loss
     ff = ff_summary(model)
     bar = Progress(cfg.max_steps, start, enabled=progress and d.main, ff_active=ff.get("ff_active_fraction"))
     tb = TensorBoardLog(run, tensorboard and d.main, start if resume else None, ff)
@@ -294,7 +344,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
         if done % cfg.ckpt_every == 0 or done == cfg.max_steps:
             model_sd, optim_sd = distributed.full_state(model, optimizer)
             if d.main:
-                save_checkpoint(run, done, model_sd, optim_sd, {"tokens": tokens_seen}, cfg.keep_checkpoints)
+                save_checkpoint(run, done, model_sd, optim_sd, {"tokens": tokens_seen, "loss": last_loss,
+                                "val_loss": val_loss, "tokens_per_s": record["tokens_per_s"]}, cfg.keep_checkpoints)
             d.barrier()
     bar.close()
     tb.close()
@@ -302,7 +353,8 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
     # ---- final model: an HF directory that from_pretrained loads
     metrics = {"steps": cfg.max_steps, "tokens": tokens_seen, "train_loss": last_loss,
                "val_loss": val_loss, "val_ppl": math.exp(val_loss) if val_loss is not None else None,
-               "tokens_per_s": tokens_seen_rate(cfg, cfg.max_steps - start, train_time),
+               "tokens_per_s": (tokens_seen_rate(cfg, cfg.max_steps - start, train_time) if cfg.max_steps > start
+                                else resumed.get("tokens_per_s", 0.0)),
                "train_seconds": train_time, "telemetry_seconds": telemetry_time,
                "params": sum(p.numel() for p in distributed.unwrap(model).parameters()),
                "world_size": d.world, **ff_summary(model)}
@@ -323,7 +375,7 @@ def save_final(model, state_dict: dict, tokenizer, path: Path, metrics: dict) ->
     from ..lm.convert import save_converted
 
     for layer in telemetry.tree_layers(model).values():
-        layer.impl = None  # the saved model picks its execution path itself
+        layer.backend = "auto"  # the saved model picks its backend itself
     save_converted(model, path, tokenizer, state_dict, extra={"metrics.json": json.dumps(metrics, indent=1)})
 
 

@@ -12,12 +12,13 @@ from .. import activations
 from ..ops import backend as backends
 from ..ops.tree import tree_infer, tree_train
 from ..ops.tree.reference import tree_ff_masked
+from ..sparse_ff import FFUsage
 from .telemetry import TreeUsage, usage_from_leaf_visits
 
 MAX_DEPTH = 24
 _NUMBA = backends.numba_available()
 if _NUMBA:
-    from ..ops._numba import as_f32, weight_table
+    from ..ops._numba import array, as_f32, weight_table
     from ..ops.tree.numba_infer import run_tree_kernel
 ACT_POSITIONS = ("node", "path")
 # Per-layer numpy views of the weights for the inference fast path, outside the module so that
@@ -130,6 +131,11 @@ class TreeFF(nn.Module):
     def usage_stats(self) -> TreeUsage:
         return usage_from_leaf_visits(self.leaf_visits.cpu())
 
+    def measured_usage(self) -> FFUsage:
+        """The sparse-FF protocol's counters: every counted token visited trees * (depth+1) nodes."""
+        tokens = int(self.leaf_visits[0].sum()) if self.trees else 0
+        return FFUsage(tokens, self.active_fraction, float(self.flops_per_token))
+
     # ------------------------------------------------------------------ forward
     @property
     def backend(self) -> str:
@@ -215,7 +221,7 @@ class TreeFF(nn.Module):
         y = np.empty((m, self.d_out), dtype=np.float32)
         leaves = np.empty((m, self.trees), dtype=np.int64)
         w_in, b_in, w_out = self._kernel_views()
-        run_tree_kernel(x2.numpy(), w_in, b_in, w_out, self.depth, activations.code(self.activation),
+        run_tree_kernel(array(x2), w_in, b_in, w_out, self.depth, activations.code(self.activation),
                         self.act_position == "path", y, leaves)
         if self._tracking:
             self._count(torch.from_numpy(leaves))

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..activations import fn as get_activation
+from ..sparse_ff import FFUsage
 from .layer import TreeFF
 from .telemetry import node_visits_from_leaves
 
@@ -77,6 +78,19 @@ class PrunedTreeFF(nn.Module):
     def nodes_per_token(self) -> float:
         """Mean number of nodes (over all trees) a counted token visited."""
         return self.node_visit_count / self.token_count if self.token_count else float("nan")
+
+    @property
+    def flops_per_token(self) -> int:
+        """Nominal cost: every tree's longest path (a token's real cost is ``measured_usage``)."""
+        return 2 * self.trees * self.max_len * (self.d_model + self.d_out)
+
+    @property
+    def active_fraction(self) -> float:
+        return self.trees * self.max_len / self.w_in.shape[0]
+
+    def measured_usage(self) -> FFUsage:
+        npt = self.nodes_per_token
+        return FFUsage(self.token_count, npt / self.w_in.shape[0], 2 * npt * (self.d_model + self.d_out))
 
     @classmethod
     def empty(cls, nodes: int, trees: int, d_model: int, d_out: int, max_len: int, activation: str,

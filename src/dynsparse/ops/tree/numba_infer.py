@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._numba import FAST, NUMBA, as_f32, sync_threads, weight_table, weight_view
+from .._numba import FAST, NUMBA, array, as_f32, sync_threads, weight_table, weight_view
 
 if NUMBA:
     import numba
@@ -219,5 +219,5 @@ def tree_infer_numba(x, w_in, b_in, w_out, depth, act_code, act_on_path):
     m = xf.shape[0]
     y = torch.empty(m, wo.shape[-1], dtype=torch.float32)
     leaves = torch.empty(m, trees, dtype=torch.int64)
-    run_tree_kernel(xf, wi, bi, wo, depth, act_code, bool(act_on_path), y.numpy(), leaves.numpy())
+    run_tree_kernel(xf, wi, bi, wo, depth, act_code, bool(act_on_path), array(y), array(leaves))
     return (y if x.dtype == torch.float32 else y.to(x.dtype)), leaves

@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from .._numba import FAST, NUMBA, as_f32, sync_threads
+from .._numba import FAST, NUMBA, array, as_f32, sync_threads
 
 if NUMBA:
     import numba
@@ -185,7 +185,7 @@ def tree_train_forward_numba(x, w_in, b_in, w_out, depth, act_code, act_on_path)
     zs = torch.empty(m, trees, depth + 1, dtype=torch.float32)
     bi = as_f32(b_in).reshape(-1) if b_in is not None else np.zeros(trees * nodes, dtype=np.float32)
     _forward(as_f32(x), as_f32(w_in).reshape(-1, d), bi, as_f32(w_out).reshape(-1, d_out), nodes, depth,
-             act_code, bool(act_on_path), y.numpy(), idx.numpy(), zs.numpy())
+             act_code, bool(act_on_path), array(y), array(idx), array(zs))
     return y, idx, zs
 
 
@@ -197,18 +197,18 @@ def tree_train_backward_numba(grad_y, x, w_in, b_in, w_out, idx, zs, act_code, a
     sync_threads()
     gy, xf = as_f32(grad_y), as_f32(x)
     wi, wo = as_f32(w_in).reshape(-1, d), as_f32(w_out).reshape(-1, d_out)
-    idx_np, zs_np = idx.contiguous().numpy(), as_f32(zs)
+    idx_np, zs_np = array(idx.contiguous()), as_f32(zs)
     length = idx.shape[2]
     g_x = torch.empty(m, d, dtype=torch.float32)
     dz = np.empty((m, trees, length), dtype=np.float32)
     coeff = np.empty((m, trees, length) if not act_on_path else (1, 1, 1), dtype=np.float32)
     g_h = np.empty((m, trees, d_out) if act_on_path else (1, 1, 1), dtype=np.float32)
-    _backward_tokens(gy, wi, wo, idx_np, zs_np, act_code, bool(act_on_path), g_x.numpy(), dz, coeff, g_h)
+    _backward_tokens(gy, wi, wo, idx_np, zs_np, act_code, bool(act_on_path), array(g_x), dz, coeff, g_h)
     starts, entries = _bucket(idx_np, trees * nodes)
     order = np.argsort(-np.diff(starts), kind="stable")
     g_in = torch.zeros(trees * nodes, d, dtype=torch.float32)
     g_out = torch.zeros(trees * nodes, d_out, dtype=torch.float32)
     g_b = torch.zeros(trees * nodes, dtype=torch.float32)
     _backward_nodes(xf, gy, idx_np, zs_np, dz, coeff, g_h, bool(act_on_path), order, starts, entries,
-                    g_in.numpy(), g_b.numpy(), g_out.numpy(), numba.get_num_threads())
+                    array(g_in), array(g_b), array(g_out), numba.get_num_threads())
     return g_x, g_in.view(trees, nodes, d), g_b.view(trees, nodes), g_out.view(trees, nodes, d_out)
