@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from ..presets import MODEL_PRESETS
+
 FF_KINDS = ("dense", "tree")
 TREE_OUT_INITS = ("published", "residual")
 POSITIONS = ("learned", "rope")
@@ -89,18 +91,8 @@ class DynSparseLMConfig(PretrainedConfig):
         return 2 * self.tree_trees * (self.tree_depth + 1) * 2 * d
 
 
-# Architecture presets. tiny trains in CPU minutes; small is ~20M parameters; 125m and 1.3b are the
-# published scales (GPT-2/OPT shapes), configuration only here: train them on real hardware.
-PRESETS: dict[str, dict] = {
-    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=256,
-                 vocab_size=2048, tree_depth=7, tree_trees=8),
-    "small": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, max_position_embeddings=512,
-                  vocab_size=8192, tree_depth=8, tree_trees=16),
-    "125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=1024,
-                 vocab_size=50304, tree_depth=11, tree_trees=8),
-    "1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, max_position_embeddings=2048,
-                 vocab_size=50304, tree_depth=11, tree_trees=16),
-}
+# Architecture presets live with their training defaults in dynsparse.presets.
+PRESETS = MODEL_PRESETS
 
 
 def preset_config(name: str, **overrides) -> DynSparseLMConfig:

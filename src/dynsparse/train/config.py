@@ -13,14 +13,8 @@ import yaml
 from ..lm import FF_KINDS, PRESETS, DynSparseLMConfig, preset_config
 from ..lm.config import TREE_OUT_INITS
 from ..ops.backend import BACKENDS
+from ..presets import TRAIN_PRESETS
 
-# Optimisation defaults per architecture preset (the architecture itself lives in dynsparse.lm.PRESETS).
-TRAIN_PRESETS: dict[str, dict] = {
-    "tiny": dict(seq_len=128, batch_size=16, lr=3e-3, max_steps=1000, warmup_steps=50),
-    "small": dict(seq_len=256, batch_size=32, lr=1e-3, max_steps=5000, warmup_steps=200),
-    "125m": dict(seq_len=1024, batch_size=256, lr=6e-4, max_steps=100_000, warmup_steps=2000),
-    "1.3b": dict(seq_len=2048, batch_size=512, lr=2e-4, max_steps=100_000, warmup_steps=2000),
-}
 DTYPES = ("fp32", "bf16")
 
 
