@@ -1,6 +1,6 @@
 """AP vs MLP activation sparsity of the built-in DETR: dense, exact ReLU skip, SIBS and MGS.
 
-    python -m dynsparse.detection.sparsity_curve --out runs/detr_curve    # table (markdown + JSON) and PNG
+    python experiments/detr_sparsity_curve.py --out runs/detr_curve    # table (markdown + JSON) and PNG
 
 All runs use the same val images, batch size and post-processing (score threshold 0, all queries kept,
 original sizes). Calibration uses train images only. MGS gates are trained once per block and their
@@ -19,19 +19,19 @@ from pathlib import Path
 
 import torch
 
-from ..gating.plots import plot_quality_vs_sparsity
+from dynsparse.gating.plots import plot_quality_vs_sparsity
 
 
 def run(out_dir: str | os.PathLike, coco_root: str | os.PathLike | None = None, model_dir=None, n_calib: int = 256,
         n_val: int | None = None, batch_size: int = 8, rank: int = 16, verbose: bool = False) -> list[dict]:
-    from ..gating import MGSConfig, SIBSConfig, apply_gates, fit_gates, record_activations
-    from ..gating.mgs import recalibrate_
-    from ..gating.modules import GatedMLP, ReLUSkipMLP
-    from ..mlps import find_mlps
-    from .coco import CocoDetection, make_collate
-    from .evaluate import evaluate_detr
-    from .model import load_detr
-    from .synthetic import default_synthetic_root
+    from dynsparse.gating import MGSConfig, SIBSConfig, apply_gates, fit_gates, record_activations
+    from dynsparse.gating.mgs import recalibrate_
+    from dynsparse.gating.modules import GatedMLP, ReLUSkipMLP
+    from dynsparse.mlps import find_mlps
+    from dynsparse.detection.coco import CocoDetection, make_collate
+    from dynsparse.detection.evaluate import evaluate_detr
+    from dynsparse.detection.model import load_detr
+    from dynsparse.detection.synthetic import default_synthetic_root
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
