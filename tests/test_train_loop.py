@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dynsparse.lm  # noqa: F401  (registers the auto classes)
 from dynsparse.cli import main
-from dynsparse.train import CheckpointError, RunDirError, TrainConfig, list_checkpoints, lr_at, train
+from dynsparse.train import RunDirError, TrainConfig, list_checkpoints, lr_at, train
+
 from dynsparse.train.telemetry import read_jsonl
 
 CORPUS = "".join(f"{i} the king and the queen walked to the {['castle', 'sea', 'hill'][i % 3]}.\n" for i in range(600))
@@ -73,15 +74,17 @@ def test_run_dir_outputs(corpus, tmp_path):
     assert metrics["ff_active_fraction"] == pytest.approx(4 / 15)
 
 
-def test_corrupt_checkpoint_is_reported_and_kept(corpus, tmp_path):
+def test_corrupt_checkpoint_is_reported_and_kept(corpus, tmp_path, capsys):
     c = cfg(corpus, tmp_path, max_steps=4)
     train(c, tmp_path / "run", progress=False)
     last = list_checkpoints(tmp_path / "run")[-1][1]
     weights = last / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
-        train(cfg(corpus, tmp_path, max_steps=6), tmp_path / "run", resume=True, progress=False)
-    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2, 4]  # nothing deleted
+    # The newest is named and set aside (never deleted); the run resumes from the newest intact one.
+    train(cfg(corpus, tmp_path, max_steps=6), tmp_path / "run", resume=True, progress=False)
+    assert "step_4: model.safetensors is corrupt or truncated" in capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoints" / "corrupt-step_4" / "model.safetensors").stat().st_size == 100
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [4, 6]
 
 
 def test_run_dir_rules(corpus, tmp_path):

@@ -47,3 +47,41 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_TMP_SUFFIX = r"[a-z0-9_]{8}"  # tempfile's random part
+
+
+def recover(parent: str | Path, accept) -> list[str]:
+    """Finish or undo what a killed ``atomic_dir`` / ``atomic_write_text`` left in ``parent``, for the
+    targets whose name ``accept(name)`` is true: a target moved aside but never replaced is put back, and
+    every temporary is removed. Call it only while no other process writes there (under its lock).
+    Returns one line per action."""
+    import re
+
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    done = []
+    old = re.compile(rf"^\.(.+)\.old\.{_TMP_SUFFIX}$")
+    new = re.compile(rf"^\.(.+)\.{_TMP_SUFFIX}$")
+    for p in sorted(parent.iterdir()):
+        m = old.match(p.name)
+        if not m or not accept(m.group(1)) or not p.is_dir():
+            continue
+        target, kept = parent / m.group(1), p / m.group(1)
+        if not target.exists() and kept.exists():
+            os.replace(kept, target)
+            done.append(f"restored {target} (a replacement was interrupted)")
+        shutil.rmtree(p, ignore_errors=True)
+        done.append(f"removed the temporary {p}")
+    for p in sorted(parent.iterdir()):
+        m = new.match(p.name)
+        if not m or old.match(p.name) or not accept(m.group(1)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        done.append(f"removed the temporary {p}")
+    return done

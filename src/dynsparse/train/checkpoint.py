@@ -69,28 +69,94 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, optim_state: di
     return final
 
 
+FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json")
+
+
 def load_checkpoint(path: Path) -> dict:
-    """{"model": state dict, "optimizer": ..., "rng": ..., "state": {...}} after verifying the manifest."""
+    """{"model": state dict, "optimizer": ..., "rng": ..., "state": {...}} after verifying the manifest.
+    Anything unreadable (a rewritten manifest, a file that is not what its name says) is a CheckpointError."""
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not manifest_path.exists():
         raise CheckpointError(f"checkpoint {path} is incomplete (no manifest.json)")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
         raise CheckpointError(f"checkpoint {path} has a corrupt manifest.json") from None
+    if not isinstance(manifest, dict) or not all(isinstance(v, str) for v in manifest.values()):
+        raise CheckpointError(f"checkpoint {path} has a corrupt manifest.json (not a mapping of file: checksum)")
+    missing = [f for f in FILES if f not in manifest]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: manifest.json does not list {', '.join(missing)}")
     for name, digest in manifest.items():
         f = path / name
-        if not f.exists():
+        if "/" in name or "\\" in name or not f.is_file():
             raise CheckpointError(f"checkpoint {path} is missing {name}")
         if _sha256(f) != digest:
             raise CheckpointError(f"checkpoint {path}: {name} is corrupt or truncated (checksum mismatch)")
-    return {
-        "model": load_file(path / "model.safetensors"),
-        "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
-        "rng": torch.load(path / "rng.pt", weights_only=True),
-        "state": json.loads((path / "state.json").read_text()),
-    }
+    out = {}
+    for key, name, read in (("model", "model.safetensors", lambda f: load_file(f)),
+                            ("optimizer", "optimizer.pt", lambda f: torch.load(f, weights_only=True)),
+                            ("rng", "rng.pt", lambda f: torch.load(f, weights_only=True)),
+                            ("state", "state.json", lambda f: json.loads(f.read_text()))):
+        try:
+            out[key] = read(path / name)
+        except Exception as e:  # safetensors, pickle and JSON each raise their own error types
+            raise CheckpointError(f"checkpoint {path}: {name} is unreadable ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'})") from None
+    _check_contents(path, out)
+    return out
+
+
+def _check_contents(path: Path, ck: dict) -> None:
+    state, optim, rng = ck["state"], ck["optimizer"], ck["rng"]
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), int) and not isinstance(state.get(k), bool)
+                                              and state[k] >= 0 for k in ("step", "tokens")):
+        raise CheckpointError(f"checkpoint {path}: state.json lacks a step and a token count")
+    if not isinstance(optim, dict) or not {"state", "param_groups"} <= set(optim):
+        raise CheckpointError(f"checkpoint {path}: optimizer.pt holds no optimizer state")
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) or rng["torch"].dtype != torch.uint8:
+        raise CheckpointError(f"checkpoint {path}: rng.pt holds no random-number state")
+    if not all(isinstance(v, torch.Tensor) for v in ck["model"].values()):
+        raise CheckpointError(f"checkpoint {path}: model.safetensors holds no weights")
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a corrupt checkpoint to ``corrupt-step_N`` (``-2``, ... if taken) beside it: out of the way of
+    resuming and of the keep-last-N rotation, never deleted."""
+    path = Path(path)
+    target, i = path.with_name(f"corrupt-{path.name}"), 1
+    while target.exists():
+        i += 1
+        target = path.with_name(f"corrupt-{path.name}-{i}")
+    path.rename(target)
+    return target
+
+
+def load_latest_checkpoint(run_dir: Path, restore=None, move=True, note=None) -> dict | None:
+    """The newest intact checkpoint of a run (None when it has none), after ``restore(ck, path)`` accepted it.
+
+    A newer checkpoint that fails to load (or that ``restore`` rejects with a CheckpointError) is named,
+    via ``note``, and with ``move`` renamed aside (``move_aside``). When no checkpoint is intact nothing is
+    moved and the newest one's error is raised."""
+    failed = []
+    for step, path in reversed(list_checkpoints(run_dir)):
+        try:
+            ck = load_checkpoint(path)
+            if restore is not None:
+                restore(ck, path)
+        except CheckpointError as e:
+            failed.append((path, e))
+            continue
+        for bad, e in failed:
+            where = move_aside(bad) if move else bad
+            if note is not None:
+                note(f"{e}; resuming from {path} instead" + (f" (the corrupt one is kept as {where})" if move else ""))
+        return ck
+    if failed:
+        more = f" (and {len(failed) - 1} older one(s) fail too)" if len(failed) > 1 else ""
+        raise CheckpointError(f"{failed[0][1]}{more}: no intact checkpoint to resume from")
+    return None
 
 
 def check_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
