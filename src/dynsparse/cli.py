@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import os
 import pkgutil
 import sys
 
@@ -28,6 +30,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Integer options are counts, checked >= 1 before a command starts, except these (0 has a meaning).
+ZERO_OK = frozenset({"seed", "warmup", "warmup_steps", "num_fewshot", "depth"})
+MAX_ERROR_CHARS = 400
+
+
+def _leaf_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            sub = action.choices.get(getattr(args, action.dest, None))
+            return parser if sub is None else _leaf_parser(sub, args)
+    return parser
+
+
+def check_numbers(parser: argparse.ArgumentParser, args) -> None:
+    """Every float option finite, every integer option a count (>= 1, or >= 0 for ZERO_OK): a NaN or a
+    negative count would otherwise run silently wrong or fail deep inside the work."""
+    for action in _leaf_parser(parser, args)._actions:
+        value = getattr(args, action.dest, None)
+        if value is None or not action.option_strings or action.type not in (int, float):
+            continue
+        flag = max(action.option_strings, key=len)
+        if action.type is float and not math.isfinite(value):
+            raise CLIError(f"{flag} must be a finite number, got {value}")
+        low = 0 if action.dest in ZERO_OK else 1
+        if action.type is int and value < low:
+            raise CLIError(f"{flag} must be >= {low}, got {value}")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -35,10 +72,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        check_numbers(parser, args)
         return int(args.func(args) or 0)
-    except CLIError as e:
-        print(f"dynsparse {args.command}: error: {e}", file=sys.stderr)
+    except (CLIError, ValueError, OSError, FloatingPointError) as e:
+        # The library's own checks raise ValueError / OSError with a message meant for the user: one line.
+        # DYNSPARSE_TRACEBACK=1 shows where an error came from.
+        if os.environ.get("DYNSPARSE_TRACEBACK") and not isinstance(e, CLIError):
+            raise
+        print(f"dynsparse {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"dynsparse {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ def register(subparsers) -> None:
     p.add_argument("--eps", type=float, default=1e-3, help="|a| <= eps counts as near zero")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default=None, help="write analysis.json, sparsity.png, firing_hist.png here")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out folder that holds something else")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let a model directory run its own Python code (auto_map); off by default")
     p.set_defaults(func=run)
 
 
@@ -27,8 +30,14 @@ def run(args) -> int:
     from ..gating.record import record_activations
 
     model_dir = Path(args.model) if args.model else builtin_detr_dir()
+    if args.eps < 0:
+        raise CLIError(f"--eps must be >= 0, got {args.eps}")
+    if args.out:
+        from ..outputs import prepare_output
+
+        prepare_output(args.out, "analyze", args.overwrite, inputs=[model_dir, args.calib], reuse_own=True)
     try:
-        model, proc, kind = load_model(model_dir)
+        model, proc, kind = load_model(model_dir, trust_remote_code=args.trust_remote_code)
         if args.calib is None and kind != "detr":
             raise CLIError("--calib is required for text models")
         data = args.calib if args.calib is not None else default_synthetic_root()

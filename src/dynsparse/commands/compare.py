@@ -76,7 +76,7 @@ def run(args) -> int:
                 print(f"training {ff} -> {sub}" + (" (resuming)" if resume else ""))
             metrics = train(cfg, sub, resume=resume, progress=not (args.no_progress or args.json))
             data = prepare_tokens(text_source(cfg.data), cfg.bpe_vocab_size, cfg.tokenizer, cfg.cache_dir)
-            model = AutoModelForCausalLM.from_pretrained(sub / "final")
+            model = AutoModelForCausalLM.from_pretrained(sub / "final", trust_remote_code=False)  # our own classes
             ev = evaluate_lm(model, data.splits["val"], cfg.seq_len, batch_size=16, max_windows=args.val_windows)
             layers = ev.layers
             results[ff] = {**metrics, "val_loss": ev.loss, "val_ppl": ev.perplexity,
@@ -121,6 +121,9 @@ def run(args) -> int:
 
 
 def _prepare_out(out: Path, settings: dict, overwrite: bool) -> None:
+    from ..outputs import prepare_output
+
+    prepare_output(out, "compare", overwrite, inputs=[s["data"] for s in settings.values()], reuse_own=True)
     marker = out / "compare.json"
     if out.exists() and any(out.iterdir()):
         same = marker.exists() and json.loads(marker.read_text()) == settings

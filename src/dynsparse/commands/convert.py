@@ -17,6 +17,8 @@ def register(subparsers) -> None:
     p.add_argument("--act-position", default="node", choices=["node", "path"])
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model directory run its own Python code (auto_map); off by default")
     p.set_defaults(func=run)
 
 
@@ -26,18 +28,19 @@ def run(args) -> int:
     from ..lm.convert import convert_model, load_model, load_tokenizer_if_any, save_converted
     from ..tree import TreeConfig
 
+    from ..outputs import prepare_output
+
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise CLIError(f"{out} already exists: pass --overwrite to replace it")
     if Path(args.model).resolve() == out.resolve():
         raise CLIError("--out must differ from --model")
+    prepare_output(out, "model", args.overwrite, inputs=[args.model])
     try:
         tree = TreeConfig(depth=args.depth, trees=args.trees, activation=args.activation, act_position=args.act_position)
-        model = load_model(args.model)
+        model = load_model(args.model, trust_remote_code=args.trust_remote_code)
         if getattr(model, "_dynsparse_tree", None) or getattr(model.config, "ff", "dense") == "tree":
             raise ValueError(f"{args.model} already has tree FF blocks")
         replaced = convert_model(model, tree)
-        save_converted(model, out, load_tokenizer_if_any(args.model))
+        save_converted(model, out, load_tokenizer_if_any(args.model, args.trust_remote_code))
     except (ValueError, TypeError, FileNotFoundError, OSError) as e:
         raise CLIError(str(e)) from None
     layer = next(m for m in model.modules() if type(m).__name__ == "TreeFF")

@@ -31,6 +31,10 @@ def run(args) -> int:
     from ..gating.modules import GatedMLP
     from ..mlps import find_mlps
 
+    from ..outputs import check_output_file
+
+    if args.json:  # before the evaluation, not after it
+        check_output_file(args.json, inputs=[args.model, args.coco, args.sparsify])
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.batch_size < 1:

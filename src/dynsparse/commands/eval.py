@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     p.add_argument("--num-fewshot", type=int)
     p.add_argument("--limit", type=int, help="at most this many examples per task")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let the model directory run its own Python code (auto_map); off by default")
     p.set_defaults(func=run)
 
 
@@ -39,10 +41,13 @@ def run(args) -> int:
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise CLIError(f"{model_dir} is not a saved model directory (no config.json)")
+    from ..remote_code import check_remote_code
+
+    trust = check_remote_code(model_dir, args.trust_remote_code)
     result = {"model": str(model_dir)}
     if not args.no_perplexity:
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=trust)
         except (OSError, ValueError) as e:
             raise CLIError(f"cannot load {model_dir}: {e}") from None
         seq_len = args.seq_len or min(256, getattr(model.config, "max_position_embeddings", 256))
@@ -62,7 +67,8 @@ def run(args) -> int:
         if SPEAKER_TASK in tasks and include is None:
             include = build_speaker_task((Path(args.cache_dir) if args.cache_dir else default_cache_dir()) / "tasks")
         try:
-            result["tasks"] = run_harness(model_dir, tasks, include, args.num_fewshot, args.limit)
+            result["tasks"] = run_harness(model_dir, tasks, include, args.num_fewshot, args.limit,
+                                          trust_remote_code=trust)
         except (KeyError, ValueError) as e:
             raise CLIError(f"lm-eval failed: {e}") from None
     if args.json:

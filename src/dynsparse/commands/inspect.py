@@ -12,15 +12,22 @@ def register(sub) -> None:
     p.add_argument("run", help="a run directory written by `dynsparse train`")
     p.add_argument("--out", help="report folder (default: <run>/inspect)")
     p.add_argument("--layers", type=int, default=2, help="how many layers to draw in detail (default 2)")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out folder that holds something else")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     from ..dynamics.report import summary_rows, write_inspect_report
     from ..dynamics.telemetry_log import TelemetryError, load_telemetry
+    from ..outputs import prepare_output
 
     if args.layers < 1:
         raise CLIError(f"--layers must be >= 1, got {args.layers}")
+    out = args.out if args.out is not None else str(Path(args.run) / "inspect")
+    # An earlier report is refreshed; anything else (the run itself, a file, other files) is kept.
+    prepare_output(out, "inspect", args.overwrite, inputs=[args.run], reuse_own=True)
     try:
         layers = load_telemetry(args.run)
         path = write_inspect_report(args.run, args.out, args.layers)

@@ -25,6 +25,9 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=300, help="MGS: gate training steps per block")
     p.add_argument("--no-compensate", action="store_true", help="do not add back skipped neurons' mean output")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let a model directory run its own Python code (auto_map); off by default")
     p.set_defaults(func=run)
 
 
@@ -41,6 +44,9 @@ def run(args) -> int:
     out = Path(args.out)
     if out.resolve() == model_dir.resolve():
         raise CLIError("--out must differ from --model (the dense model is never overwritten)")
+    from ..outputs import prepare_output
+
+    prepare_output(out, "sparsify", args.overwrite, inputs=[model_dir, args.calib])
     try:
         if args.method == "sibs":
             if args.threshold is None and args.target_sparsity is None:
@@ -57,7 +63,7 @@ def run(args) -> int:
                             steps=args.steps, compensate=not args.no_compensate,
                             reorder=False if args.no_reorder else None)
         kind = model_kind(model_dir)
-        model, proc, kind = load_model(model_dir)
+        model, proc, kind = load_model(model_dir, trust_remote_code=args.trust_remote_code)
         if args.calib is None:
             if kind != "detr":
                 raise CLIError("--calib is required for text models")

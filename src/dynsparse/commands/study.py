@@ -26,11 +26,14 @@ def run_autoprune(args) -> int:
     from ..dynamics.study import run_study, study_configs, summarize_study, verdict, write_study_report
     from ..train.loop import RunDirError
 
+    from ..outputs import prepare_output
+
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     if args.max_steps is not None and args.max_steps < 1:
         raise CLIError(f"--max-steps must be >= 1, got {args.max_steps}")
     try:
         configs = study_configs(args.quick, variants, args.seed, args.data, args.max_steps)
+        prepare_output(args.out, "study", args.overwrite, inputs=[args.data], reuse_own=True)
         results = run_study(args.out, configs, overwrite=args.overwrite, progress=not args.no_progress)
     except (ValueError, RunDirError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None

@@ -133,6 +133,10 @@ def _load(name: str, config: str | None):
             "Hugging Face Hub (or the dataset already in the HF cache); offline, give a local directory "
             "as hf:/path/to/dir"
         ) from None
+    except RuntimeError as e:  # e.g. "Dataset scripts are no longer supported": dataset code never runs here
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ValueError(f"cannot load the HF dataset {name!r}: {reason} (give data files or a "
+                         "save_to_disk folder instead)") from None
 
 
 def _map_splits(dataset: dict, spec: str) -> dict:

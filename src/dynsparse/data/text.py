@@ -63,7 +63,27 @@ class TextSource:
             if f.suffix == ".jsonl":
                 yield from _jsonl_texts(f)
             else:
-                yield f.read_text(encoding="utf-8", errors="replace")
+                yield _read_text(f)
+
+
+_WARNED: set[Path] = set()
+UNDECODABLE_WARN_SHARE = 0.01
+
+
+def _read_text(path: Path) -> str:
+    """A text file as UTF-8; undecodable bytes become U+FFFD, with one warning per file when they are
+    more than 1 % of it (a binary file would otherwise train on replacement characters unnoticed)."""
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    if raw and path not in _WARNED:
+        bad = text.count("\ufffd") - raw.count("\ufffd".encode())  # not counting real U+FFFD characters
+        if bad > UNDECODABLE_WARN_SHARE * len(raw):
+            _WARNED.add(path)
+            import sys
+
+            print(f"dynsparse: warning: {path}: {bad / len(raw):.1%} of its bytes are not valid UTF-8 (a binary "
+                  "file?); they are read as replacement characters", file=sys.stderr)
+    return text
 
 
 def _split_of(i: int) -> int:
@@ -89,7 +109,7 @@ def _blocks(documents: Iterator[str], block_chars: int) -> Iterator[str]:
 
 def _jsonl_texts(path: Path) -> Iterator[str]:
     with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+        for n, line in _numbered_lines(f, path):
             if not line.strip():
                 continue
             try:
@@ -99,6 +119,19 @@ def _jsonl_texts(path: Path) -> Iterator[str]:
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise ValueError(f'{path}:{n}: each JSONL record needs a string "text" field')
             yield record["text"]
+
+
+def _numbered_lines(f, path: Path) -> Iterator[tuple[int, str]]:
+    n = 0
+    while True:
+        try:
+            line = f.readline()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{n + 1}: not UTF-8 text ({e.reason} at byte {e.start} of the read)") from None
+        if not line:
+            return
+        n += 1
+        yield n, line
 
 
 def text_source(spec: str) -> TextSource:

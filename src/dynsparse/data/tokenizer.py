@@ -5,6 +5,7 @@ Either way the result is a ``PreTrainedTokenizerFast`` so it saves next to the m
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -27,8 +28,29 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator(_bounded_words(texts), trainer=trainer)
     return wrap(tok)
+
+
+MAX_WORD_CHARS = 256
+
+
+def _bounded_words(texts: Iterable[str]) -> Iterable[str]:
+    """The training texts with every run of more than MAX_WORD_CHARS non-space characters cut into pieces
+    (given to the trainer one by one): BPE training time grows with the square of a word's length, so one
+    megabyte-long "word" (a line without spaces) would train for hours. Ordinary words are untouched."""
+    long_run = re.compile(r"\S{%d,}" % (MAX_WORD_CHARS + 1))
+    for text in texts:
+        if not long_run.search(text):
+            yield text
+            continue
+        pos = 0
+        for m in long_run.finditer(text):
+            yield text[pos:m.start()]
+            run = m.group()
+            yield from (run[i:i + MAX_WORD_CHARS] for i in range(0, len(run), MAX_WORD_CHARS))
+            pos = m.end()
+        yield text[pos:]
 
 
 def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
@@ -42,8 +64,11 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory not found: {path}")
+    from ..remote_code import TOKENIZER_FILES, check_remote_code
+
+    check_remote_code(path, False, how="tokenizers with their own code are not supported", names=TOKENIZER_FILES)
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load a tokenizer from {path}: {e}") from None
     if tok.eos_token is None:

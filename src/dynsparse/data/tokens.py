@@ -59,8 +59,38 @@ def prepare_tokens(source: TextSource, vocab_size: int = 2048, tokenizer_dir: st
     key = hashlib.sha256(f"{FORMAT_VERSION}|{source.fingerprint}|{tok_key}".encode()).hexdigest()[:16]
     target = cache_dir / f"tokens-{key}"
     if not (target / "meta.json").exists():
+        clean_stale_builds(cache_dir)
         _build(source, vocab_size, tokenizer_dir, cache_dir, target)
     return load_tokens(target)
+
+
+BUILDING = ".building"  # flock-ed by the process that fills a temporary cache folder
+
+
+def clean_stale_builds(cache_dir: Path, min_age_s: float = 60.0) -> list[Path]:
+    """Remove ``.tokens-*`` folders that a killed build left: their ``.building`` lock is free (a folder
+    without one counts once it is older than ``min_age_s``, the moment between mkdtemp and the lock)."""
+    import fcntl
+    import time
+
+    removed = []
+    for tmp in Path(cache_dir).glob(".tokens-*") if Path(cache_dir).is_dir() else []:
+        lock = tmp / BUILDING
+        try:
+            if not lock.exists():
+                if time.time() - tmp.stat().st_mtime < min_age_s:
+                    continue
+            else:
+                with lock.open("rb") as f:
+                    try:
+                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # a live build
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+        except OSError:
+            continue
+    return removed
 
 
 def load_tokens(path: Path) -> TokenData:
@@ -72,8 +102,12 @@ def load_tokens(path: Path) -> TokenData:
 
 
 def _build(source, vocab_size, tokenizer_dir, cache_dir: Path, target: Path) -> None:
+    import fcntl
+
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tokens-", dir=cache_dir))
+    building = (tmp / BUILDING).open("wb")
+    fcntl.flock(building, fcntl.LOCK_EX)  # held until this build ends, so clean_stale_builds leaves it alone
     try:
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else train_bpe(source.blocks("train"), vocab_size)
         tok.save_pretrained(str(tmp / "tokenizer"))
@@ -84,6 +118,7 @@ def _build(source, vocab_size, tokenizer_dir, cache_dir: Path, target: Path) -> 
         meta = {"version": FORMAT_VERSION, "source": source.name, "dtype": np.dtype(dtype).name,
                 "tokens": counts, "vocab_size": len(tok)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        (tmp / BUILDING).unlink()
         try:
             os.replace(tmp, target)
         except OSError:  # another process built it first; theirs is as good as ours
@@ -91,6 +126,8 @@ def _build(source, vocab_size, tokenizer_dir, cache_dir: Path, target: Path) -> 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        building.close()
 
 
 def _encode_to_file(tok, blocks, path: Path, dtype) -> int:

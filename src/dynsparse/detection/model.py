@@ -51,6 +51,20 @@ def load_detr(model_dir: str | os.PathLike | None = None):
     d = Path(model_dir) if model_dir is not None else builtin_detr_dir()
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"{d} has no config.json: not a saved DETR model directory")
+    import json
+
+    try:
+        config = json.loads((d / "config.json").read_text())
+    except ValueError as e:
+        raise ValueError(f"{d / 'config.json'}: not valid JSON ({e})") from None
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if kind != "detr":
+        raise ValueError(f"{d} holds a {kind!r} model, not a DETR (model_type 'detr')")
+    if config.get("use_timm_backbone"):
+        import importlib.util
+
+        if importlib.util.find_spec("timm") is None:
+            raise ValueError(f"{d}: this DETR uses a timm backbone and timm is not installed (pip install timm)")
     model = DetrForObjectDetection.from_pretrained(d, dtype="float32").eval()
     processor = DetrImageProcessor.from_pretrained(d)
     return model, processor

@@ -63,8 +63,9 @@ def prune_run(run: str | Path, out: str | Path, calib_windows: int = 64, val_win
     final = run / "final"
     if not (final / "config.json").exists() or not (run / "config.json").exists():
         raise PruneRunError(f"{run} is not a finished `dynsparse train` run (no final/ model or config.json)")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise PruneRunError(f"{out} exists and is not empty: pass --overwrite to replace it")
+    from ..outputs import prepare_output
+
+    prepare_output(out, "prune", overwrite, inputs=[run])  # never the run itself, nor a folder holding it
     if calib_windows < 1 or val_windows < 1 or min_visits < 1:
         raise PruneRunError("--calib-windows, --val-windows and --min-visits must be >= 1")
     cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))

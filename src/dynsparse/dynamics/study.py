@@ -46,6 +46,9 @@ def study_configs(quick: bool, variants: list[str] | None = None, seed: int = 0,
         raise ValueError(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
     base = dict(BUDGETS["quick" if quick else "full"])
     if max_steps is not None:
+        if max_steps < base["telemetry_every"]:  # the report needs at least one routing snapshot
+            raise ValueError(f"--max-steps {max_steps} is shorter than the study's telemetry interval "
+                             f"({base['telemetry_every']} steps): use --max-steps {base['telemetry_every']} or more")
         base["max_steps"] = max_steps
     common = TrainConfig(preset="tiny", ff="tree", seed=seed, data=data, **base)
     return {name: replace(common, **VARIANTS[name]) for name in names}

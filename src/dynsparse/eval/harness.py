@@ -81,8 +81,9 @@ def build_speaker_task(out_dir: Path, n_choices: int = 4, per_play: int = 48, se
 
 def run_harness(model_dir: str | Path, tasks: list[str], include_path: str | Path | None = None,
                 num_fewshot: int | None = None, limit: int | None = None, batch_size: int = 8,
-                device: str = "cpu") -> dict:
-    """{task: {metric: value}} from lm-evaluation-harness for a saved HF model directory."""
+                device: str = "cpu", trust_remote_code: bool = False) -> dict:
+    """{task: {metric: value}} from lm-evaluation-harness for a saved HF model directory (the folder's own
+    code runs only with ``trust_remote_code``; dynsparse's classes are registered in this process)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -90,7 +91,8 @@ def run_harness(model_dir: str | Path, tasks: list[str], include_path: str | Pat
 
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     out = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={Path(model_dir).resolve()},dtype=float32", tasks=tasks,
+        model="hf", model_args=f"pretrained={Path(model_dir).resolve()},dtype=float32,trust_remote_code={trust_remote_code}",
+        tasks=tasks,
         num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device, task_manager=manager,
         log_samples=False,
     )

@@ -18,8 +18,11 @@ def model_kind(model_dir: str | os.PathLike) -> str:
     return "detr" if model_type == "detr" else "text"
 
 
-def load_model(model_dir: str | os.PathLike):
-    """(model in eval mode, processor or tokenizer, kind)."""
+def load_model(model_dir: str | os.PathLike, trust_remote_code: bool = False):
+    """(model in eval mode, processor or tokenizer, kind). A folder that asks to run its own code is
+    refused unless ``trust_remote_code``."""
+    from ..remote_code import check_remote_code
+
     kind = model_kind(model_dir)
     if kind == "detr":
         from ..detection.model import load_detr
@@ -28,7 +31,25 @@ def load_model(model_dir: str | os.PathLike):
         return model, proc, kind
     from transformers import AutoModel, AutoTokenizer
 
-    return AutoModel.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir), kind
+    trust = check_remote_code(model_dir, trust_remote_code)
+    if _is_own_lm(model_dir):  # dynsparse's LM (or a converted one): AutoModel has no base class for it
+        from ..lm.convert import load_model as load_lm
+
+        model = load_lm(model_dir)
+    else:
+        model = AutoModel.from_pretrained(model_dir, trust_remote_code=trust)
+    return model.eval(), AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust), kind
+
+
+def _is_own_lm(model_dir) -> bool:
+    from ..remote_code import OWN_MODEL_TYPES, TREE_MARKER
+
+    if (Path(model_dir) / TREE_MARKER).is_file():
+        return True
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type") in OWN_MODEL_TYPES
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _text_lines(path: Path) -> list[str]:

@@ -50,17 +50,22 @@ def save_converted(model: torch.nn.Module, out: Path, tokenizer=None, state_dict
             (tmp / name).write_text(text)
 
 
-def load_model(path: str | Path) -> torch.nn.Module:
-    """Any local causal-LM directory: ours, a plain HF model, or a converted HF model (with MARKER)."""
+def load_model(path: str | Path, trust_remote_code: bool = False) -> torch.nn.Module:
+    """Any local causal-LM directory: ours, a plain HF model, or a converted HF model (with MARKER).
+    A folder that asks to run its own code is refused unless ``trust_remote_code``."""
+    from ..remote_code import check_remote_code
+
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a saved model directory (no config.json)")
+    trust = check_remote_code(path, trust_remote_code)
     marker = path / MARKER
     if not marker.exists():
-        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32,
+                                                    trust_remote_code=trust)
     info = json.loads(marker.read_text())
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust)
     replaced = convert_model(model, TreeConfig(**info["tree_config"]))
     if replaced != info["replaced"]:
         raise ValueError(f"{path}: the converted blocks {info['replaced'][:2]}... do not match this model")
@@ -77,12 +82,15 @@ def load_model(path: str | Path) -> torch.nn.Module:
     return model
 
 
-def load_tokenizer_if_any(path: str | Path):
+def load_tokenizer_if_any(path: str | Path, trust_remote_code: bool = False):
     """The tokenizer saved in ``path``, or None when the directory holds none."""
+    from ..remote_code import TOKENIZER_FILES, check_remote_code
+
     if not any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         return None
+    trust = check_remote_code(path, trust_remote_code, names=TOKENIZER_FILES)
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust)
     except (OSError, ValueError, TypeError):
         return None
 
