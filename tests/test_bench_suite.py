@@ -35,7 +35,7 @@ def test_kernel_suites_report_every_case_with_consistent_numbers():
     assert [r["extra"]["union_size"] for r in unions] == [51, 128, 256, 512]  # 10/25/50/100 % of 512
     for r in unions:
         assert r["extra"]["nnz"] == 64 * 51
-        assert r["extra"]["dispatch_picks"] in ("sparse_mlp", "union_sparse_mlp")
+        assert r["extra"]["dispatch_picks"] in ("token", "union")
         assert r["extra"]["dispatch_right"] == (r["extra"]["dispatch_picks"] == r["extra"]["faster"])
 
 

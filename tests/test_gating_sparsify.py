@@ -128,7 +128,7 @@ def test_gated_mlp_fast_path_equals_reference(gate, act, compensated):
     comp = -0.1 * torch.rand(d_ff) if compensated else None  # a skipped GELU neuron's mean output
     g = LowRankGate(d, d_ff, 4) if gate == "lowrank" else GroupedGate(d, d_ff, 8)
     g.requires_grad_(False)
-    mod = GatedMLP(w1, b1, w2, b2, g, torch.tensor(0.1), act, compensation=comp, impl="kernel")
+    mod = GatedMLP(w1, b1, w2, b2, g, torch.tensor(0.1), act, compensation=comp, backend="numba")
     x = torch.randn(3, 7, d)
     with torch.no_grad():
         fast, ref = mod(x), mod.forward_reference(x)

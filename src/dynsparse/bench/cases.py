@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..kernels import gated_mlp as gm
-from ..kernels import grouped_mlp as gq
+from ..ops.backend import resolve
+from ..ops.gates import grouped_gate_groups, lowrank_gate_indices
+from ..ops.mlp import SPARSE_MLP_BACKENDS, MLPWeights, choose_strategy, relu_skip_mlp, sparse_mlp
 from ..kernels import tree_forward_kernel
 from ..tree import TreeFF
 from ..tree.activations import ACTIVATION_CODES
@@ -206,6 +207,11 @@ def _grouped_gate(x, d_ff, density, group, seed):
     return G, thr
 
 
+def _backend(x: torch.Tensor) -> str:
+    """The backend ``sparse_mlp(backend="auto")`` runs for x."""
+    return resolve("auto", x.device, SPARSE_MLP_BACKENDS)
+
+
 def mgs_block(s: Settings, m: int, d: int, d_ff: int, density: float = 0.1, group: int = 16) -> list[Result]:
     """GatedMLP's kernels at a fixed density: the grouped gate with the group-sparse kernel (what a
     grouped ``GatedMLP`` runs), and the low-rank gate with the per-token kernel."""
@@ -213,30 +219,30 @@ def mgs_block(s: Settings, m: int, d: int, d_ff: int, density: float = 0.1, grou
     x = torch.randn(m, d)
     calib = torch.randn(max(m, 512), d)  # gate and bias quantiles from other tokens than the timed ones
     mlp = _relu_mlp_at_density(d, d_ff, calib, density, s.seed)
-    w1, b1, w2, b2 = mlp[0].weight.detach(), mlp[0].bias.detach(), mlp[2].weight.detach(), mlp[2].bias.detach()
-    w2_t = w2.t().contiguous()
+    weights = MLPWeights.from_linear(mlp[0], mlp[2])
+    w1, b1 = weights.w1, weights.b1
     G, thr = _grouped_gate(calib, d_ff, density, group, s.seed)
     r = 32
     A, B = torch.randn(d, r) / d**0.5, torch.randn(r, d_ff) / r**0.5
     lr_thr = torch.quantile(((calib @ A) @ B)[:512], 1 - density, dim=0)
 
     def grouped():
-        ip, groups = gq.grouped_gate_groups(x, G, None, thr)
-        return gq.grouped_sparse_mlp(x, w1, b1, w2_t, b2, ip, groups, group, ACTIVATION_CODES["relu"])
+        ip, groups = grouped_gate_groups(x, G, None, thr)
+        return sparse_mlp(x, weights, ip, groups, activation="relu", strategy="grouped", group_size=group)
 
     def lowrank():
-        ip, ix = gm.lowrank_gate_indices(x, A, B, None, lr_thr)
-        return gm.gated_sparse_mlp(x, w1, b1, w2_t, b2, ip, ix, ACTIVATION_CODES["relu"])
+        ip, ix = lowrank_gate_indices(x, A, B, None, lr_thr)
+        return sparse_mlp(x, weights, ip, ix, activation="relu")
 
     with torch.no_grad():
         base = _time(lambda: mlp(x), s)
-        skip = _time(lambda: gm.relu_skip_mlp(x, w1, b1, w2_t, b2), s)
+        skip = _time(lambda: relu_skip_mlp(x, weights), s)
         ours_g = _time(grouped, s)
         ours_lr = _time(lowrank, s) if m > 1 else None
-        _, groups = gq.grouped_gate_groups(x, G, None, thr)
+        _, groups = grouped_gate_groups(x, G, None, thr)
         used = torch.unique(groups).numel()
         relu_density = float((torch.relu(x @ w1.t() + b1) > 0).float().mean())
-        _, ix_lr = gm.lowrank_gate_indices(x, A, B, None, lr_thr) if m > 1 else (None, None)
+        _, ix_lr = lowrank_gate_indices(x, A, B, None, lr_thr) if m > 1 else (None, None)
     nnz_g = groups.numel() * group
     shape = f"{d}-{d_ff}-{d}"
     bflops, bbytes = _dense_cost(m, d, d_ff)
@@ -244,7 +250,7 @@ def mgs_block(s: Settings, m: int, d: int, d_ff: int, density: float = 0.1, grou
     g_flops = gate_flops + 2 * nnz_g * 2 * d
     g_bytes = 2 * m * d * F32 + d * (d_ff // group) * F32 + used * group * 2 * d * F32
     skip_flops = 2 * m * d * d_ff + 2 * int(relu_density * m * d_ff) * d
-    info = {"gate_density": nnz_g / (m * d_ff), "relu_density": relu_density, "kernel": "grouped_sparse_mlp",
+    info = {"gate_density": nnz_g / (m * d_ff), "relu_density": relu_density, "kernel": "sparse_mlp (grouped)",
             "group_size": group}
     label = f"MGS {shape}, {m} token{'s' if m > 1 else ''}, grouped gate (g={group})"
     out = [
@@ -256,33 +262,33 @@ def mgs_block(s: Settings, m: int, d: int, d_ff: int, density: float = 0.1, grou
         lr_flops = 2 * m * r * (d + d_ff) + 2 * ix_lr.numel() * 2 * d
         out.append(Result(f"MGS {shape}, {m} tokens, low-rank gate (r={r})", f"dense ReLU MLP {shape}", base, ours_lr,
                           None, lr_flops, g_bytes, bflops, bbytes,
-                          {"rank": r, "gate_density": ix_lr.numel() / (m * d_ff), "kernel": gm.choose_path(m, ix_lr, d_ff).__name__}))
+                          {"rank": r, "gate_density": ix_lr.numel() / (m * d_ff), "kernel": f"sparse_mlp ({choose_strategy(m, ix_lr, d_ff, _backend(x))})"}))
     return out
 
 
 def union_case(s: Settings, m: int, union_share: float, density: float = 0.1) -> Result:
     """Union path against the per-token path on lists whose union covers ``union_share`` of the neurons
-    (tokens drawing their 10 % from a shared hot pool), and whether ``gated_sparse_mlp`` picks the faster."""
+    (tokens drawing their 10 % from a shared hot pool), and whether ``strategy="auto"`` picks the faster."""
     d, d_ff = s.mgs_d_model, s.mgs_d_ff
     g = torch.Generator().manual_seed(s.seed)
     x = torch.randn(m, d, generator=g)
     w1, b1 = torch.randn(d_ff, d, generator=g) / d**0.5, torch.zeros(d_ff)
     w2_t, b2 = torch.randn(d_ff, d, generator=g) / d_ff**0.5, torch.zeros(d)
+    weights = MLPWeights(w1, b1, w2_t, b2)
     pool = torch.randperm(d_ff, generator=g)[: int(union_share * d_ff)]
     k = int(density * d_ff)
     lists = [pool[torch.randperm(len(pool), generator=g)[:k]].sort().values for _ in range(m)]
     indptr = torch.tensor([0] + [k * (i + 1) for i in range(m)], dtype=torch.int64)
     indices = torch.cat(lists).to(torch.int32)
-    relu = ACTIVATION_CODES["relu"]
     with torch.no_grad():
-        per_token = _time(lambda: gm.sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, relu), s)
-        union = _time(lambda: gm.union_sparse_mlp(x, w1, b1, w2_t, b2, indptr, indices, relu), s)
+        per_token = _time(lambda: sparse_mlp(x, weights, indptr, indices, activation="relu", strategy="token"), s)
+        union = _time(lambda: sparse_mlp(x, weights, indptr, indices, activation="relu", strategy="union"), s)
     union_size = int(torch.unique(indices).numel())
-    picked = gm.choose_path(m, indices, d_ff).__name__
-    faster = "union_sparse_mlp" if union < per_token else "sparse_mlp"
+    picked = choose_strategy(m, indices, d_ff, _backend(x))
+    faster = "union" if union < per_token else "token"
     flops = 2 * m * union_size * 2 * d
     return Result(f"MGS union path, {m} tokens at {density:.0%}, union {union_size / d_ff:.0%} of {d_ff}",
-                  "per-token kernel (sparse_mlp)", per_token, union, None, flops, 0.0, 2 * indices.numel() * 2 * d, 0.0,
+                  "per-token kernel (strategy token)", per_token, union, None, flops, 0.0, 2 * indices.numel() * 2 * d, 0.0,
                   {"dispatch_picks": picked, "faster": faster, "dispatch_right": picked == faster,
                    "union_size": union_size, "nnz": indices.numel()})
 

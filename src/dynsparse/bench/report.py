@@ -37,7 +37,7 @@ class Printer:
         picked = r["extra"].get("dispatch_picks")
         if picked:
             verdict = "the faster one" if r["extra"]["dispatch_right"] else f"but {r['extra']['faster']} is faster"
-            self.console.print(f"    (gated_sparse_mlp picks {picked}: {verdict})")
+            self.console.print(f"    (strategy='auto' picks {picked}: {verdict})")
 
     def finish(self, report: dict) -> None:
         m = report["machine"]

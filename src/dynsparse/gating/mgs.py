@@ -242,7 +242,7 @@ def mgs_tensors(block: MLPBlock, stats: LayerStats, cfg: MGSConfig):
     return t, report
 
 
-def build_gated(block: MLPBlock, tensors: dict[str, torch.Tensor], activation: str, impl=None) -> GatedMLP:
+def build_gated(block: MLPBlock, tensors: dict[str, torch.Tensor], activation: str, backend: str = "auto") -> GatedMLP:
     w1, b1, w2, b2 = block.linear_weights()
     wg, bg = block.gate_weights()
     gate = gate_from_tensors(tensors, block.d_model, block.d_ff)
@@ -254,5 +254,5 @@ def build_gated(block: MLPBlock, tensors: dict[str, torch.Tensor], activation: s
         w1, b1, w2 = permute_mlp(w1, b1, w2, perm)
         wg, bg = (None if t is None else t[perm] for t in (wg, bg))
         comp = None if comp is None else comp[perm]
-    return GatedMLP(w1, b1, w2, b2, gate, tensors["threshold"], activation, comp, impl=impl,
+    return GatedMLP(w1, b1, w2, b2, gate, tensors["threshold"], activation, comp, backend=backend,
                     act=block.act if callable(block.act) else None, wg=wg, bg=bg)

@@ -2,13 +2,18 @@
 
 * ``SlicedMLP`` (SIBS): a smaller dense MLP over the kept neurons; removed neurons' mean outputs folded
   into fc2's bias (the MSE-best constant for a neuron that is always dropped).
-* ``GatedMLP`` (MGS): a per-token gate picks the neurons to compute. The fast path asks the gate kernel
-  for CSR index lists (of groups for a grouped gate) and runs ``kernels.grouped_mlp.grouped_sparse_mlp`` or
-  ``kernels.gated_mlp.gated_sparse_mlp`` (only listed rows of fc1 and fc2 are read); ``forward_reference`` is the plain torch definition the fast path is tested against.
+* ``GatedMLP`` (MGS): a per-token gate picks the neurons to compute. The fast path asks the gate op
+  for CSR index lists (of groups for a grouped gate) and runs ``dynsparse.ops.mlp.sparse_mlp`` on them
+  (only listed rows of fc1 and fc2 are read); ``forward_reference`` is the plain torch definition the
+  fast path is tested against.
 * ``ReLUSkipMLP``: the exact ReLU skip (dense fc1, fc2 only over non-zeros), the zero-loss baseline.
 
 ``SlicedMLP`` and ``GatedMLP`` also take a gated (Llama-style) block's gate projection ``wg``/``bg``:
 its hidden value is act(x wg^T + bg) * (x w1^T + b1), with w1 the up projection.
+
+``backend`` (``dynsparse.ops.BACKENDS``) picks the execution: "reference" runs ``forward_reference``,
+the others the ops on that backend, "auto" the best for the device. The ops have no autograd, so with
+grad enabled an "auto" module runs its reference and an explicit sparse backend refuses.
 """
 from __future__ import annotations
 
@@ -16,23 +21,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tree.activations import ACTIVATION_CODES
+from .. import activations
+from ..ops.backend import check_backend, resolve
+from ..ops.gates import GATE_BACKENDS, grouped_gate_groups, lowrank_gate_indices
+from ..ops.mlp import RELU_SKIP_BACKENDS, SPARSE_MLP_BACKENDS, MLPWeights, relu_skip_mlp, sparse_mlp
 
 
-def _kernels():
-    """The gated-MLP kernel module, or None while it is unavailable (then the torch path runs)."""
-    try:
-        from ..kernels import gated_mlp
-    except ImportError:
-        return None
-    return gated_mlp
-
-
-def act_fn(name: str):
-    fns = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
-    if name not in fns:
-        raise ValueError(f"unsupported MLP activation {name!r}; supported: {sorted(fns)}")
-    return fns[name]
+def _no_grad_backend(module: nn.Module, x: torch.Tensor, supported: tuple[str, ...]) -> str:
+    """The concrete backend of ``module.backend`` for x, or "reference" where autograd needs it."""
+    if torch.is_grad_enabled():
+        if module.backend not in ("auto", "reference"):
+            raise RuntimeError(f"backend {module.backend!r} has no autograd: call under torch.no_grad(), "
+                               "or use backend='reference'")
+        return "reference"
+    return resolve(module.backend, x.device, supported)
 
 
 class SlicedMLP(nn.Module):
@@ -45,7 +47,7 @@ class SlicedMLP(nn.Module):
         kept = kept.long()
         d_ff_kept, d_out = len(kept), w2.shape[0]
         self.activation = activation
-        self.act = act if act is not None else act_fn(activation)  # the block's own (e.g. GPT-2's tanh GELU)
+        self.act = act if act is not None else activations.fn(activation)  # the block's own (e.g. GPT-2's tanh GELU)
         self.fc1 = _sliced_linear(w1, b1, kept)
         self.gate_proj = None if wg is None else _sliced_linear(wg, bg, kept)
         self.fc2 = nn.Linear(d_ff_kept, d_out)
@@ -119,18 +121,18 @@ class GatedMLP(nn.Module):
     """MLP that computes only the neurons whose gate logit exceeds ``threshold`` (per neuron or group).
 
     ``compensation`` (d_ff,), optional: the expected output of a skipped neuron (mean of a over tokens
-    where it is inactive, zero for ReLU); skipped neurons then contribute it instead of zero. The kernels
-    run it sparsely: fc2's bias absorbs W2 c once, and each computed neuron gives act(z) - c_j.
-    ``wg``/``bg``: a gated block's gate projection.
+    where it is inactive, zero for ReLU); skipped neurons then contribute it instead of zero. The ops
+    run it sparsely: fc2's bias absorbs W2 c once, and each computed neuron gives act(z) - c_j (``weights``).
+    ``wg``/``bg``: a gated block's gate projection. ``backend``: see the module doc.
     """
 
     def __init__(self, w1, b1, w2, b2, gate: nn.Module, threshold: torch.Tensor, activation: str,
-                 compensation: torch.Tensor | None = None, impl: str | None = None, act=None, wg=None, bg=None):
+                 compensation: torch.Tensor | None = None, backend: str = "auto", act=None, wg=None, bg=None):
         super().__init__()
         self.activation = activation
-        self.act_code = ACTIVATION_CODES[activation]
-        # torch path: the block's own activation; the kernels know exact GELU only (GPT-2's tanh GELU differs ~1e-3)
-        self.act = act if act is not None else act_fn(activation)
+        self.act_code = activations.code(activation)
+        # reference path: the block's own activation; the ops know exact GELU only (GPT-2's tanh GELU differs ~1e-3)
+        self.act = act if act is not None else activations.fn(activation)
         self.register_buffer("w1", w1.detach().float().contiguous())
         self.register_buffer("b1", None if b1 is None else b1.detach().float().contiguous())
         self.register_buffer("wg", None if wg is None else wg.detach().float().contiguous())
@@ -145,12 +147,16 @@ class GatedMLP(nn.Module):
         if self.compensation is not None:
             b2_kernel = (0 if self.b2 is None else self.b2) + self.compensation @ self.w2_t
         self.register_buffer("b2_kernel", b2_kernel, persistent=False)
-        if impl not in (None, "torch", "kernel"):
-            raise ValueError(f"impl must be None, 'torch' or 'kernel', got {impl!r}")
-        self.impl = impl
+        self.weights  # validates the set
+        self.backend = check_backend(backend)
         self.last_density: float | None = None  # share of neurons computed in the last forward
         self.computed = 0  # running (token, neuron) pairs computed, and ...
         self.total = 0  # ... pairs a dense block would compute: computed / total = measured density
+
+    @property
+    def weights(self) -> MLPWeights:
+        """The ops' view of the block: compensation as an offset, fc2's bias raised by W2 c."""
+        return MLPWeights(self.w1, self.b1, self.w2_t, self.b2_kernel, self.wg, self.bg, self.compensation)
 
     def _count(self, computed: int, total: int) -> None:
         self.last_density = computed / max(total, 1)
@@ -180,35 +186,28 @@ class GatedMLP(nn.Module):
         self._count(int(mask.sum()), mask.numel())
         return y.reshape(*shape[:-1], -1).to(x.dtype)
 
-    def _sparse_forward(self, k, x2):
-        """(y, neurons computed) through the kernels: a grouped gate's lists stay lists of groups and
-        run group by group (``kernels.grouped_mlp``); a low-rank gate's run token by token."""
+    def _sparse_forward(self, x2, backend: str):
+        """(y, neurons computed) through the ops: a grouped gate's lists stay lists of groups and run
+        group by group; a low-rank gate's run per token or over their union (``strategy="auto"``)."""
+        gate_backend = backend if backend in GATE_BACKENDS else "torch"
         if isinstance(self.gate, GroupedGate):
-            from ..kernels import grouped_mlp
-
-            indptr, groups = grouped_mlp.grouped_gate_groups(x2, self.gate.G.detach(), self.gate.c.detach(),
-                                                             self.threshold)
-            y = grouped_mlp.grouped_sparse_mlp(x2, self.w1, self.b1, self.w2_t, self.b2_kernel, indptr, groups,
-                                               self.gate.group_size, self.act_code, self.wg, self.bg,
-                                               self.compensation)
-            return y, groups.numel() * self.gate.group_size
-        indptr, indices = k.lowrank_gate_indices(x2, self.gate.A.detach(), self.gate.B.detach(), self.gate.c.detach(),
-                                                 self.threshold)
-        y = k.gated_sparse_mlp(x2, self.w1, self.b1, self.w2_t, self.b2_kernel, indptr, indices, self.act_code,
-                               self.wg, self.bg, self.compensation)
+            size = self.gate.group_size
+            indptr, groups = grouped_gate_groups(x2, self.gate.G, self.gate.c, self.threshold, backend=gate_backend)
+            y = sparse_mlp(x2, self.weights, indptr, groups, activation=self.activation, strategy="grouped",
+                           group_size=size, backend=backend)
+            return y, groups.numel() * size
+        indptr, indices = lowrank_gate_indices(x2, self.gate.A, self.gate.B, self.gate.c, self.threshold,
+                                               backend=gate_backend)
+        y = sparse_mlp(x2, self.weights, indptr, indices, activation=self.activation, backend=backend)
         return y, indices.numel()
 
     def forward(self, x):
-        k = _kernels() if self.impl != "torch" else None
-        use_kernel = (k is not None and not torch.is_grad_enabled()
-                      and x.device.type == "cpu")
-        if self.impl == "kernel" and not use_kernel:
-            raise RuntimeError("impl='kernel' needs the gated_mlp kernels, CPU and no grad")
-        if not use_kernel:
+        backend = _no_grad_backend(self, x, SPARSE_MLP_BACKENDS)
+        if backend == "reference":
             return self.forward_reference(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float().contiguous()
-        y, computed = self._sparse_forward(k, x2)
+        y, computed = self._sparse_forward(x2, backend)
         self._count(computed, x2.shape[0] * self.w1.shape[0])
         return y.reshape(*shape[:-1], -1).to(x.dtype)
 
@@ -216,19 +215,25 @@ class GatedMLP(nn.Module):
 class ReLUSkipMLP(nn.Module):
     """Exact ReLU skip: dense fc1, fc2 only over each token's non-zero activations (no accuracy loss)."""
 
-    def __init__(self, w1, b1, w2, b2):
+    def __init__(self, w1, b1, w2, b2, backend: str = "auto"):
         super().__init__()
         self.register_buffer("w1", w1.detach().float().contiguous())
         self.register_buffer("b1", None if b1 is None else b1.detach().float().contiguous())
         self.register_buffer("w2_t", w2.detach().float().t().contiguous())
         self.register_buffer("b2", None if b2 is None else b2.detach().float().contiguous())
+        self.weights  # validates the set
+        self.backend = check_backend(backend)
+
+    @property
+    def weights(self) -> MLPWeights:
+        return MLPWeights(self.w1, self.b1, self.w2_t, self.b2)
 
     def forward(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float().contiguous()
-        k = _kernels()
-        if k is None or torch.is_grad_enabled():
+        backend = _no_grad_backend(self, x, RELU_SKIP_BACKENDS)
+        if backend == "reference" and torch.is_grad_enabled():
             y = F.relu(F.linear(x2, self.w1, self.b1)) @ self.w2_t + (self.b2 if self.b2 is not None else 0)
         else:
-            y = k.relu_skip_mlp(x2, self.w1, self.b1, self.w2_t, self.b2)
+            y = relu_skip_mlp(x2, self.weights, backend=backend)
         return y.reshape(*shape[:-1], -1).to(x.dtype)
