@@ -74,10 +74,48 @@ class GateSet:
             raise ValueError(f"{path}: not a dynsparse gate file (format {meta.get('format')!r})")
         tensors: dict[str, dict[str, torch.Tensor]] = {}
         for key, v in flat.items():
+            if "::" not in key:
+                raise ValueError(f"{path}: tensor {key!r} is not named <block>::<tensor>")
             name, k = key.split("::", 1)
             tensors.setdefault(name, {})[k] = v
-        return cls(meta["method"], json.loads(meta["config"]), json.loads(meta["layers"]), tensors,
-                   json.loads(meta.get("report", "{}")))
+        try:
+            parsed = {k: json.loads(meta.get(k, "{}")) for k in ("config", "layers", "report")}
+        except ValueError:
+            raise ValueError(f"{path}: its metadata is not valid JSON") from None
+        gates = cls(meta.get("method"), parsed["config"], parsed["layers"], tensors, parsed["report"])
+        gates.check(str(path))
+        return gates
+
+    def check(self, source: str = "gate set") -> None:
+        """Everything ``apply_gates`` relies on, so a damaged or hand-edited file is named at load time
+        instead of indexing out of range or running with repeated neurons."""
+        if self.method not in ("sibs", "mgs"):
+            raise ValueError(f"{source}: unknown method {self.method!r} (expected sibs or mgs)")
+        for what in ("config", "layers", "report"):
+            if not isinstance(getattr(self, what), dict):
+                raise ValueError(f"{source}: its {what} metadata is not a mapping")
+        if not self.layers:
+            raise ValueError(f"{source}: holds no layers")
+        extra = sorted(set(self.tensors) - set(self.layers))
+        if extra:
+            raise ValueError(f"{source}: tensors for {extra[0]!r}, which its layer list does not name")
+        for name, info in self.layers.items():
+            where = f"{source}: layer {name}"
+            if not isinstance(info, dict) or not all(isinstance(info.get(k), int) and info[k] > 0
+                                                     for k in ("d_model", "d_ff")):
+                raise ValueError(f"{where}: needs positive integer d_model and d_ff")
+            if not isinstance(info.get("activation"), str):
+                raise ValueError(f"{where}: names no activation")
+            ts = self.tensors.get(name)
+            if not ts:
+                raise ValueError(f"{where}: no tensors")
+            for k, t in ts.items():
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise ValueError(f"{where}: {k} holds NaN or infinite values")
+            if self.method == "sibs":
+                _check_sibs(where, ts, info, self.report.get(name, {}))
+            else:
+                _check_mgs(where, ts, info)
 
 
 def _config_method(config) -> str:
@@ -122,6 +160,7 @@ def fit_gates(model: nn.Module, config, calib: Iterable | None = None, filter_fn
 def apply_gates(model: nn.Module, gates: GateSet, backend: str = "auto") -> list[str]:
     """Install the gate set's modules in ``model`` (a dense model with the same MLP blocks); ``backend``
     is the MGS modules' execution setting (``dynsparse.ops.BACKENDS``)."""
+    gates.check()
     blocks = find_mlps(model)
     missing = [n for n in gates.layers if n not in blocks]
     if missing:
@@ -140,10 +179,14 @@ def apply_gates(model: nn.Module, gates: GateSet, backend: str = "auto") -> list
     built = {}  # every module first, so a bad tensor in a later layer leaves the model untouched
     for name, info in gates.layers.items():
         b = blocks[name]
-        if gates.method == "sibs":
-            built[name] = build_sliced(b, gates.tensors[name], info["activation"])
-        else:
-            built[name] = build_gated(b, gates.tensors[name], info["activation"], backend=backend)
+        try:
+            if gates.method == "sibs":
+                built[name] = build_sliced(b, gates.tensors[name], info["activation"])
+            else:
+                built[name] = build_gated(b, gates.tensors[name], info["activation"], backend=backend)
+        except (RuntimeError, IndexError, KeyError) as e:  # e.g. load_state_dict's size mismatch
+            msg = " ".join(str(e).split())[:200]
+            raise ValueError(f"gate tensors of layer {name} do not fit its MLP block ({type(e).__name__}: {msg})") from None
     for name, new in built.items():
         b = blocks[name]
         b.replace(new.to(next(b.fc1.parameters()).device))
@@ -178,3 +221,49 @@ def save_sparsified_dir(gates: GateSet, out_dir: str | os.PathLike, model_dir: s
         (tmp / "sparsify_report.json").write_text(json.dumps({"method": gates.method, "config": gates.config,
                                                                "layers": gates.report}, indent=1))
     return out_dir
+
+
+def _need(where: str, ts: dict, key: str, shape: tuple | None = None, integer: bool = False) -> torch.Tensor:
+    if key not in ts:
+        raise ValueError(f"{where}: missing tensor {key!r}")
+    t = ts[key]
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{where}: {key} has shape {tuple(t.shape)}, expected {shape}")
+    if integer and (t.is_floating_point() or t.dtype == torch.bool or t.is_complex()):
+        raise ValueError(f"{where}: {key} must hold integers, got {t.dtype}")
+    if not integer and not t.is_floating_point():
+        raise ValueError(f"{where}: {key} must hold floats, got {t.dtype}")
+    return t
+
+
+def _check_sibs(where: str, ts: dict, info: dict, report: dict) -> None:
+    kept = _need(where, ts, "kept", integer=True)
+    d_ff = info["d_ff"]
+    if kept.dim() != 1 or kept.numel() == 0:
+        raise ValueError(f"{where}: kept must be a non-empty 1-D index list, got shape {tuple(kept.shape)}")
+    if int(kept.min()) < 0 or int(kept.max()) >= d_ff:
+        raise ValueError(f"{where}: kept holds neuron index {int(kept.max()) if int(kept.max()) >= d_ff else int(kept.min())}, "
+                         f"outside 0..{d_ff - 1}")
+    if kept.numel() > 1 and not bool((kept[1:] > kept[:-1]).all()):
+        raise ValueError(f"{where}: kept must list each neuron once, in increasing order (repeated or unsorted indices)")
+    if isinstance(report, dict) and isinstance(report.get("kept"), int) and report["kept"] != kept.numel():
+        raise ValueError(f"{where}: kept lists {kept.numel()} neurons but the file's report says {report['kept']}")
+    _need(where, ts, "bias_shift", shape=(info["d_model"],))
+
+
+def _check_mgs(where: str, ts: dict, info: dict) -> None:
+    d_model, d_ff = info["d_model"], info["d_ff"]
+    _need(where, ts, "threshold", shape=())
+    if "compensation" in ts:
+        _need(where, ts, "compensation", shape=(d_ff,))
+    if "gate.A" in ts:
+        a = _need(where, ts, "gate.A")
+        if a.dim() != 2 or a.shape[0] != d_model or a.shape[1] < 1:
+            raise ValueError(f"{where}: gate.A has shape {tuple(a.shape)}, expected ({d_model}, rank)")
+    elif "gate.G" in ts:
+        g = _need(where, ts, "gate.G")
+        if g.dim() != 2 or g.shape[0] != d_model or g.shape[1] < 1 or d_ff % g.shape[1]:
+            raise ValueError(f"{where}: gate.G has shape {tuple(g.shape)}, expected ({d_model}, groups) "
+                             f"with groups dividing d_ff={d_ff}")
+    else:
+        raise ValueError(f"{where}: neither a low-rank (gate.A) nor a grouped (gate.G) gate")
