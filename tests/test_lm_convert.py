@@ -62,7 +62,7 @@ def test_train_init_from_converted_gpt2(tmp_path, capsys):
 
 def test_convert_bad_input(tmp_path, capsys):
     assert main(["convert", "--model", str(tmp_path / "none"), "--depth", "3", "--out", str(tmp_path / "o")]) == 2
-    assert "not a saved model directory" in capsys.readouterr().err
+    assert "neither a directory, a file, a known name" in capsys.readouterr().err
     ours().save_pretrained(tmp_path / "src")
     assert main(["convert", "--model", str(tmp_path / "src"), "--depth", "-1", "--out", str(tmp_path / "o")]) == 2
     assert "depth" in capsys.readouterr().err

@@ -5,7 +5,8 @@ from __future__ import annotations
 def register(subparsers) -> None:
     p = subparsers.add_parser("analyze", help="measure MLP activation sparsity (table, JSON, PNG)",
                               description=__doc__)
-    p.add_argument("--model", default=None, help="saved HF model dir (default: the built-in small DETR)")
+    p.add_argument("--model", default=None, help="an HF model dir, a .gguf file, a hub id or a built-in "
+                   "name (smollm2-135m); default: the built-in small DETR")
     p.add_argument("--calib", default=None, help="DETR: COCO-format root (default: the built-in synthetic set); "
                    "text models: a text file or folder")
     p.add_argument("--split", default="val")
@@ -20,6 +21,11 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from ..lm.pretrained import resolve_model
+
+    if args.model:  # a directory, a .gguf file, a hub id or a built-in name -> a local HF directory
+        args.model = str(resolve_model(args.model))
+
     from pathlib import Path
 
     from ..cli import CLIError

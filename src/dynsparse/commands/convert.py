@@ -9,7 +9,8 @@ from ..cli import CLIError
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("convert", help="replace a model's MLP blocks with tree FF layers", description=__doc__)
-    p.add_argument("--model", required=True, help="a local HF model directory (GPT-2, OPT, dynsparse LM, ...)")
+    p.add_argument("--model", required=True, help="a causal LM: an HF model dir, a .gguf file, a hub id "
+                   "or a built-in name (smollm2-135m)")
     p.add_argument("--ff", default="tree", choices=["tree"], help="the new FF block")
     p.add_argument("--depth", type=int, required=True)
     p.add_argument("--trees", type=int, default=1)
@@ -23,6 +24,11 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from ..lm.pretrained import resolve_model
+
+    if args.model:  # a directory, a .gguf file, a hub id or a built-in name -> a local HF directory
+        args.model = str(resolve_model(args.model))
+
     import dynsparse.lm  # noqa: F401  registers the auto classes
 
     from ..lm.convert import convert_model, load_model, load_tokenizer_if_any, save_converted

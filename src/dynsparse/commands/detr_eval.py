@@ -7,7 +7,8 @@ import json
 def register(subparsers) -> None:
     p = subparsers.add_parser("detr-eval", help="COCO-evaluate a DETR model, optionally sparsified",
                               description=__doc__)
-    p.add_argument("--model", default=None, help="saved DetrForObjectDetection dir (default: the built-in small DETR)")
+    p.add_argument("--model", default=None, help="saved DetrForObjectDetection dir or hub id "
+                   "(default: the built-in small DETR)")
     p.add_argument("--coco", default=None, help="COCO-format root with annotations/instances_<split>.json and "
                    "<split>/ images (default: the built-in synthetic set, generated on first use)")
     p.add_argument("--split", default="val")
@@ -20,6 +21,11 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from ..lm.pretrained import resolve_model
+
+    if args.model:  # a directory, a .gguf file, a hub id or a built-in name -> a local HF directory
+        args.model = str(resolve_model(args.model))
+
     import torch
 
     from ..cli import CLIError

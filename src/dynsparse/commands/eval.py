@@ -10,7 +10,8 @@ from ..cli import CLIError
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="perplexity, measured FF cost, lm-eval-harness tasks", description=__doc__)
-    p.add_argument("model", help="a saved HF model directory (e.g. <run>/final)")
+    p.add_argument("model", help="a saved HF model directory (e.g. <run>/final), a .gguf file, a hub id or "
+                   "a built-in name (smollm2-135m)")
     p.add_argument("--data", default="shakespeare", help="corpus for perplexity ('shakespeare', .txt/.jsonl, folder, hf:NAME[:CONFIG][#COLUMN])")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--seq-len", type=int, help="window length (default: the model's context, at most 256)")
@@ -29,6 +30,11 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from ..lm.pretrained import resolve_model
+
+    if args.model:  # a directory, a .gguf file, a hub id or a built-in name -> a local HF directory
+        args.model = str(resolve_model(args.model))
+
     import torch
     from transformers import AutoModelForCausalLM
 

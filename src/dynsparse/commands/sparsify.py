@@ -4,7 +4,8 @@ from __future__ import annotations
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("sparsify", help="fit SIBS or MGS gates for a saved model", description=__doc__)
-    p.add_argument("--model", default=None, help="saved HF model dir (default: the built-in small DETR)")
+    p.add_argument("--model", default=None, help="an HF model dir, a .gguf file, a hub id or a built-in "
+                   "name (smollm2-135m); default: the built-in small DETR")
     p.add_argument("--method", choices=("sibs", "mgs"), required=True)
     p.add_argument("--calib", default=None, help="DETR: COCO-format root (default: the built-in synthetic set); "
                    "text models: a text file or folder, one example per line")
@@ -32,6 +33,11 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from ..lm.pretrained import resolve_model
+
+    if args.model:  # a directory, a .gguf file, a hub id or a built-in name -> a local HF directory
+        args.model = str(resolve_model(args.model))
+
     from pathlib import Path
 
     from ..cli import CLIError

@@ -7,6 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .config import FF_KINDS, PRESETS, DynSparseLMConfig, preset_config
 from .model import MLP, Block, CausalSelfAttention, DynSparseLMForCausalLM
+from .pretrained import resolve_model
 
 AutoConfig.register(DynSparseLMConfig.model_type, DynSparseLMConfig, exist_ok=True)
 AutoModelForCausalLM.register(DynSparseLMConfig, DynSparseLMForCausalLM, exist_ok=True)
@@ -20,4 +21,5 @@ __all__ = [
     "PRESETS",
     "FF_KINDS",
     "preset_config",
+    "resolve_model",
 ]
