@@ -16,6 +16,7 @@ import torch
 from ..atomic import atomic_dir
 from ..data import eval_windows, prepare_tokens, text_source
 from ..lm import DynSparseLMForCausalLM
+from ..lm.remote import write_remote_code
 from ..train.config import TrainConfig
 from ..train.loop import lm_loss
 from ..tree import TreeFF, prune_static
@@ -112,3 +113,4 @@ def _save(model, tokenizer, out: Path, result: PruneResult) -> None:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / "prune_report.json").write_text(json.dumps(result.to_dict(), indent=1))
+        write_remote_code(tmp)  # stock tools load it with trust_remote_code=True

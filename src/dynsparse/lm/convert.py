@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from ..atomic import atomic_dir
 from ..tree import TreeConfig, treeify_
 from .config import DynSparseLMConfig
+from .remote import write_remote_code
 
 MARKER = "dynsparse_tree.json"
 
@@ -48,6 +49,7 @@ def save_converted(model: torch.nn.Module, out: Path, tokenizer=None, state_dict
             (tmp / MARKER).write_text(json.dumps(model._dynsparse_tree, indent=1))
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
+        write_remote_code(tmp)  # stock tools load it with trust_remote_code=True
 
 
 def load_model(path: str | Path, trust_remote_code: bool = False) -> torch.nn.Module:
