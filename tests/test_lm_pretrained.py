@@ -168,6 +168,9 @@ def test_hub_id_from_the_local_hub_cache_when_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert resolve_model("someone/tiny") == repo / "snapshots" / commit
+    (repo / "snapshots" / commit / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="no safetensors weights"):
+        resolve_model("someone/tiny")
 
 
 def test_commands_take_model_specs(tiny_gguf, tmp_path, monkeypatch, capsys):

@@ -91,15 +91,15 @@ def ensure_converted(gguf: str | os.PathLike, cache_dir: str | os.PathLike | Non
     digest = file_sha256(gguf)
     root = Path(cache_dir) if cache_dir is not None else models_cache_dir()
     target = root / f"{_slug(label or gguf.stem)}-{digest[:16]}"
-    # The content decides: a copy under another name (or the built-in's file by its path) hits too.
-    for done in [target, *sorted(root.glob(f"*-{digest[:16]}"))]:
-        if _complete(done):
-            return done
+    done = _converted(root, target, digest)
+    if done is not None:
+        return done
     arch = check_gguf(gguf)
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f"{target.name}.lock", console, gguf.name):
-        if _complete(target):  # another process converted it while we waited
-            return target
+    with _locked(root / f"{digest[:16]}.lock", console, gguf.name):
+        done = _converted(root, target, digest)  # another process may have converted it while we waited
+        if done is not None:
+            return done
         for stale in root.glob(f".{target.name}.*"):  # left by a process killed mid-conversion
             shutil.rmtree(stale, ignore_errors=True)
         t0 = time.perf_counter()
@@ -225,7 +225,18 @@ def _hub_snapshot(repo_id: str) -> Path:
                          f"nor a hub id that could be fetched ({why})") from None
     if not (local / "config.json").is_file():
         raise ValueError(f"model {repo_id!r}: the hub repository has no config.json")
+    if not any(local.glob("*.safetensors")):
+        raise ValueError(f"model {repo_id!r}: the hub repository has no safetensors weights "
+                         "(only those are downloaded, never pickled checkpoints)")
     return local
+
+
+def _converted(root: Path, target: Path, digest: str) -> Path | None:
+    # The content decides: a copy under another name (or the built-in's file by its path) hits too.
+    for done in [target, *sorted(root.glob(f"*-{digest[:16]}"))]:
+        if _complete(done):
+            return done
+    return None
 
 
 def _complete(target: Path) -> bool:
