@@ -7,7 +7,7 @@ import torch
 from tree_helpers import routing_margin, unambiguous_inputs
 
 from dynsparse import TreeFF
-from dynsparse.kernels import numba_available
+from dynsparse.ops.backend import numba_available
 from dynsparse.tree import layer as layer_mod
 
 pytestmark = pytest.mark.skipif(not numba_available(), reason="the fast path runs the numba kernel")

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from ..kernels import numba_available
+from ..ops.backend import numba_available
 from ..ops._numba import sync_threads
 from .yardstick import gather_ceiling_gflops
 from .cases import SUITES, Settings

@@ -23,9 +23,9 @@ from .train import add_model_flags, config_from_args
 # closed the gap is w_out initialised like the dense fc2 plus a 10x learning rate on the tree tables
 # (deep nodes see 1/2**level of the tokens), and the identity node activation. The dense model's FF lr
 # multiplier was tuned too (x3 beats x1 and x10; 600 steps: 4.326 vs 4.342 at x1). Measured with the
-# masked training path (same function as gather).
+# reference (masked) training path, which computes the same function as the sparse ones.
 DEMO_DEFAULTS = dict(depth=7, trees=4, max_steps=600, seq_len=128, batch_size=16, lr=3e-3, warmup_steps=50,
-                     eval_every=100, eval_batches=4, tree_impl="masked", telemetry_every=50)
+                     eval_every=100, eval_batches=4, backend="reference", telemetry_every=50)
 # Per-model optimisation choices, each tuned for its own model (see the comment above).
 DEMO_FF_DEFAULTS = {"dense": dict(ff_lr_scale=3.0),
                     "tree": dict(activation="identity", tree_out_init="residual", ff_lr_scale=10.0)}
@@ -101,7 +101,7 @@ def run(args) -> int:
             "FF lr x (dense / tree)": f"{configs['dense'].ff_lr_scale} / {tree_cfg.ff_lr_scale}",
             "FF weight decay": tree_cfg.weight_decay if tree_cfg.ff_weight_decay is None else tree_cfg.ff_weight_decay,
             "tree w_out init": tree_cfg.tree_out_init, "seed": tree_cfg.seed,
-            "tree training path": tree_cfg.tree_impl or "layer default", "threads": args.threads,
+            "tree training backend": tree_cfg.backend, "threads": args.threads,
             "val_tokens": results["tree"]["val_tokens"]}
     command = "dynsparse " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["compare"] else "dynsparse compare"
     report = write_report(out, results, flat, v, histories, read_jsonl(out / "tree" / "telemetry.jsonl"),

@@ -6,6 +6,7 @@ import json
 import sys
 
 from ..cli import CLIError
+from ..ops.backend import BACKENDS
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -44,7 +45,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-clip", type=float)
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16 = bfloat16 autocast")
     p.add_argument("--seed", type=int)
-    p.add_argument("--tree-impl", choices=["gather", "masked"], help="TreeFF execution path while training")
+    p.add_argument("--backend", choices=list(BACKENDS), help="backend of the tree ops while training (auto: numba on CPU, triton on CUDA)")
     p.add_argument("--eval-every", type=int)
     p.add_argument("--eval-batches", type=int)
     p.add_argument("--telemetry-every", type=int, help="steps between routing snapshots (telemetry.jsonl)")
@@ -52,7 +53,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 MODEL_FLAGS = ("depth", "trees", "activation", "act_position", "tree_out_init", "position_embedding", "d_model", "n_layer",
                "n_head", "data", "vocab_size", "tokenizer", "cache_dir", "seq_len", "batch_size", "grad_accum",
-               "max_steps", "lr", "warmup_steps", "weight_decay", "ff_lr_scale", "ff_weight_decay", "tree_balance_rate", "grad_clip", "dtype", "seed", "tree_impl",
+               "max_steps", "lr", "warmup_steps", "weight_decay", "ff_lr_scale", "ff_weight_decay", "tree_balance_rate", "grad_clip", "dtype", "seed", "backend",
                "eval_every", "eval_batches", "telemetry_every")
 
 
