@@ -15,9 +15,8 @@ from torch import nn
 from ..ops.backend import resolve
 from ..ops.gates import grouped_gate_groups, lowrank_gate_indices
 from ..ops.mlp import SPARSE_MLP_BACKENDS, MLPWeights, choose_strategy, relu_skip_mlp, sparse_mlp
-from ..kernels import tree_forward_kernel
+from ..ops.tree import supported_backends, tree_infer
 from ..tree import TreeFF
-from ..tree.activations import ACTIVATION_CODES
 from .timing import median_time
 
 F32 = 4
@@ -118,9 +117,9 @@ def tree_inference(s: Settings, depth: int, trees: int, m: int, target: float | 
     with torch.no_grad():
         base = _time(lambda: mlp(x), s)
         ours = _time(lambda: layer(x), s)
-        args = (x, layer.w_in, layer.b_in, layer.w_out, depth, ACTIVATION_CODES[layer.activation], False)
-        kernel = _time(lambda: tree_forward_kernel(*args), s)
-        _, leaves = tree_forward_kernel(*args)
+        args = (x, layer.w_in, layer.b_in, layer.w_out, depth, layer.activation, "node", "numba")
+        kernel = _time(lambda: tree_infer(*args), s)
+        _, leaves = tree_infer(*args)
     flops = m * layer.flops_per_token
     nbytes = 2 * m * d * F32 + _visited_nodes(leaves, depth) * (2 * d + 1) * F32
     bflops, bbytes = _dense_cost(m, d, d_ff)
@@ -180,11 +179,12 @@ def train_cases(s: Settings) -> list[Result]:
     ours = _time(step(layer), s)
     flops = 3 * m * layer.flops_per_token  # forward + backward (input and weight gradients)
     with torch.no_grad():
-        leaves = tree_forward_kernel(x, layer.w_in, layer.b_in, layer.w_out, 11, 0, False)[1]
+        leaves = tree_infer(x, layer.w_in, layer.b_in, layer.w_out, 11, "gelu")[1]
     nbytes = 6 * m * d * F32 + _visited_nodes(leaves, 11) * (2 * d + 1) * F32 * 3
     bflops, bbytes = _dense_cost(m, d, d_ff, passes=3)
     return [Result(f"tree 1x11 forward+backward, {m} tokens", f"GELU MLP {d}-{d_ff}-{d} fwd+bwd", base, ours, 5.0,
-                   flops, nbytes, bflops, bbytes + 2 * d * d_ff * F32 * 2, {"impl": layer.resolve_impl(x)})]
+                   flops, nbytes, bflops, bbytes + 2 * d * d_ff * F32 * 2, 
+                   {"backend": resolve(layer.backend, x.device, supported_backends(x, layer.w_in, train=True))})]
 
 
 # ------------------------------------------------------------------------------------- mgs
