@@ -110,7 +110,7 @@ TREE_CASES = _tree_cases()
 @kernels
 @pytest.mark.parametrize("trees,depth,pos,act,bias,dtype,plan", TREE_CASES)
 def test_tree_infer_matches_reference(trees, depth, pos, act, bias, dtype, plan):
-    m, d, d_out = 11, 13, 7
+    m, d, d_out = 7, 9, 5
     x, w_in, b_in, w_out = _tree_data(m, trees, depth, d, d_out, bias, dtype, seed=trees * 10 + depth)
     f32 = [None if t is None else t.float() for t in (x, w_in, b_in, w_out)]
     want, want_leaves = tree_ff_masked(*f32[:4], depth, act, pos)
@@ -125,7 +125,7 @@ def test_tree_infer_matches_reference(trees, depth, pos, act, bias, dtype, plan)
 @kernels
 @pytest.mark.parametrize("trees,depth,pos,act,bias,dtype,plan", TREE_CASES)
 def test_tree_train_matches_autograd(trees, depth, pos, act, bias, dtype, plan):
-    m, d, d_out = 11, 13, 7
+    m, d, d_out = 7, 9, 5
     x, w_in, b_in, w_out = _tree_data(m, trees, depth, d, d_out, bias, dtype, seed=trees * 10 + depth + 1)
     if depth == 1:  # rows of x with a stride wider than d
         wide = torch.zeros(m, d + 5, dtype=dtype)
@@ -290,3 +290,30 @@ def test_sparse_mlp_refuses_bad_input():
         MLP.sparse_mlp_triton(x, w1, None, w2_t[:7], None, None, None, None, indptr, indices, "token", 1, 0)
     with pytest.raises(ValueError, match="offset"):
         MLP.sparse_mlp_triton(x, w1, None, w2_t, None, None, None, x.new_zeros(7), indptr, indices, "token", 1, 0)
+
+
+# ---------------------------------------------------------------------------------------------- GPU benchmark
+def test_gpu_bench_case_list(capsys):
+    """The benchmark's arguments and case list (what a GPU session will run), without running anything."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cases = bench.main(["--dry-run", "--sections", "peak,tree_infer,mlp,tree_train"])
+    count = {s: sum(c["section"] == s for c in cases) for s in ("peak", "tree_infer", "mlp", "tree_train")}
+    assert count == {"peak": 4, "tree_infer": 2 * 2 * 4, "mlp": 2 * 2 * 4, "tree_train": 2 * 2}
+    assert {(c["trees"], c["depth"]) for c in cases if c["section"] == "tree_infer"} == {(1, 11), (16, 7)}
+    assert {c["m"] for c in cases if c["section"] == "mlp"} == {1, 16, 256, 2048}
+    assert "cases; budget 420 s" in capsys.readouterr().out
+    variants = bench.main(["--dry-run", "--sections", "variants", "--trees", "2x1", "--tokens", "1,8"])
+    # no lookahead deeper than the tree
+    assert {c["plan"]["sub"] for c in variants if c["op"] == "tree_infer"} == {1, 2}
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--dry-run", "--sections", "peak,bogus"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--dry-run", "--trees", "16by7"])
+    with pytest.raises(SystemExit):
+        bench.parse_args([]) if "OUT" not in os.environ else bench.parse_args(["--budget-s", "0"])

@@ -271,11 +271,14 @@ def _rows(x):
     return x if x.stride(1) == 1 else x.contiguous()
 
 
+# enough programs to cover an H200's 132 SMs twice
+_TARGET_PROGRAMS = 264
 _PLAN_KEYS = {"sub", "fused", "block_m", "block_d", "block_n", "block_m_out", "block_n_out", "num_warps"}
 
 
 def launch_plan(m: int, trees: int, depth: int, d: int, d_out: int) -> dict:
-    """Launch choices for m tokens: lookahead levels, fused output, block sizes (see the module doc)."""
+    """Launch choices for m tokens (see the module doc): lookahead levels, whether the output is fused,
+    and token blocks small enough that the routing grid still covers the GPU a couple of times over."""
     levels = depth + 1
     if m <= 8:
         sub = 3
@@ -284,8 +287,20 @@ def launch_plan(m: int, trees: int, depth: int, d: int, d_out: int) -> dict:
     else:
         sub = 1
     sub = min(sub, levels)
-    block_m = pow2(m, 1, 16 if m <= 512 else 32)
-    return {"sub": sub, "fused": m * trees <= 512, "block_m": block_m}
+    block_m = min(32, _floor_pow2(max(1, m * trees // _TARGET_PROGRAMS)))
+    block_m_out = pow2(m, 1, 16)
+    rows = triton.cdiv(m, block_m_out)
+    block_n_out = 32
+    for bn in (256, 128, 64):  # the widest tile that still gives enough programs
+        if rows * triton.cdiv(d_out, bn) >= _TARGET_PROGRAMS:
+            block_n_out = bn
+            break
+    return {"sub": sub, "fused": m * trees <= 512, "block_m": block_m, "block_m_out": block_m_out,
+            "block_n_out": block_n_out}
+
+
+def _floor_pow2(n: int) -> int:
+    return 1 << (int(n).bit_length() - 1)
 
 
 def _route(x, w_in, b_in, w_out, depth, act_code, act_on_path, store_path, plan_=None):
@@ -332,8 +347,7 @@ def _route(x, w_in, b_in, w_out, depth, act_code, act_on_path, store_path, plan_
             y = y.sum(0).to(x.dtype)
     else:
         y = torch.empty(m, d_out, dtype=x.dtype, device=dev)
-        block_m_out = int(p.get("block_m_out") or pow2(m, 1, 16))
-        block_n_out = int(p.get("block_n_out") or pow2(4096 // block_m_out, 32, min(pow2(d_out, 32), 256)))
+        block_m_out, block_n_out = int(p["block_m_out"]), int(p["block_n_out"])
         _out_kernel[(triton.cdiv(m, block_m_out), triton.cdiv(d_out, block_n_out))](
             idx, zs, w_out, y, m, trees, d_out,
             LEVELS=levels, ACT=act_code, ON_PATH=bool(act_on_path),
