@@ -10,7 +10,7 @@ from dynsparse.tree import TreeFF
 
 def tiny(**kw):
     base = dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=32, tree_depth=3, tree_trees=2)
+                max_position_embeddings=32, tree={"depth": 3, "trees": 2})
     return lm.DynSparseLMConfig(**{**base, **kw})
 
 
@@ -94,7 +94,7 @@ def test_tree_usage_counts_survive_save(tmp_path):
 
 
 def test_tree_cost_properties():
-    cfg = tiny(ff="tree", tree_depth=7, tree_trees=4)
+    cfg = tiny(ff="tree", tree={"depth": 7, "trees": 4})
     assert cfg.ff_active_fraction == pytest.approx(8 / 255)
     assert cfg.ff_flops_per_token == lm.DynSparseLMForCausalLM(cfg).transformer.h[0].mlp.flops_per_token
     assert tiny(ff="dense").ff_flops_per_token == 2 * 2 * 32 * 128

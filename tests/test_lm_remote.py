@@ -37,7 +37,7 @@ def ours(vocab, **over):
 
 def pruned_lm(vocab):
     """A tree LM whose trees were pruned to the paths a few tokens took (what `dynsparse prune` builds)."""
-    model = ours(vocab, ff="tree", tree_depth=3, tree_trees=2)
+    model = ours(vocab, ff="tree", tree={"depth": 3, "trees": 2})
     trees = {n: m for n, m in model.named_modules() if isinstance(m, TreeFF)}
     for layer in trees.values():
         layer.track_usage(True)

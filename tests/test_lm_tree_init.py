@@ -9,7 +9,7 @@ from dynsparse.lm import DynSparseLMForCausalLM, preset_config
 
 def tree_model(**kw):
     torch.manual_seed(0)
-    cfg = preset_config("tiny", ff="tree", hidden_size=64, num_hidden_layers=2, tree_depth=4, tree_trees=4,
+    cfg = preset_config("tiny", ff="tree", hidden_size=64, num_hidden_layers=2, tree={"depth": 4, "trees": 4},
                         vocab_size=100, **kw)
     return DynSparseLMForCausalLM(cfg)
 

@@ -39,7 +39,7 @@ def test_compiled_tree_layer_inference_and_training(position):
 def _tiny_tree_lm():
     torch.manual_seed(0)
     config = DynSparseLMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                               intermediate_size=64, max_position_embeddings=32, ff="tree", tree_depth=3, tree_trees=2)
+                               intermediate_size=64, max_position_embeddings=32, ff="tree", tree={"depth": 3, "trees": 2})
     return DynSparseLMForCausalLM(config)
 
 

@@ -335,7 +335,7 @@ def lm_cases(s: Settings) -> list[Result]:
             times[variant] = median_time(gen, warmup=0, repeats=max(1, s.repeats // 4)) * 1e3
         flops[variant] = n * config.num_hidden_layers * config.ff_flops_per_token
     cfg = preset_config(s.lm_preset)
-    return [Result(f"tree LM ({s.lm_preset}: d={cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.tree_trees}x{cfg.tree_depth}) "
+    return [Result(f"tree LM ({s.lm_preset}: d={cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.tree['trees']}x{cfg.tree['depth']}) "
                    f"generating {n} tokens, batch 1", "dense LM of the same width", times["dense"], times["tree"], 1.5,
                    flops["tree"], 0.0, flops["dense"], 0.0,
                    {"tokens_per_s": n / times["tree"] * 1e3, "baseline_tokens_per_s": n / times["dense"] * 1e3,

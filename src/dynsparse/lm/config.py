@@ -4,15 +4,19 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from ..presets import MODEL_PRESETS
+from ..sparse_ff import dense_ff_flops
+from ..tree.convert import TreeConfig
 
 FF_KINDS = ("dense", "tree")
 TREE_OUT_INITS = ("published", "residual")
 POSITIONS = ("learned", "rope")
+TREE_DEFAULTS = {"depth": 7, "trees": 8, "activation": "gelu", "act_position": "node"}
 
 
 class DynSparseLMConfig(PretrainedConfig):
     """A GPT-style decoder. ``ff="dense"``: GELU MLP of width ``intermediate_size``;
-    ``ff="tree"``: ``TreeFF(hidden_size, tree_depth, tree_trees, ...)`` in each block instead.
+    ``ff="tree"``: a ``TreeFF`` in each block instead, built from ``tree`` (the ``TreeConfig`` fields depth,
+    trees, activation, act_position: one name per setting from ``--depth`` to ``TreeFF.depth``).
 
     Field names follow HF conventions (hidden_size, num_hidden_layers, ...) so HF utilities and
     lm-evaluation-harness find the context length and sizes without help.
@@ -28,10 +32,7 @@ class DynSparseLMConfig(PretrainedConfig):
     num_attention_heads: int = 4
     intermediate_size: int | None = None  # dense FF width; None -> 4 * hidden_size
     ff: str = "dense"
-    tree_depth: int = 7
-    tree_trees: int = 8
-    tree_activation: str = "gelu"
-    tree_act_position: str = "node"
+    tree: dict | None = None  # TreeConfig fields; None -> TREE_DEFAULTS
     # w_out's initialisation: "published" U(+-1/sqrt(trees*(depth+1))), or "residual": N(0, initializer_range
     # / sqrt(2 * layers)) like the dense block's fc2 and every other projection into the residual stream.
     tree_out_init: str = "published"
@@ -48,6 +49,9 @@ class DynSparseLMConfig(PretrainedConfig):
     pad_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
+        # configs saved before the tree settings moved into ``tree`` name them tree_depth, tree_trees, ...
+        legacy = {key: kwargs.pop(f"tree_{key}") for key in TREE_DEFAULTS if f"tree_{key}" in kwargs}
+        self.tree = {**TREE_DEFAULTS, **(self.tree or {}), **legacy}
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
         self.check()
@@ -56,7 +60,7 @@ class DynSparseLMConfig(PretrainedConfig):
     def check(self) -> None:
         """Reject configs that would build a broken model, naming the field."""
         for name in ("vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers",
-                     "num_attention_heads", "intermediate_size", "tree_trees"):
+                     "num_attention_heads", "intermediate_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -66,6 +70,10 @@ class DynSparseLMConfig(PretrainedConfig):
             )
         if self.ff not in FF_KINDS:
             raise ValueError(f"ff must be one of {FF_KINDS}, got {self.ff!r}")
+        unknown = sorted(set(self.tree) - set(TREE_DEFAULTS))
+        if unknown:
+            raise ValueError(f"tree has unknown field(s) {unknown}; it takes {sorted(TREE_DEFAULTS)}")
+        self.tree_config  # noqa: B018 - TreeConfig checks the values
         if self.tree_out_init not in TREE_OUT_INITS:
             raise ValueError(f"tree_out_init must be one of {TREE_OUT_INITS}, got {self.tree_out_init!r}")
         if self.position_embedding not in POSITIONS:
@@ -76,19 +84,21 @@ class DynSparseLMConfig(PretrainedConfig):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
+    def tree_config(self) -> TreeConfig:
+        """The tree blocks' settings (their bias follows ``bias``, like every other projection)."""
+        return TreeConfig(**self.tree, bias=self.bias)
+
+    @property
     def ff_active_fraction(self) -> float:
         """Share of the FF block's neurons that work for one token (1.0 for dense)."""
-        if self.ff == "dense":
-            return 1.0
-        return (self.tree_depth + 1) / (2 ** (self.tree_depth + 1) - 1)
+        return 1.0 if self.ff == "dense" else self.tree_config.active_fraction
 
     @property
     def ff_flops_per_token(self) -> int:
-        """FLOPs (2 x multiply-adds) of one FF block for one token, on the hard path for trees."""
-        d = self.hidden_size
+        """FLOPs of one FF block for one token (the hard path for trees)."""
         if self.ff == "dense":
-            return 2 * 2 * d * self.intermediate_size
-        return 2 * self.tree_trees * (self.tree_depth + 1) * 2 * d
+            return dense_ff_flops(self.hidden_size, self.intermediate_size)
+        return self.tree_config.flops_per_token(self.hidden_size)
 
 
 # Architecture presets live with their training defaults in dynsparse.presets.

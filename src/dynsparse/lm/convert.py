@@ -29,8 +29,8 @@ def convert_model(model: torch.nn.Module, tree: TreeConfig) -> list[str]:
     replaced = treeify_(model, tree)
     if isinstance(model.config, DynSparseLMConfig):
         model.config.ff = "tree"
-        model.config.tree_depth, model.config.tree_trees = tree.depth, tree.trees
-        model.config.tree_activation, model.config.tree_act_position = tree.activation, tree.act_position
+        model.config.tree = {"depth": tree.depth, "trees": tree.trees, "activation": tree.activation,
+                             "act_position": tree.act_position}
         if not tree.bias and model.config.bias:
             raise ValueError("our LM ties the tree bias to config.bias; convert with bias=True")
     else:

@@ -77,8 +77,7 @@ def build_ff(config: DynSparseLMConfig) -> nn.Module:
     """The one place where ``config.ff`` chooses the feed-forward block."""
     if config.ff == "dense":
         return MLP(config)
-    return TreeFF(config.hidden_size, config.tree_depth, config.tree_trees,
-                  activation=config.tree_activation, act_position=config.tree_act_position, bias=config.bias)
+    return config.tree_config.build(config.hidden_size)
 
 
 class Block(nn.Module):

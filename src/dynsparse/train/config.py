@@ -5,6 +5,7 @@ Precedence: training defaults of the preset < ``--config file.yaml`` < command-l
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -88,6 +89,22 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("depth", "trees", "d_model", "n_layer", "n_head", "vocab_size", "seed"):  # optional integers
+            value = getattr(self, name)
+            low = 0 if name in ("depth", "seed") else 1
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        # A YAML "1e-3" is a string and a NaN passes every "< 0" test: numbers must be real and finite.
+        for name in ("lr", "min_lr_ratio", "weight_decay", "ff_lr_scale", "ff_weight_decay", "tree_balance_rate",
+                     "grad_clip", "dropout"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) else ""
+                raise ValueError(f"{name} must be a finite number, got {value!r}{hint}")
+        if self.grad_clip < 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"need grad_clip >= 0 (0: no clipping) and 0 <= dropout < 1, got {self.grad_clip}, "
+                             f"{self.dropout}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
         if self.warmup_steps < 0 or self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -103,12 +120,15 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ model config
     def model_config(self, vocab_size: int) -> DynSparseLMConfig:
-        over = dict(ff=self.ff, tree_activation=self.activation, tree_act_position=self.act_position,
-                    tree_out_init=self.tree_out_init,
+        base = PRESETS[self.preset]["tree"]
+        tree = {"depth": base["depth"] if self.depth is None else self.depth,
+                "trees": base["trees"] if self.trees is None else self.trees,
+                "activation": self.activation, "act_position": self.act_position}
+        over = dict(ff=self.ff, tree=tree, tree_out_init=self.tree_out_init,
                     position_embedding=self.position_embedding, dropout=self.dropout, vocab_size=vocab_size,
                     max_position_embeddings=max(self.seq_len, PRESETS[self.preset]["max_position_embeddings"]))
-        for ours, theirs in (("depth", "tree_depth"), ("trees", "tree_trees"), ("d_model", "hidden_size"),
-                             ("n_layer", "num_hidden_layers"), ("n_head", "num_attention_heads")):
+        for ours, theirs in (("d_model", "hidden_size"), ("n_layer", "num_hidden_layers"),
+                             ("n_head", "num_attention_heads")):
             if getattr(self, ours) is not None:
                 over[theirs] = getattr(self, ours)
         if self.d_model is not None:

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from ..mlps import FilterFn, find_mlps
-from .layer import TreeFF
+from .layer import TreeFF, tree_active_fraction, tree_flops_per_token
 
 
 @dataclass
@@ -22,6 +22,13 @@ class TreeConfig:
 
     def build(self, d_model: int, d_out: int | None = None, **factory) -> TreeFF:
         return TreeFF(d_model, d_out=d_out, **asdict(self), **factory)
+
+    @property
+    def active_fraction(self) -> float:
+        return tree_active_fraction(self.depth)
+
+    def flops_per_token(self, d_model: int, d_out: int | None = None) -> int:
+        return tree_flops_per_token(d_model, d_model if d_out is None else d_out, self.depth, self.trees)
 
 
 def treeify_(model: nn.Module, config: TreeConfig, filter_fn: FilterFn | None = None) -> list[str]:

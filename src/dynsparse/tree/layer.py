@@ -100,13 +100,11 @@ class TreeFF(nn.Module):
 
     @property
     def active_fraction(self) -> float:
-        """Share of the layer's neurons that work for one token: (depth+1) / nodes."""
-        return (self.depth + 1) / self.nodes
+        return tree_active_fraction(self.depth)
 
     @property
     def flops_per_token(self) -> int:
-        """Multiply-adds x2 on the hard path: per tree and level a dot (d_model) and an axpy (d_out)."""
-        return 2 * self.trees * (self.depth + 1) * (self.d_model + self.d_out)
+        return tree_flops_per_token(self.d_model, self.d_out, self.depth, self.trees)
 
     def extra_repr(self) -> str:
         return (
@@ -249,6 +247,16 @@ class TreeFF(nn.Module):
             raise TypeError(f"TreeFF input dtype {x.dtype} differs from the layer's {self.w_in.dtype}")
         if self.check_finite and not torch.isfinite(x).all():
             raise ValueError("TreeFF input contains NaN or Inf (check_finite=True)")
+
+
+def tree_active_fraction(depth: int) -> float:
+    """Share of a tree's neurons that work for one token: (depth+1) / nodes."""
+    return (depth + 1) / (2 ** (depth + 1) - 1)
+
+
+def tree_flops_per_token(d_model: int, d_out: int, depth: int, trees: int) -> int:
+    """Multiply-adds x2 on the hard path: per tree and level a dot (d_model) and an axpy (d_out)."""
+    return 2 * trees * (depth + 1) * (d_model + d_out)
 
 
 def _check_int(name: str, value, low: int, high: int | None = None) -> None:
