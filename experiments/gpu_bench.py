@@ -9,7 +9,8 @@ in time): the machine's own yardsticks (cuBLAS bf16 / fp32 / tf32 matmul peak, d
 tree inference (1x11 and 16x7 trees, d_model 768) against the dense 768-3072-768 GELU MLP at 1, 16, 256
 and 2048 tokens in bf16 and fp32; the sparse MLP with per-token lists at 50 % and 90 % sparsity against
 the same dense MLP; tree training forward+backward at 4096 tokens against the dense MLP's; and launch-plan
-variants (lookahead depth, fused/tiled output, list splitting) for tuning ``launch_plan``.
+variants (lookahead depth, fused/tiled output, token blocks, in-block reduction of the backward's
+atomics, list splitting) for tuning the launch choices.
 
 Each case first checks its result against the torch definition on the same inputs (max error, share
 of tokens whose leaf differs; bf16 routing may legitimately differ where |z| is within rounding of 0),
@@ -143,6 +144,10 @@ def plan_cases(a) -> list[dict]:
             for block_m in (8, 32, 64):
                 cases.append({"section": "variants", "op": "tree_infer", "dtype": dt, "trees": trees, "depth": depth,
                               "m": many, "plan": {"sub": 1, "fused": False, "block_m": block_m}})
+        for trees, depth in a.trees:  # backward only: the weight-gradient atomics and their in-block reduction
+            for pre, block_m in ((0, 16), (4, 16), (16, 16), (4, 32), (16, 64)):
+                cases.append({"section": "variants", "op": "tree_train", "dtype": dt, "trees": trees, "depth": depth,
+                              "m": a.train_tokens, "plan": {"pre": pre, "block_m": block_m}})
         s = max(a.sparsities)
         for m in sorted({few, many}):
             for parts in (1, 8, 32):
@@ -370,12 +375,14 @@ class Runner:
 
         y, idx, zs = fwd()
 
+        bwd_plan = {"pre": 4, "block_m": None, **c.get("plan", {})}
+
         def bwd():
-            return tree_train_backward_triton(grad_y, x, w_in, b_in, w_out, idx, zs, GELU, on_path)
+            return tree_train_backward_triton(grad_y, x, w_in, b_in, w_out, idx, zs, GELU, on_path, **bwd_plan)
 
         def both():
             _, i, z = fwd()
-            return tree_train_backward_triton(grad_y, x, w_in, b_in, w_out, i, z, GELU, on_path)
+            return tree_train_backward_triton(grad_y, x, w_in, b_in, w_out, i, z, GELU, on_path, **bwd_plan)
 
         grads = bwd()
         leaves = [t.float().requires_grad_() for t in (x, w_in, b_in, w_out)]
@@ -386,6 +393,10 @@ class Runner:
                "ref_scale": {k: r.grad.abs().max().item() for k, r in zip(names, leaves)},
                "y_err": (y.float() - ref.detach()).abs().max().item()}
         del ref, leaves
+        if c["section"] == "variants":
+            out["plan"] = bwd_plan
+            out.update(self.clock.measure(bwd, graph=False))
+            return out
         out["forward"] = self.clock.measure(fwd, graph=False)
         out["backward"] = self.clock.measure(bwd, graph=False)
         out.update(self.clock.measure(both, graph=False))
