@@ -103,7 +103,8 @@ _PLAN_KEYS = {"block_j", "block_d", "block_n", "parts_h", "parts_out", "num_warp
 
 
 def launch_plan(m: int, d_ff: int, d_out: int, slots_per_token: int) -> dict:
-    """Launch choices for m tokens: programs per token in each kernel, block sizes (see the module doc)."""
+    """Launch choices for m tokens: programs per token in each kernel, block sizes (see the module doc).
+    First guesses, not yet tuned on a GPU: experiments/gpu_bench.py times the variants."""
     block_j = 32
     chunks = max(1, triton.cdiv(slots_per_token, block_j))
     block_n = pow2(d_out, 16, 128)

@@ -278,7 +278,8 @@ _PLAN_KEYS = {"sub", "fused", "block_m", "block_d", "block_n", "block_m_out", "b
 
 def launch_plan(m: int, trees: int, depth: int, d: int, d_out: int) -> dict:
     """Launch choices for m tokens (see the module doc): lookahead levels, whether the output is fused,
-    and token blocks small enough that the routing grid still covers the GPU a couple of times over."""
+    and token blocks small enough that the routing grid still covers the GPU a couple of times over.
+    The thresholds are first guesses, not yet tuned on a GPU: experiments/gpu_bench.py times the variants."""
     levels = depth + 1
     if m <= 8:
         sub = 3
