@@ -124,6 +124,20 @@ def test_bad_calls_are_named():
         MLPWeights(w.w1, w.b1, w.w2_t, torch.zeros(3))
 
 
+def test_eager_calls_and_the_registered_op_agree():
+    """Under no_grad the wrappers run the op's body directly; with grad on they call the op."""
+    w = _weights(glu=True, offset=True)
+    x = torch.randn(9, w.d_model)
+    A, B = torch.randn(w.d_model, 4), torch.randn(4, w.d_ff)
+    for backend in CPU_BACKENDS:
+        with torch.no_grad():
+            lists = lowrank_gate_indices(x, A, B, None, 0.3, backend=backend)
+            direct = sparse_mlp(x, w, *lists, activation="gelu", backend=backend)
+        via_op = lowrank_gate_indices(x, A, B, None, 0.3, backend=backend)
+        assert all(torch.equal(a, b) for a, b in zip(lists, via_op))
+        torch.testing.assert_close(sparse_mlp(x, w, *via_op, activation="gelu", backend=backend), direct)
+
+
 def test_fake_impls_pass_opcheck():
     for glu, offset in ((False, False), (True, True)):
         w = _weights(glu, offset, d=8, d_ff=32, d_out=6)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._eager import call
 from ..backend import resolve
 from ..mlp.csr import check_x
 from . import reference
@@ -36,8 +37,9 @@ def _impl(backend: str, op: str):
 def _check_vectors(c, threshold, n: int, what: str, device) -> None:
     if c is not None and (not isinstance(c, torch.Tensor) or c.shape != (n,)):
         raise ValueError(f"c must have shape ({n},) like {what}, got {tuple(getattr(c, 'shape', ()))}")
-    if not isinstance(threshold, torch.Tensor) or threshold.dim() > 1 or (threshold.dim() == 1 and threshold.shape != (n,)):
-        raise ValueError(f"threshold must be a scalar or have shape ({n},), got {tuple(getattr(threshold, 'shape', ()))}")
+    if not isinstance(threshold, torch.Tensor) or threshold.shape not in ((), (n,)):
+        shape = tuple(getattr(threshold, "shape", ()))
+        raise ValueError(f"threshold must be a scalar or have shape ({n},), got {shape}")
     for name, t in (("c", c), ("threshold", threshold)):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device}, x on {device}")
@@ -80,11 +82,14 @@ def _fake_lists(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # ------------------------------------------------------------------------------------------- low-rank
-@torch.library.custom_op("dynsparse::lowrank_gate_indices", mutates_args=())
-def lowrank_gate_indices_op(x: Tensor, A: Tensor, B: Tensor, c: Tensor | None, threshold: Tensor,
-                            backend: str) -> tuple[Tensor, Tensor]:
+def _lowrank_gate_indices(x: Tensor, A: Tensor, B: Tensor, c: Tensor | None, threshold: Tensor,
+                          backend: str) -> tuple[Tensor, Tensor]:
     d_ff = _check_lowrank(x, A, B, c, threshold)
     return _impl(backend, "lowrank_gate_indices")(x, A, B, c, _thresholds(threshold, d_ff))
+
+
+lowrank_gate_indices_op = torch.library.custom_op("dynsparse::lowrank_gate_indices", _lowrank_gate_indices,
+                                                  mutates_args=())
 
 
 @lowrank_gate_indices_op.register_fake
@@ -94,12 +99,15 @@ def _(x, A, B, c, threshold, backend):
 
 
 # -------------------------------------------------------------------------------------------- grouped
-@torch.library.custom_op("dynsparse::grouped_gate_indices", mutates_args=())
-def grouped_gate_indices_op(x: Tensor, G: Tensor, c: Tensor | None, threshold: Tensor, group_size: int,
-                            backend: str) -> tuple[Tensor, Tensor]:
+def _grouped_gate_indices(x: Tensor, G: Tensor, c: Tensor | None, threshold: Tensor, group_size: int,
+                          backend: str) -> tuple[Tensor, Tensor]:
     _check_group_size(group_size)
     n_groups = _check_grouped(x, G, c, threshold)
     return _impl(backend, "grouped_gate_indices")(x, G, c, _thresholds(threshold, n_groups), group_size)
+
+
+grouped_gate_indices_op = torch.library.custom_op("dynsparse::grouped_gate_indices", _grouped_gate_indices,
+                                                  mutates_args=())
 
 
 @grouped_gate_indices_op.register_fake
@@ -109,11 +117,14 @@ def _(x, G, c, threshold, group_size, backend):
     return _fake_lists(x)
 
 
-@torch.library.custom_op("dynsparse::grouped_gate_groups", mutates_args=())
-def grouped_gate_groups_op(x: Tensor, G: Tensor, c: Tensor | None, threshold: Tensor,
-                           backend: str) -> tuple[Tensor, Tensor]:
+def _grouped_gate_groups(x: Tensor, G: Tensor, c: Tensor | None, threshold: Tensor,
+                         backend: str) -> tuple[Tensor, Tensor]:
     n_groups = _check_grouped(x, G, c, threshold)
     return _impl(backend, "grouped_gate_groups")(x, G, c, _thresholds(threshold, n_groups))
+
+
+grouped_gate_groups_op = torch.library.custom_op("dynsparse::grouped_gate_groups", _grouped_gate_groups,
+                                                 mutates_args=())
 
 
 @grouped_gate_groups_op.register_fake
@@ -142,7 +153,8 @@ def lowrank_gate_indices(x: Tensor, A: Tensor, B: Tensor, c: Tensor | None, thre
     threshold = _as_threshold(threshold, x)
     _check_lowrank(x, A, B, c, threshold)
     chosen = resolve(backend, x.device, GATE_BACKENDS)
-    return lowrank_gate_indices_op(x, A.detach(), B.detach(), _detached(c), threshold, chosen)
+    return call(lowrank_gate_indices_op, _lowrank_gate_indices, x, A.detach(), B.detach(), _detached(c), threshold,
+                chosen)
 
 
 def grouped_gate_indices(x: Tensor, G: Tensor, c: Tensor | None, threshold, group_size: int, *,
@@ -153,7 +165,8 @@ def grouped_gate_indices(x: Tensor, G: Tensor, c: Tensor | None, threshold, grou
     threshold = _as_threshold(threshold, x)
     _check_grouped(x, G, c, threshold)
     chosen = resolve(backend, x.device, GATE_BACKENDS)
-    return grouped_gate_indices_op(x, G.detach(), _detached(c), threshold, group_size, chosen)
+    return call(grouped_gate_indices_op, _grouped_gate_indices, x, G.detach(), _detached(c), threshold, group_size,
+                chosen)
 
 
 def grouped_gate_groups(x: Tensor, G: Tensor, c: Tensor | None, threshold, *,
@@ -162,7 +175,7 @@ def grouped_gate_groups(x: Tensor, G: Tensor, c: Tensor | None, threshold, *,
     threshold = _as_threshold(threshold, x)
     _check_grouped(x, G, c, threshold)
     chosen = resolve(backend, x.device, GATE_BACKENDS)
-    return grouped_gate_groups_op(x, G.detach(), _detached(c), threshold, chosen)
+    return call(grouped_gate_groups_op, _grouped_gate_groups, x, G.detach(), _detached(c), threshold, chosen)
 
 
 __all__ = ["lowrank_gate_indices", "grouped_gate_indices", "grouped_gate_groups", "lowrank_gate_indices_op",

@@ -19,7 +19,8 @@ kernels. The ops are opaque to ``torch.compile`` (fake implementations give thei
 autograd: they serve inference.
 
 ``sparse_mlp`` and ``relu_skip_mlp`` below are the friendly entry points: an ``MLPWeights``, an
-activation name and a backend setting (resolved to a concrete backend before the op runs).
+activation name and a backend setting (resolved to a concrete backend before the op runs); in eager
+no-grad calls they run the op's body without the dispatcher (``ops/_eager.py``).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ... import activations
+from .._eager import call
 from ..backend import CONCRETE, resolve
 from . import reference, torch_impl
 from .csr import check_csr, check_csr_layout, check_x
@@ -102,10 +104,10 @@ def _check_sparse(x, w1, b1, w2_t, b2, wg, bg, offset, indptr, indices, strategy
 
 
 # ------------------------------------------------------------------------------------------ sparse_mlp
-@torch.library.custom_op("dynsparse::sparse_mlp", mutates_args=())
-def sparse_mlp_op(x: Tensor, w1: Tensor, b1: Tensor | None, w2_t: Tensor, b2: Tensor | None, wg: Tensor | None,
-                  bg: Tensor | None, offset: Tensor | None, indptr: Tensor, indices: Tensor, strategy: str,
-                  group_size: int, act_code: int, backend: str) -> Tensor:
+def _sparse_mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2_t: Tensor, b2: Tensor | None, wg: Tensor | None,
+                bg: Tensor | None, offset: Tensor | None, indptr: Tensor, indices: Tensor, strategy: str,
+                group_size: int, act_code: int, backend: str) -> Tensor:
+    """The body of ``dynsparse::sparse_mlp``."""
     _check_sparse(x, w1, b1, w2_t, b2, wg, bg, offset, indptr, indices, strategy, group_size, act_code, backend,
                   read_lists=True)
     if strategy == "auto":
@@ -113,6 +115,9 @@ def sparse_mlp_op(x: Tensor, w1: Tensor, b1: Tensor | None, w2_t: Tensor, b2: Te
     y = _impl(backend, "sparse_mlp")(x, w1, b1, w2_t, b2, wg, bg, offset, indptr, indices, strategy, group_size,
                                      act_code)
     return y.to(x.dtype)
+
+
+sparse_mlp_op = torch.library.custom_op("dynsparse::sparse_mlp", _sparse_mlp, mutates_args=())
 
 
 @sparse_mlp_op.register_fake
@@ -134,16 +139,19 @@ def sparse_mlp(x: Tensor, weights: MLPWeights, indptr: Tensor, indices: Tensor, 
     check_x(x, weights.d_model, "the weights' d_model")
     chosen = resolve(backend, x.device, SPARSE_MLP_BACKENDS)
     w = weights
-    return sparse_mlp_op(x, w.w1, w.b1, w.w2_t, w.b2, w.wg, w.bg, w.offset, indptr, indices, strategy, group_size,
-                         activations.code(activation), chosen)
+    return call(sparse_mlp_op, _sparse_mlp, x, w.w1, w.b1, w.w2_t, w.b2, w.wg, w.bg, w.offset, indptr, indices,
+                strategy, group_size, activations.code(activation), chosen)
 
 
 # ---------------------------------------------------------------------------------------- relu_skip_mlp
-@torch.library.custom_op("dynsparse::relu_skip_mlp", mutates_args=())
-def relu_skip_mlp_op(x: Tensor, w1: Tensor, b1: Tensor | None, w2_t: Tensor, b2: Tensor | None,
-                     backend: str) -> Tensor:
+def _relu_skip_mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2_t: Tensor, b2: Tensor | None,
+                   backend: str) -> Tensor:
+    """The body of ``dynsparse::relu_skip_mlp``."""
     _check_common(x, w1, b1, w2_t, b2, None, None, None, activations.code("relu"), backend)
     return _impl(backend, "relu_skip_mlp")(x, w1, b1, w2_t, b2).to(x.dtype)
+
+
+relu_skip_mlp_op = torch.library.custom_op("dynsparse::relu_skip_mlp", _relu_skip_mlp, mutates_args=())
 
 
 @relu_skip_mlp_op.register_fake
@@ -161,7 +169,7 @@ def relu_skip_mlp(x: Tensor, weights: MLPWeights, *, backend: str = "auto") -> T
     check_x(x, weights.d_model, "the weights' d_model")
     chosen = resolve(backend, x.device, RELU_SKIP_BACKENDS)
     w = weights
-    return relu_skip_mlp_op(x, w.w1, w.b1, w.w2_t, w.b2, chosen)
+    return call(relu_skip_mlp_op, _relu_skip_mlp, x, w.w1, w.b1, w.w2_t, w.b2, chosen)
 
 
 __all__ = [

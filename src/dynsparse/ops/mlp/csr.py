@@ -33,13 +33,17 @@ def check_csr(indptr, indices, m: int, n: int, name: str = "indices") -> None:
     """CSR lists over n columns (neurons, or groups with name="groups") for m tokens.
 
     The content checks read the lists, which on an accelerator costs a synchronisation per call, so
-    there only the layout is checked (the layers build their lists from their own width)."""
+    there only the layout is checked (the layers build their lists from their own width). On CPU they
+    run in numpy: a handful of torch reductions on short lists cost more than a one-token kernel. (The
+    lists are transient outputs, never parameters, so ``Tensor.numpy()`` pinning their storage's size
+    is harmless, unlike for weights; see ``ops._numba.array``.)"""
     check_csr_layout(indptr, indices, m, name)
     if indptr.device.type != "cpu" or indices.device.type != "cpu":
         return
-    if int(indptr[0]) != 0 or int(indptr[-1]) != indices.numel() or bool((indptr[1:] < indptr[:-1]).any()):
+    ptr, idx = indptr.detach().numpy(), indices.detach().numpy()
+    if ptr[0] != 0 or ptr[-1] != idx.shape[0] or (ptr[1:] < ptr[:-1]).any():
         raise ValueError(f"indptr must start at 0, never decrease and end at len({name})")
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
+    if idx.shape[0] and (idx.min() < 0 or idx.max() >= n):
         raise ValueError(f"{name} must lie in [0, {n})")
 
 
