@@ -8,36 +8,27 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._numba import FAST, NUMBA, as_f32, sync_threads, weight_view
+from .._numba import FAST, NUMBA, as_f32, sync_threads
+from ..mlp.numba_impl import check_cpu, optional_view
 
 if NUMBA:
     from numba import njit, prange
 
 
-def _check_cpu(*tensors) -> None:
-    for t in tensors:
-        if t is not None and t.device.type != "cpu":
-            raise ValueError(f"backend 'numba' runs on CPU tensors, got one on {t.device}")
-
-
-def _opt(t, n):
-    return weight_view(t) if t is not None else np.zeros(n, dtype=np.float32)
-
-
 def lowrank_gate_indices_numba(x, A, B, c, threshold):
-    _check_cpu(x, A, B, c, threshold)
+    check_cpu(x, A, B, c, threshold)
     d_ff = B.shape[1]
     u = x.float() @ A.float()  # (M, r): the cheap half, dense BLAS
     sync_threads()
     m = u.shape[0]
     counts = np.empty(m, dtype=np.int64)
     scratch = np.empty((m, d_ff), dtype=np.int32)
-    _lowrank_scan(as_f32(u), as_f32(B), _opt(c, d_ff), as_f32(threshold), scratch, counts)
+    _lowrank_scan(as_f32(u), as_f32(B), optional_view(c, d_ff), as_f32(threshold), scratch, counts)
     return _compact(scratch, counts)
 
 
 def _grouped(x, G, c, threshold, group_size: int):
-    _check_cpu(x, G, c, threshold)
+    check_cpu(x, G, c, threshold)
     logits = x.float() @ G.float()  # (M, d_ff / group_size): small, dense BLAS
     if c is not None:
         logits += c.float()

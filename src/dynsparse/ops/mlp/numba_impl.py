@@ -32,11 +32,12 @@ if NUMBA:
 PARALLEL_MIN_WORK = 1 << 21
 
 
-def _opt(t, n):
+def optional_view(t, n: int) -> np.ndarray:
+    """weight_view of an optional vector; zeros (n,) where it is None (the kernels take no None)."""
     return weight_view(t) if t is not None else np.zeros(n, dtype=np.float32)
 
 
-def _check_cpu(*tensors) -> None:
+def check_cpu(*tensors) -> None:
     for t in tensors:
         if t is not None and t.device.type != "cpu":
             raise ValueError(f"backend 'numba' runs on CPU tensors, got one on {t.device}")
@@ -47,13 +48,13 @@ def _args(x, w1, b1, w2_t, b2, wg, bg, offset):
     d_ff, d_out = w2_t.shape
     glu = wg is not None
     w1_view = weight_view(w1)
-    return (as_f32(x), weight_view(wg) if glu else w1_view, _opt(bg, d_ff), glu, w1_view, _opt(b1, d_ff),
-            _opt(offset, d_ff), weight_view(w2_t), _opt(b2, d_out))
+    return (as_f32(x), weight_view(wg) if glu else w1_view, optional_view(bg, d_ff), glu, w1_view,
+            optional_view(b1, d_ff), optional_view(offset, d_ff), weight_view(w2_t), optional_view(b2, d_out))
 
 
 def sparse_mlp_numba(x, w1, b1, w2_t, b2, wg, bg, offset, indptr, indices, strategy: str, group_size: int,
                      act_code: int) -> torch.Tensor:
-    _check_cpu(x, w1, w2_t, wg, indptr, indices)
+    check_cpu(x, w1, w2_t, wg, indptr, indices)
     indptr, indices = indptr.contiguous(), indices.contiguous()
     if strategy == "union":
         union, mask = union_and_mask(indptr, indices, w1.shape[0])
@@ -93,12 +94,12 @@ def union_and_mask(indptr, indices, d_ff: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def relu_skip_mlp_numba(x, w1, b1, w2_t, b2) -> torch.Tensor:
-    _check_cpu(x, w1, w2_t)
+    check_cpu(x, w1, w2_t)
     h = F.relu(F.linear(x.float(), w1.float(), None if b1 is None else b1.float()))
     sync_threads()
     d_out = w2_t.shape[1]
     y = np.empty((x.shape[0], d_out), dtype=np.float32)
-    _skip_fc2(as_f32(h), weight_view(w2_t), _opt(b2, d_out), y)
+    _skip_fc2(as_f32(h), weight_view(w2_t), optional_view(b2, d_out), y)
     return torch.from_numpy(y).to(x.dtype)
 
 
