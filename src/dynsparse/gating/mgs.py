@@ -40,7 +40,7 @@ from .reorder import check_permutation, coactivation_permutation, group_density,
 @dataclass
 class MGSConfig:
     gate: str = "lowrank"  # "lowrank" or "grouped"
-    rank: int = 16  # default from dynsparse.gating.gate_cost on this CPU (see module docstring)
+    rank: int = 16  # default from experiments/gate_cost.py on this CPU (see module docstring)
     group_size: int = 16
     target_recall: float | None = None  # keep this share of truly active (token, neuron) pairs (default 0.99)
     target_sparsity: float | None = None  # or gate this share of all pairs off

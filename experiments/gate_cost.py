@@ -1,7 +1,7 @@
 """Which gate pays on this CPU: wall-clock of one MLP block (dense, exact ReLU skip, MGS with low-rank and
 grouped gates of several sizes) at a fixed gated density, same inputs, same threads.
 
-    python -m dynsparse.gating.gate_cost --d-model 128 --d-ff 1024 --tokens 512 --density 0.1
+    python experiments/gate_cost.py --d-model 128 --d-ff 1024 --tokens 512 --density 0.1
 
 Timing does not depend on how good a gate is, only on its size and on how many neurons it lets through,
 so random weights are used and each gate's threshold is set to the logit quantile giving ``density``.
@@ -14,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .modules import GatedMLP, GroupedGate, LowRankGate, ReLUSkipMLP
+from dynsparse.gating.modules import GatedMLP, GroupedGate, LowRankGate, ReLUSkipMLP
 
 
 def _time(fn, x, repeats: int) -> float:
