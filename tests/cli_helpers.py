@@ -40,7 +40,9 @@ class _Hang(BaseException):
 def run_cli(argv: list[str], timeout_s: int = 120) -> Outcome:
     """``main(argv)`` in this process, stdout/stderr captured; an exception out of main is a traceback."""
     from dynsparse.cli import main
+    from dynsparse.data import text
 
+    text._WARNED.clear()  # as in a fresh process: each command warns about a file that is not text
     out, err = io.StringIO(), io.StringIO()
 
     def alarm(*_):
@@ -68,8 +70,9 @@ def run_cli(argv: list[str], timeout_s: int = 120) -> Outcome:
     return Outcome(kind, code, e, out.getvalue())
 
 
-def snapshot(root: Path, skip: tuple[Path, ...] = ()) -> dict[str, str]:
-    """Relative path -> sha256 (or "<dir>") of everything under ``root`` outside ``skip``."""
+def snapshot(root: Path, skip: tuple[Path, ...] = (), fast: bool = False) -> dict[str, str]:
+    """Relative path -> sha256 (or "<dir>") of everything under ``root`` outside ``skip``; ``fast`` uses
+    (size, mtime, inode) instead of the content (any write changes the mtime)."""
     root, skip = Path(root), tuple(Path(s).resolve() for s in skip)
     found = {}
     for dirpath, dirnames, filenames in os.walk(root):
@@ -82,13 +85,17 @@ def snapshot(root: Path, skip: tuple[Path, ...] = ()) -> dict[str, str]:
             p = d / f
             if any(p.resolve() == s for s in skip):
                 continue
-            found[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+            if fast:
+                st = p.stat()
+                found[str(p.relative_to(root))] = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+            else:
+                found[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return found
 
 
 def make_world(root: Path) -> dict[str, Path]:
-    """The user's files every robustness test starts from: corpus, a finished tiny tree run, a tiny DETR, a
-    COCO set, SIBS gates for that DETR, a folder of unrelated files and a plain file."""
+    """The user's files every robustness test starts from: corpus, finished tiny tree and dense runs, a tiny
+    DETR, a COCO set, SIBS gates for that DETR, a folder of unrelated files and a plain file."""
     import torch
     from transformers import DetrForObjectDetection
 
@@ -101,9 +108,13 @@ def make_world(root: Path) -> dict[str, Path]:
          "detr": root / "detr", "coco": root / "coco", "gates": root / "gates", "mine": root / "mine",
          "file": root / "notes.txt"}
     w["corpus"].write_text(CORPUS)
+    w["dense"] = root / "dense"
     with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
         assert main(train_argv(w["corpus"], w["run"], w["cache"])) == 0
-    make_synthetic_coco(w["coco"], n_train=8, n_val=2, seed=1)
+        dense = train_argv(w["corpus"], w["dense"], w["cache"], steps=2)
+        dense[dense.index("--ff") + 1] = "dense"
+        assert main(dense) == 0
+    make_synthetic_coco(w["coco"], n_train=16, n_val=2, seed=1)
     torch.manual_seed(0)
     cfg = small_detr_config(dict(enumerate(CLASSES)), d_model=16, layers=1, d_ff=32, num_queries=4)
     DetrForObjectDetection(cfg).save_pretrained(w["detr"])

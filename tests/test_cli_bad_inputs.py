@@ -18,6 +18,8 @@ def w(tmp_path_factory):
     _gate_variants(world)
     _foreign_model(world)
     _broken_runs(world)
+    world["yaml_text"] = world["root"] / "text_number.yaml"
+    world["yaml_text"].write_text("lr: 1e-3\n")  # YAML 1.1 reads this as the string "1e-3"
     return world
 
 
@@ -60,7 +62,7 @@ def _foreign_model(w):
 
 def _broken_runs(w):
     """Copies of the run whose every checkpoint is damaged in one way."""
-    for label in ("manifest_list", "garbage_weights", "pickle_optimizer"):
+    for label in ("manifest_list", "garbage_weights", "pickle_optimizer", "state_without_step"):
         d = w["root"] / f"run_{label}"
         shutil.copytree(w["run"], d)
         for ck in sorted((d / "checkpoints").iterdir()):
@@ -68,9 +70,11 @@ def _broken_runs(w):
             if label == "manifest_list":
                 (ck / "manifest.json").write_text(json.dumps(list(manifest)))
                 continue
-            target = ck / ("model.safetensors" if label == "garbage_weights" else "optimizer.pt")
+            target = ck / {"garbage_weights": "model.safetensors", "pickle_optimizer": "optimizer.pt"}.get(label, "state.json")
             if label == "garbage_weights":
                 target.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{notjson" + b"\0" * 64)
+            elif label == "state_without_step":
+                target.write_text(json.dumps({"tokens": 3}))
             else:
                 target.write_bytes(pickle.dumps(print))  # a pickle that names a callable
             import hashlib
@@ -180,6 +184,24 @@ CASES = [
     ("ckpt-manifest-list", lambda w: _resume(w, "run_manifest_list"), "corrupt manifest.json"),
     ("ckpt-garbage-weights", lambda w: _resume(w, "run_garbage_weights"), "model.safetensors is unreadable"),
     ("ckpt-pickle-optimizer", lambda w: _resume(w, "run_pickle_optimizer"), "optimizer.pt is unreadable"),
+    ("ckpt-state-without-step", lambda w: _resume(w, "run_state_without_step"), "state.json lacks a step"),
+    ("data-empty-string", lambda w: _tr(w, "--data", ""), "--data must not be empty"),
+    ("eval-model-empty-string", lambda w: ["eval", ""], "MODEL must not be empty"),
+    ("sparsify-model-empty-string", lambda w: ["sparsify", "--model", "", "--method", "sibs", "--target-sparsity",
+                                               "0.5", "--out", str(w["root"] / "o")], "--model must not be empty"),
+    ("grad-clip-negative", lambda w: _tr(w, "--grad-clip", "-1"), "grad_clip >= 0"),
+    ("yaml-number-as-text", lambda w: _tr(w, "--config", str(w["yaml_text"])), "YAML reads 1e-3 as text"),
+    ("detr-json-other-file", lambda w: ["detr-eval", "--model", str(w["detr"]), "--coco", str(w["coco"]),
+                                        "--json", str(w["file"])], "is not an earlier output"),
+    ("eval-include-path-without-tasks", lambda w: ["eval", str(w["run"] / "final"), "--include-path", str(w["mine"])],
+     "only apply to --tasks"),
+    ("eval-tasks-empty-list", lambda w: ["eval", str(w["run"] / "final"), "--tasks", ","], "names no task"),
+    ("study-variants-empty-list", lambda w: ["study", "autoprune", "--variants", ",", "--out", str(w["root"] / "o")],
+     "names no variant"),
+    ("sibs-with-target-recall", lambda w: ["sparsify", "--model", str(w["detr"]), "--method", "sibs",
+                                           "--target-sparsity", "0.5", "--target-recall", "0.9", "--calib",
+                                           str(w["coco"]), "--out", str(w["root"] / "o")], "MGS option"),
+    ("bench-lm-preset-typo", lambda w: ["bench", "tree", "--lm-preset", "nosuch"], "--lm-preset must be one of"),
     ("bench-tokens-0", lambda w: ["bench", "tree", "--tokens", "0"], "--tokens must be >= 1"),
     ("bench-repeats-0", lambda w: ["bench", "tree", "--repeats", "0"], "--repeats must be >= 1"),
 ]

@@ -43,14 +43,19 @@ def _leaf_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentPars
     return parser
 
 
-def check_numbers(parser: argparse.ArgumentParser, args) -> None:
-    """Every float option finite, every integer option a count (>= 1, or >= 0 for ZERO_OK): a NaN or a
-    negative count would otherwise run silently wrong or fail deep inside the work."""
+def check_values(parser: argparse.ArgumentParser, args) -> None:
+    """Every float option finite, every integer option a count (>= 1, or >= 0 for ZERO_OK), no empty
+    string: a NaN, a negative count or an empty path ("" is the current folder) would otherwise run
+    silently wrong or fail deep inside the work."""
     for action in _leaf_parser(parser, args)._actions:
         value = getattr(args, action.dest, None)
-        if value is None or not action.option_strings or action.type not in (int, float):
+        if value is None or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
             continue
-        flag = max(action.option_strings, key=len)
+        flag = max(action.option_strings, key=len) if action.option_strings else action.dest.upper()
+        if isinstance(value, str) and not value.strip():
+            raise CLIError(f"{flag} must not be empty")
+        if action.type not in (int, float):
+            continue
         if action.type is float and not math.isfinite(value):
             raise CLIError(f"{flag} must be a finite number, got {value}")
         low = 0 if action.dest in ZERO_OK else 1
@@ -60,6 +65,8 @@ def check_numbers(parser: argparse.ArgumentParser, args) -> None:
 
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, MemoryError):
+        text = f"out of memory ({text}): choose a smaller model, batch or input"
     if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
         text = f"{e.filename}: {text}"
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
@@ -72,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        check_numbers(parser, args)
+        check_values(parser, args)
         return int(args.func(args) or 0)
-    except (CLIError, ValueError, OSError, FloatingPointError) as e:
+    except (CLIError, ValueError, OSError, FloatingPointError, MemoryError) as e:
         # The library's own checks raise ValueError / OSError with a message meant for the user: one line.
         # DYNSPARSE_TRACEBACK=1 shows where an error came from.
         if os.environ.get("DYNSPARSE_TRACEBACK") and not isinstance(e, CLIError):

@@ -57,6 +57,7 @@ class MLPBlock:
     _act_path: tuple[str, ...] = ()
     _parent: nn.Module | None = None  # for kind "module": the module holding the block
     _attr: str = ""
+    _aliases: tuple = ()  # for kind "module": every other (parent, attribute) that holds the same block
 
     @property
     def d_model(self) -> int:
@@ -94,6 +95,8 @@ class MLPBlock:
         """Install ``new`` (a module mapping (..., d_model) -> (..., d_model)) in place of the block."""
         if self.kind == "module":
             setattr(self._parent, self._attr, new)
+            for parent, attr in self._aliases:  # one block shared under several names is replaced everywhere
+                setattr(parent, attr, new)
             return
         _set_path(self.owner, self._fc1_path, new)
         _set_path(self.owner, self._fc2_path, nn.Identity())
@@ -158,10 +161,10 @@ def find_mlps(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, 
     """
     found: dict[str, MLPBlock] = {}
     covered: list[str] = []
-    parents = {}
+    parents: dict[int, list] = {}
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
-            parents[id(child)] = (module, child_name)
+            parents.setdefault(id(child), []).append((module, child_name))
     for name, module in model.named_modules():
         if any(name == c or name.startswith(c + ".") for c in covered):
             continue
@@ -174,6 +177,7 @@ def find_mlps(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, 
         if block.kind == "module":
             if id(module) not in parents:
                 continue  # the model itself is one MLP: nothing above it to swap into
-            block._parent, block._attr = parents[id(module)]
+            (block._parent, block._attr), *rest = parents[id(module)]
+            block._aliases = tuple(rest)
         found[name] = block
     return found

@@ -124,8 +124,10 @@ def prepare_output(path: str | os.PathLike, kind: str, overwrite: bool = False, 
     return path
 
 
-def check_output_file(path: str | os.PathLike, inputs: Iterable = (), arg: str = "--json") -> Path:
-    """A single output file: its folder must exist, it must not be a folder or one of the inputs."""
+def check_output_file(path: str | os.PathLike, inputs: Iterable = (), arg: str = "--json",
+                      own=lambda p: False) -> Path:
+    """A single output file: its folder must exist, it must not be a folder or one of the inputs, and an
+    existing file is replaced only when ``own(path)`` says it is an earlier output of the same command."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{arg} {path} is a directory; name a file")
@@ -138,7 +140,21 @@ def check_output_file(path: str | os.PathLike, inputs: Iterable = (), arg: str =
         inp = Path(given).resolve()
         if out == inp or (path.exists() and inp.is_dir() and inp in out.parents):
             raise OutputError(f"{arg} {path} would replace a file of the input {given}; choose another {arg}")
+    if path.exists() and not own(path):
+        raise OutputError(f"{arg} {path} exists and is not an earlier output of this command; choose another "
+                          f"{arg} (or remove the file)")
     return path
+
+
+def json_with_keys(*keys: str):
+    """An ``own`` test for check_output_file: the file is a JSON object holding these keys."""
+    def own(path: Path) -> bool:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and set(keys) <= set(data)
+    return own
 
 
 # ---------------------------------------------------------------------------------------------- lock

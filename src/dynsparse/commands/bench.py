@@ -71,11 +71,10 @@ def run(args) -> int:
     if args.d_ff % 16:
         raise CLIError(f"--d-ff must be a multiple of 16 (the gate's group size), got {args.d_ff}")
     names = list(SUITE_NAMES) if args.suite == "all" else [args.suite]
-    if "lm" in names:
-        from ..lm import PRESETS
+    from ..lm import PRESETS
 
-        if args.lm_preset not in PRESETS:
-            raise CLIError(f"--lm-preset must be one of {sorted(PRESETS)}, got {args.lm_preset!r}")
+    if args.lm_preset not in PRESETS:  # checked for every suite: a typo is named even where it is unused
+        raise CLIError(f"--lm-preset must be one of {sorted(PRESETS)}, got {args.lm_preset!r}")
     if args.json:
         report = run_suites(names, settings)
         print(json.dumps(report, indent=2))

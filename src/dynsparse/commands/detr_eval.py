@@ -37,10 +37,10 @@ def run(args) -> int:
     from ..gating.modules import GatedMLP
     from ..mlps import find_mlps
 
-    from ..outputs import check_output_file
+    from ..outputs import check_output_file, json_with_keys
 
-    if args.json:  # before the evaluation, not after it
-        check_output_file(args.json, inputs=[args.model, args.coco, args.sparsify])
+    if args.json:  # before the evaluation, not after it; an earlier result is replaced, nothing else
+        check_output_file(args.json, inputs=[args.model, args.coco, args.sparsify], own=json_with_keys("stats", "timing"))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.batch_size < 1:

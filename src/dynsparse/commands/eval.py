@@ -50,6 +50,17 @@ def run(args) -> int:
     from ..remote_code import check_remote_code
 
     trust = check_remote_code(model_dir, args.trust_remote_code)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
+    if args.tasks and not tasks:
+        raise CLIError(f"--tasks {args.tasks!r} names no task")
+    unused = [f for f, v in (("--include-path", args.include_path), ("--num-fewshot", args.num_fewshot),
+                             ("--limit", args.limit)) if v is not None]
+    if unused and not tasks:
+        raise CLIError(f"{', '.join(unused)} only apply to --tasks")
+    if args.no_perplexity and not tasks:
+        raise CLIError("--no-perplexity leaves nothing to do without --tasks")
+    if args.include_path is not None and not Path(args.include_path).is_dir():
+        raise CLIError(f"--include-path {args.include_path} is not a folder of task YAMLs")
     result = {"model": str(model_dir)}
     if not args.no_perplexity:
         try:
@@ -68,7 +79,6 @@ def run(args) -> int:
     if args.tasks:
         from ..eval.harness import SPEAKER_TASK, build_speaker_task, run_harness
 
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         include = args.include_path
         if SPEAKER_TASK in tasks and include is None:
             include = build_speaker_task((Path(args.cache_dir) if args.cache_dir else default_cache_dir()) / "tasks")

@@ -57,6 +57,8 @@ def run(args) -> int:
         if args.method == "sibs":
             if args.threshold is None and args.target_sparsity is None:
                 raise CLIError("sibs needs --threshold or --target-sparsity")
+            if args.target_recall is not None:
+                raise CLIError("--target-recall is an MGS option; SIBS takes --threshold or --target-sparsity")
             cfg = SIBSConfig(threshold=args.threshold, target_sparsity=args.target_sparsity, criterion=args.criterion,
                              compensate=not args.no_compensate)
         else:

@@ -29,6 +29,8 @@ def run_autoprune(args) -> int:
     from ..outputs import prepare_output
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    if variants == []:
+        raise CLIError(f"--variants {args.variants!r} names no variant")
     if args.max_steps is not None and args.max_steps < 1:
         raise CLIError(f"--max-steps must be >= 1, got {args.max_steps}")
     try:

@@ -66,7 +66,8 @@ class TextSource:
                 yield _read_text(f)
 
 
-_WARNED: set[Path] = set()
+_WARNED: set[str] = set()
+UNDECODABLE: dict[str, float] = {}  # file -> share of its bytes that are not UTF-8, for the files above the limit
 UNDECODABLE_WARN_SHARE = 0.01
 
 
@@ -75,15 +76,23 @@ def _read_text(path: Path) -> str:
     more than 1 % of it (a binary file would otherwise train on replacement characters unnoticed)."""
     raw = path.read_bytes()
     text = raw.decode("utf-8", errors="replace")
-    if raw and path not in _WARNED:
+    if raw:
         bad = text.count("\ufffd") - raw.count("\ufffd".encode())  # not counting real U+FFFD characters
         if bad > UNDECODABLE_WARN_SHARE * len(raw):
-            _WARNED.add(path)
-            import sys
-
-            print(f"dynsparse: warning: {path}: {bad / len(raw):.1%} of its bytes are not valid UTF-8 (a binary "
-                  "file?); they are read as replacement characters", file=sys.stderr)
+            UNDECODABLE[str(path)] = bad / len(raw)
+            warn_undecodable(str(path), bad / len(raw))
     return text
+
+
+def warn_undecodable(path: str, share: float) -> None:
+    """Once per file and process (the token cache repeats it for corpora read in an earlier run)."""
+    if path in _WARNED:
+        return
+    _WARNED.add(path)
+    import sys
+
+    print(f"dynsparse: warning: {path}: {share:.1%} of its bytes are not valid UTF-8 (a binary file?); they are "
+          "read as replacement characters", file=sys.stderr)
 
 
 def _split_of(i: int) -> int:
@@ -108,7 +117,7 @@ def _blocks(documents: Iterator[str], block_chars: int) -> Iterator[str]:
 
 
 def _jsonl_texts(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:
         for n, line in _numbered_lines(f, path):
             if not line.strip():
                 continue
@@ -122,16 +131,12 @@ def _jsonl_texts(path: Path) -> Iterator[str]:
 
 
 def _numbered_lines(f, path: Path) -> Iterator[tuple[int, str]]:
-    n = 0
-    while True:
+    """(line number, text) of a file opened in binary mode; a line that is not UTF-8 is named."""
+    for n, raw in enumerate(f, 1):
         try:
-            line = f.readline()
+            yield n, raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path}:{n + 1}: not UTF-8 text ({e.reason} at byte {e.start} of the read)") from None
-        if not line:
-            return
-        n += 1
-        yield n, line
+            raise ValueError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
 
 
 def file_source(spec: str) -> TextSource:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .text import SPLITS, TextSource
+from .text import SPLITS, UNDECODABLE, TextSource, warn_undecodable
 from .tokenizer import load_tokenizer, train_bpe
 
 FORMAT_VERSION = 1
@@ -61,7 +61,11 @@ def prepare_tokens(source: TextSource, vocab_size: int = 2048, tokenizer_dir: st
     if not (target / "meta.json").exists():
         clean_stale_builds(cache_dir)
         _build(source, vocab_size, tokenizer_dir, cache_dir, target)
-    return load_tokens(target)
+    data = load_tokens(target)
+    meta = json.loads((target / "meta.json").read_text())
+    for path, share in meta.get("undecodable", {}).items():  # a binary corpus warns on every run, cached or not
+        warn_undecodable(path, share)
+    return data
 
 
 BUILDING = ".building"  # flock-ed by the process that fills a temporary cache folder
@@ -116,7 +120,8 @@ def _build(source, vocab_size, tokenizer_dir, cache_dir: Path, target: Path) -> 
         if counts["train"] == 0:
             raise ValueError(f"corpus is empty after tokenization: {source.name}")
         meta = {"version": FORMAT_VERSION, "source": source.name, "dtype": np.dtype(dtype).name,
-                "tokens": counts, "vocab_size": len(tok)}
+                "tokens": counts, "vocab_size": len(tok),
+                "undecodable": {str(f): UNDECODABLE[str(f)] for f in source.files if str(f) in UNDECODABLE}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         (tmp / BUILDING).unlink()
         try:
