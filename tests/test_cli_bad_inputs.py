@@ -181,6 +181,8 @@ CASES = [
                                          str(w["root"] / "o")], "--trust-remote-code"),
     ("foreign-code-analyze", lambda w: ["analyze", "--model", str(w["foreign"]), "--calib", str(w["corpus"])],
      "--trust-remote-code"),
+    ("foreign-code-init-from", lambda w: _tr(w, "--init-from", str(w["foreign"])), "train never runs it"),
+    ("init-from-not-a-model", lambda w: _tr(w, "--init-from", str(w["mine"])), "not a saved model directory"),
     ("ckpt-manifest-list", lambda w: _resume(w, "run_manifest_list"), "corrupt manifest.json"),
     ("ckpt-garbage-weights", lambda w: _resume(w, "run_garbage_weights"), "model.safetensors is unreadable"),
     ("ckpt-pickle-optimizer", lambda w: _resume(w, "run_pickle_optimizer"), "optimizer.pt is unreadable"),
@@ -218,3 +220,26 @@ def test_bad_input_gets_one_clear_line(w, argv, expect):
     assert snapshot(w["root"], skip=(w["root"] / "o", w["cache"])) == before  # nothing of the user's changed
     assert not (w["root"] / "o" / "config.json").exists()
     assert not (w["root"] / "PAYLOAD_RAN").exists()
+
+
+def test_trust_remote_code_is_the_only_way_the_folder_code_runs(w):
+    """The refusal above is what stops the code: with the flag, transformers imports the folder's module."""
+    marker = w["root"] / "PAYLOAD_RAN"
+    o = run_cli(["eval", str(w["foreign"]), "--trust-remote-code", "--data", str(w["corpus"])])
+    try:
+        assert marker.exists()  # our stand-in payload ran (it then fails to be a model: one line)
+        assert o.kind == "clear", o.err[-2000:]
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def test_python_dash_m_gives_the_same_one_line(tmp_path):
+    """`python -m dynsparse.cli` runs the module as __main__: errors raised by the commands must still be
+    caught (they raise dynsparse.cli.CLIError, a different class object from __main__'s)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "dynsparse.cli", "inspect", str(tmp_path / "nothing")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("dynsparse inspect: error:")

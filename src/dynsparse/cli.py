@@ -94,4 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy: the commands raise dynsparse.cli.CLIError,
+    # which this copy's own CLIError class would not catch (`python -m dynsparse.cli` printed tracebacks).
+    from dynsparse.cli import main as _main
+
+    sys.exit(_main())

@@ -67,6 +67,10 @@ def run(args) -> int:
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=trust)
         except (OSError, ValueError) as e:
             raise CLIError(f"cannot load {model_dir}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - the folder's own code (trusted by the user) failed
+            if not trust:
+                raise
+            raise CLIError(f"cannot load {model_dir}: its own code failed ({type(e).__name__}: {e})") from None
         seq_len = args.seq_len or min(256, getattr(model.config, "max_position_embeddings", 256))
         try:
             # The model's own tokenizer encodes the text, so its perplexity is in its own tokens.

@@ -199,6 +199,13 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bo
 
 
 def _train(cfg: TrainConfig, run: Path, d, resume: bool, progress: bool, on_step, tensorboard: bool) -> dict:
+    if cfg.init_from:  # checked before any tokenizing
+        from ..remote_code import check_remote_code
+
+        if not (Path(cfg.init_from) / "config.json").is_file():
+            raise FileNotFoundError(f"--init-from {cfg.init_from} is not a saved model directory (no config.json)")
+        check_remote_code(cfg.init_from, False, how="dynsparse train never runs it (train a model whose "
+                          "classes transformers or dynsparse ship)")
     # ---- data (rank 0 tokenizes into the cache first; the others then read it)
     tokenizer_dir = cfg.tokenizer
     if tokenizer_dir is None and cfg.init_from:  # continue with the pretrained model's own tokenizer
