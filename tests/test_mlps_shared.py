@@ -25,3 +25,25 @@ def test_a_shared_block_is_replaced_under_every_name():
     assert model.a[0] is new and model.b[0] is new
     x = torch.randn(2, 4)
     assert torch.equal(model.b(x), new(x))
+
+
+class _NormMLP(nn.Module):  # fc1 -> act -> LayerNorm -> fc2, like timm's NormMlp
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.norm, self.fc2 = nn.Linear(4, 8), nn.GELU(), nn.LayerNorm(8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc2(self.norm(self.act(self.fc1(x))))
+
+
+def test_a_block_with_a_norm_inside_is_not_taken_for_an_mlp():
+    """Replacing it either way would change the function (the norm would wrap the new block), so it is
+    left alone; treeify_ then names the model as having no replaceable MLP."""
+    import pytest
+
+    from dynsparse.tree import TreeConfig, treeify_
+
+    model = nn.Sequential(_NormMLP())
+    assert find_mlps(model) == {}
+    with pytest.raises(ValueError, match="no MLP blocks"):
+        treeify_(model, TreeConfig(depth=1))

@@ -36,6 +36,10 @@ def _is_linear(m) -> bool:
     return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"  # HF GPT-2 Conv1D: weight (in, out)
 
 
+def _is_norm(m) -> bool:
+    return isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)) or type(m).__name__.endswith("Norm")
+
+
 def _linear_weight(m) -> torch.Tensor:
     """Weight in nn.Linear's (out, in) convention."""
     return m.weight.t() if type(m).__name__ == "Conv1D" else m.weight
@@ -144,6 +148,10 @@ def _match(name: str, module: nn.Module):
         own = {first, second} | ({"gate_proj"} if gated else set())
         # Any other child with parameters (attention, norms) means the module does more than the MLP.
         others = [n for n, c in children.items() if n not in own and any(True for _ in c.parameters())]
+        if others and all(_is_norm(children[n]) for n in others):
+            # fc1 -> act -> norm -> fc2 (timm's NormMlp): the norm sits inside the block, so neither swapping the
+            # module (it is not fc2(act(fc1 x))) nor the inline swap (the norm would wrap the new block) is exact.
+            continue
         kind = "inline" if others or any(True for _ in module.parameters(recurse=False)) else "module"
         if kind == "inline" and gated:
             continue
