@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ... import activations
+from .._eager import call
 from ..backend import resolve
 from . import reference, torch_impl
 
@@ -47,11 +48,13 @@ def _impl(backend: str, kind: str):
 
 
 # ---------------------------------------------------------------------------------------- inference
-@torch.library.custom_op("dynsparse::tree_infer", mutates_args=())
-def _tree_infer(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor, depth: int, act_code: int,
-                act_on_path: bool, backend: str) -> tuple[Tensor, Tensor]:
+def _tree_infer_body(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor, depth: int, act_code: int,
+                     act_on_path: bool, backend: str) -> tuple[Tensor, Tensor]:
     y, leaves = _impl(backend, "infer")(x, w_in, b_in, w_out, depth, act_code, act_on_path)
     return y.to(x.dtype), leaves
+
+
+_tree_infer = torch.library.custom_op("dynsparse::tree_infer", mutates_args=())(_tree_infer_body)
 
 
 @_tree_infer.register_fake
@@ -127,7 +130,8 @@ def tree_infer(x, w_in, b_in, w_out, depth: int, activation: str, act_position: 
                backend: str = "auto"):
     """x (M, d) -> (y (M, d_out) in x's dtype, leaves (M, T) int64). No autograd."""
     chosen = resolve(backend, x.device, supported_backends(x, w_in, train=False))
-    return _tree_infer(x, w_in, b_in, w_out, depth, activations.code(activation), act_position == "path", chosen)
+    return call(_tree_infer, _tree_infer_body, x, w_in, b_in, w_out, depth, activations.code(activation),
+                act_position == "path", chosen)
 
 
 def tree_train(x, w_in, b_in, w_out, depth: int, activation: str, act_position: str = "node",
