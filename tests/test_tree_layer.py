@@ -192,6 +192,8 @@ def test_explicit_backend_that_cannot_serve_is_refused():
         layer(torch.randn(2, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="backend must be one of"):
         layer.backend = "bogus"
+    with pytest.raises(AttributeError, match="now TreeFF.backend"):
+        layer.impl = "kernel"  # the old name must not be silently ignored
 
 
 # ---------------------------------------------------------------- bad input

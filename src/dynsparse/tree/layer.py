@@ -143,6 +143,14 @@ class TreeFF(nn.Module):
     def backend(self, value: str) -> None:
         self._backend = backends.check_backend(value)
 
+    @property
+    def impl(self):
+        raise AttributeError("TreeFF.impl is now TreeFF.backend (one of dynsparse.ops.BACKENDS)")
+
+    @impl.setter
+    def impl(self, value) -> None:
+        raise AttributeError(f"TreeFF.impl is now TreeFF.backend: set backend to one of {list(backends.BACKENDS)}")
+
     def _needs_grad(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
