@@ -61,6 +61,7 @@ def run(args) -> int:
         raise CLIError("--no-perplexity leaves nothing to do without --tasks")
     if args.include_path is not None and not Path(args.include_path).is_dir():
         raise CLIError(f"--include-path {args.include_path} is not a folder of task YAMLs")
+    manager = _task_manager(args, tasks, default_cache_dir()) if tasks else None  # unknown names: before any work
     result = {"model": str(model_dir)}
     if not args.no_perplexity:
         try:
@@ -81,14 +82,11 @@ def run(args) -> int:
         result.update({"split": args.split, "seq_len": seq_len, **{k: v for k, v in ev.to_dict().items() if k != "layers"}})
         result["tree_layers"] = {n: {k: v for k, v in l.items() if k != "node_visits"} for n, l in ev.layers.items()}
     if args.tasks:
-        from ..eval.harness import SPEAKER_TASK, build_speaker_task, run_harness
+        from ..eval.harness import run_harness
 
-        include = args.include_path
-        if SPEAKER_TASK in tasks and include is None:
-            include = build_speaker_task((Path(args.cache_dir) if args.cache_dir else default_cache_dir()) / "tasks")
         try:
-            result["tasks"] = run_harness(model_dir, tasks, include, args.num_fewshot, args.limit,
-                                          trust_remote_code=trust)
+            result["tasks"] = run_harness(model_dir, tasks, None, args.num_fewshot, args.limit,
+                                          trust_remote_code=trust, manager=manager)
         except (KeyError, ValueError) as e:
             raise CLIError(f"lm-eval failed: {e}") from None
     if args.json:
@@ -96,6 +94,24 @@ def run(args) -> int:
     else:
         _print(result)
     return 0
+
+
+def _task_manager(args, tasks: list[str], default_cache: Path):
+    """lm-eval's tasks plus --include-path and the cached local tasks (<cache>/tasks: shakespeare_speaker,
+    built here when asked for, and BIG-bench tasks from `dynsparse tasks fetch-bigbench`)."""
+    from ..eval import bigbench
+    from ..eval.harness import SPEAKER_TASK, build_speaker_task, task_manager
+
+    cached = (Path(args.cache_dir) if args.cache_dir else default_cache) / "tasks"
+    if SPEAKER_TASK in tasks and args.include_path is None:
+        build_speaker_task(cached)
+    try:
+        for name in tasks:
+            if name.startswith(bigbench.PREFIX):
+                bigbench.task_info(name, cached)  # a damaged cached task: one line now, not deep in lm-eval
+        return task_manager([args.include_path, cached if cached.is_dir() else None], tasks)
+    except (TypeError, ValueError) as e:
+        raise CLIError(str(e)) from None
 
 
 def _print(result: dict) -> None:

@@ -79,17 +79,39 @@ def build_speaker_task(out_dir: Path, n_choices: int = 4, per_play: int = 48, se
     return out_dir
 
 
-def run_harness(model_dir: str | Path, tasks: list[str], include_path: str | Path | None = None,
-                num_fewshot: int | None = None, limit: int | None = None, batch_size: int = 8,
-                device: str = "cpu", trust_remote_code: bool = False) -> dict:
-    """{task: {metric: value}} from lm-evaluation-harness for a saved HF model directory (the folder's own
-    code runs only with ``trust_remote_code``; dynsparse's classes are registered in this process)."""
-    import lm_eval
+def task_manager(include_path=None, tasks: list[str] | None = None):
+    """An lm-eval TaskManager over its own tasks plus the local folder(s) ``include_path`` (one path or
+    a list); every name in ``tasks`` must be one it knows (checked here, one line, before any model loads)."""
     from lm_eval.tasks import TaskManager
+
+    paths = [include_path] if isinstance(include_path, (str, Path)) else list(include_path or [])
+    paths = [str(p) for p in paths if p]
+    manager = TaskManager(include_path=paths or None)
+    known = set(manager.all_tasks)
+    for name in tasks or []:
+        if name in known:
+            continue
+        import difflib
+
+        near = difflib.get_close_matches(name, sorted(known), n=3)
+        hint = f"; close: {', '.join(near)}" if near else ""
+        fetch = (f" (fetch it: dynsparse tasks fetch-bigbench --tasks {name[len('bigbench_'):]})"
+                 if name.startswith("bigbench_") else "")
+        raise ValueError(f"--tasks {name}: neither a cached BIG-bench task{fetch} nor an lm-eval task{hint}")
+    return manager
+
+
+def run_harness(model_dir: str | Path, tasks: list[str], include_path=None,
+                num_fewshot: int | None = None, limit: int | None = None, batch_size: int = 8,
+                device: str = "cpu", trust_remote_code: bool = False, manager=None) -> dict:
+    """{task: {metric: value}} from lm-evaluation-harness for a saved HF model directory (the folder's own
+    code runs only with ``trust_remote_code``; dynsparse's classes are registered in this process).
+    ``include_path``: a folder of local task YAMLs, or a list of them."""
+    import lm_eval
 
     import dynsparse.lm  # noqa: F401  registers our model with AutoModelForCausalLM
 
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    manager = manager or task_manager(include_path, tasks)
     out = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={Path(model_dir).resolve()},dtype=float32,trust_remote_code={trust_remote_code}",
         tasks=tasks,
