@@ -24,6 +24,43 @@ from .remote import write_remote_code
 MARKER = "dynsparse_tree.json"
 
 
+def check_tree_shape(tree: TreeConfig) -> None:
+    """A tree shape worth converting to: one that leaves some units idle per token (depth >= 1)."""
+    if not isinstance(tree, TreeConfig):
+        raise TypeError(f"tree must be a TreeConfig, got {type(tree).__name__}")
+    if tree.active_fraction >= 1.0:
+        raise ValueError(f"--depth {tree.depth}: a depth-{tree.depth} tree uses {tree.active_fraction:.0%} of its "
+                         "units per token; a tree shape must activate less than 100 % (depth >= 1)")
+
+
+def check_convertible(model: torch.nn.Module, tree: TreeConfig) -> dict:
+    """The MLP blocks ``dynsparse convert`` would replace, after one-line checks: a tree shape that is
+    sparse at all (active fraction below 100 %), one block per layer (a layer whose MLP is not found,
+    e.g. because its widths do not chain in -> hidden -> in, would stay dense silently), every block
+    reading and writing the model's hidden width, and a gated block's gate as wide as its up projection."""
+    from ..mlps import find_mlps
+
+    check_tree_shape(tree)
+    blocks = find_mlps(model)
+    if not blocks:
+        raise ValueError(f"no MLP blocks found in {type(model).__name__} (fc1/act/fc2, c_fc/c_proj, "
+                         "gate/up/down_proj, ...): nothing to convert")
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and len(blocks) != layers:
+        raise ValueError(f"found {len(blocks)} MLP blocks in {type(model).__name__} with {layers} layers "
+                         "(a layer's MLP is missing or its widths do not match): converting only some is refused")
+    for name, block in blocks.items():
+        w1, _, w2, _ = block.linear_weights()
+        if isinstance(hidden, int) and (block.d_model != hidden or w2.shape[0] != hidden):
+            raise ValueError(f"{name}: MLP maps {block.d_model} -> {w2.shape[0]}, not the model's hidden width {hidden}")
+        wg, _ = block.gate_weights()
+        if wg is not None and tuple(wg.shape) != tuple(w1.shape):
+            raise ValueError(f"{name}: gate_proj {tuple(wg.shape)} and up_proj {tuple(w1.shape)} widths do not match")
+    return blocks
+
+
 def convert_model(model: torch.nn.Module, tree: TreeConfig) -> list[str]:
     """Replace the MLP blocks of ``model`` in place; for our own LM also switch its config to ff="tree"."""
     replaced = treeify_(model, tree)

@@ -1,0 +1,156 @@
+"""Layer-wise distillation: each tree FF block learns its dense MLP's output before any LM fine-tuning.
+
+Freshly built trees are noise; swapped into a pretrained model they wreck every later layer's input.
+So before fine-tuning, each tree is fitted to reproduce the dense block it replaces on the inputs that
+block sees on calibration text. The inputs are recorded from the dense model in one pass (hooks on each
+block's first projection), the dense output is computed from the kept block, and the layers are then
+fitted one at a time against that fixed target: no gradient crosses a layer boundary and only one
+layer's optimizer state exists at a time. Training runs through the tree's gather training path
+(TreeFF in training mode with its backend, "auto" by default: the registered ``tree_train`` op, numba
+on CPU and triton on CUDA), the same path LM fine-tuning uses. The loss is the MSE divided by the mean
+squared target, so one learning rate suits layers whose outputs differ in scale; the reported
+``rel_error`` is ||tree(x) - mlp(x)|| / ||mlp(x)|| on held-out calibration tokens.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..mlps import MLPBlock
+from ..tree import TreeConfig, TreeFF
+
+
+@dataclass
+class DistillConfig:
+    steps: int = 300  # optimizer steps per layer
+    lr: float = 3e-3  # Adam, cosine-decayed to lr/10 over the steps
+    batch_tokens: int = 1024
+    holdout: float = 0.1  # share of the recorded tokens kept for the reported error
+    seed: int = 0
+
+    def check(self) -> None:
+        for name in ("steps", "batch_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"distillation {name} must be an int >= 1, got {value!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"distillation lr must be a positive number, got {self.lr}")
+        if not 0 < self.holdout < 1:
+            raise ValueError(f"distillation holdout must be in (0, 1), got {self.holdout}")
+
+
+def dense_forward(block: MLPBlock, x: torch.Tensor) -> torch.Tensor:
+    """The dense block's output for inputs x (..., d_model): the block module itself when it is one,
+    else its layers composed (fc2(act(fc1 x)), gated: fc2(act(gate x) * fc1 x))."""
+    if block.kind == "module":
+        return block.owner(x)
+    act = block.act if block.act is not None else (lambda t: t)
+    h = act(block.gate_proj(x)) * block.fc1(x) if block.gated else act(block.fc1(x))
+    return block.fc2(h)
+
+
+def record_inputs(model: nn.Module, blocks: dict[str, MLPBlock], ids: torch.Tensor, batch: int = 4) -> dict:
+    """{block name: (tokens, d_model) float tensor} of what each block reads on ``ids`` (windows, seq)."""
+    store: dict[str, list] = {name: [] for name in blocks}
+    hooks = [block.fc1.register_forward_pre_hook(
+        lambda mod, args, name=name: store[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()))
+        for name, block in blocks.items()]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for i in range(0, ids.shape[0], batch):
+                model(input_ids=ids[i:i + batch].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: torch.cat(parts) for name, parts in store.items()}
+
+
+def relative_error(pred: torch.Tensor, target: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(pred - target) / torch.linalg.vector_norm(target).clamp_min(1e-30))
+
+
+def distill_layer(tree: TreeFF, x: torch.Tensor, y: torch.Tensor, cfg: DistillConfig) -> dict:
+    """Fit ``tree`` to map x -> y (rows are tokens); returns its held-out relative error before and after."""
+    cfg.check()
+    n = x.shape[0]
+    n_val = max(1, int(round(n * cfg.holdout)))
+    if n - n_val < 1:
+        raise ValueError(f"distillation needs at least 2 calibration tokens per layer, got {n}")
+    g = torch.Generator().manual_seed(cfg.seed)
+    perm = torch.randperm(n, generator=g)
+    val, train = perm[:n_val], perm[n_val:]
+    param = next(tree.parameters())
+    x, y = x.to(param.device, param.dtype), y.to(param.device, param.dtype)
+    scale = float(y[train].pow(2).mean().clamp_min(1e-30))
+    with torch.no_grad():
+        tree.eval()
+        before = relative_error(tree(x[val]), y[val])
+    opt = torch.optim.Adam(tree.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    tree.train()
+    t0 = time.perf_counter()
+    for _ in range(cfg.steps):
+        idx = train[torch.randint(0, train.numel(), (min(cfg.batch_tokens, train.numel()),), generator=g)]
+        loss = (tree(x[idx]) - y[idx]).pow(2).mean() / scale
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    seconds = time.perf_counter() - t0
+    tree.eval()
+    with torch.no_grad():
+        after = relative_error(tree(x[val]), y[val])
+        train_err = relative_error(tree(x[train[:n_val]]), y[train[:n_val]])
+    return {"rel_error_init": before, "rel_error": after, "rel_error_train": train_err,
+            "train_tokens": int(train.numel()), "heldout_tokens": int(n_val), "seconds": seconds}
+
+
+def _installed(model: nn.Module, block: MLPBlock) -> TreeFF:
+    """The tree that now sits where ``block`` was (module kind: the block's place; else fc1's)."""
+    if block.kind == "module":
+        tree = getattr(block._parent, block._attr)
+    else:
+        tree = block.owner
+        for part in block._fc1_path:
+            tree = getattr(tree, part)
+    if not isinstance(tree, TreeFF):
+        raise RuntimeError(f"{block.name}: expected a TreeFF after conversion, found {type(tree).__name__}")
+    return tree
+
+
+def convert_distilled(model: nn.Module, tree: TreeConfig, ids: torch.Tensor, cfg: DistillConfig | None = None,
+                      log=None) -> tuple[list[str], list[dict]]:
+    """Replace ``model``'s MLP blocks with trees (``convert_model``) fitted layer by layer to the dense
+    blocks on calibration windows ``ids`` (windows, seq) of token ids. Returns (replaced names, one
+    report per layer). ``log(report)`` is called after each layer."""
+    from .convert import check_convertible, convert_model
+
+    cfg = cfg or DistillConfig()
+    cfg.check()
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.numel() == 0:
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"distillation needs calibration tokens (windows x seq_len token ids), got {shape}")
+    blocks = check_convertible(model, tree)
+    was_training = model.training
+    model.eval()
+    inputs = record_inputs(model, blocks, ids)
+    replaced = convert_model(model, tree)
+    reports = []
+    for name, block in blocks.items():
+        x = inputs.pop(name)
+        with torch.no_grad():
+            dtype = block.linear_weights()[0].dtype
+            y = torch.cat([dense_forward(block, x[i:i + 4096].to(dtype)).float() for i in range(0, x.shape[0], 4096)])
+        report = {"layer": name, **distill_layer(_installed(model, block), x, y, cfg)}
+        reports.append(report)
+        if log is not None:
+            log(report)
+        del x, y
+    model.train(was_training)
+    return replaced, reports

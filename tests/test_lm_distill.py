@@ -1,0 +1,159 @@
+"""Llama-family conversion to trees (reload through stock transformers, generate) and layer-wise
+distillation of each tree to its dense SwiGLU MLP, on a tiny Llama config."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import dynsparse.tree.layer as tree_layer
+from dynsparse.cli import main
+from dynsparse.lm.convert import check_convertible, load_model
+from dynsparse.lm.distill import DistillConfig, convert_distilled, dense_forward, record_inputs
+from dynsparse.mlps import find_mlps
+from dynsparse.tree import TreeConfig, TreeFF
+
+CORPUS = "".join(f"{i} the king and the queen walked to the {['castle', 'sea', 'hill'][i % 3]}.\n" for i in range(600))
+
+
+def llama(vocab=300, layers=2):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=40, num_hidden_layers=layers,
+                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)).eval()
+
+
+def test_recorded_inputs_and_dense_outputs_are_the_blocks_own():
+    model = llama()
+    ids = torch.randint(0, 300, (3, 10))
+    blocks = find_mlps(model)
+    seen = {}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda m, a, out, n=n: seen.__setitem__(n, (a[0].reshape(-1, 16), out.reshape(-1, 16)))) for n in blocks]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    rec = record_inputs(model, blocks, ids, batch=2)  # two batches, concatenated in order
+    for name, block in blocks.items():
+        torch.testing.assert_close(rec[name], seen[name][0], rtol=0, atol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(dense_forward(block, rec[name]), seen[name][1])
+
+
+def test_distillation_fits_each_layer_through_the_training_op(monkeypatch):
+    model = llama()
+    calls = []
+    real = tree_layer.tree_train
+    monkeypatch.setattr(tree_layer, "tree_train", lambda *a: calls.append(a[-1]) or real(*a))
+    ids = torch.randint(0, 300, (8, 32))
+    ref = {n: b for n, b in find_mlps(model).items()}
+    x_all = record_inputs(model, ref, ids)
+    replaced, reports = convert_distilled(model, TreeConfig(depth=2, trees=4), ids,
+                                          DistillConfig(steps=150, lr=1e-2, batch_tokens=128))
+    assert replaced == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert [r["layer"] for r in reports] == replaced
+    assert len(calls) == 2 * 150 and set(calls) == {"auto"}  # the gather training path, backend auto
+    for r in reports:
+        assert r["heldout_tokens"] == 26 and r["train_tokens"] == 230
+        assert r["rel_error"] < 0.6 * r["rel_error_init"]
+    # The reported error is the installed tree's, measured against the dense block (held-out + train rows).
+    for name, r in zip(replaced, reports):
+        tree = model.get_submodule(name)
+        assert isinstance(tree, TreeFF) and not tree.training
+        with torch.no_grad():
+            err = torch.linalg.vector_norm(tree(x_all[name]) - dense_forward(ref[name], x_all[name])) / \
+                torch.linalg.vector_norm(dense_forward(ref[name], x_all[name]))
+        assert min(r["rel_error"], r["rel_error_train"]) - 0.05 < float(err) < max(r["rel_error"], r["rel_error_train"]) + 0.05
+
+
+def test_convert_bad_shapes_are_one_line():
+    model = llama()
+    with pytest.raises(ValueError, match=r"--depth 0: a depth-0 tree uses 100% of its units per token"):
+        check_convertible(model, TreeConfig(depth=0, trees=4))
+    with pytest.raises(ValueError, match="no MLP blocks found in Sequential"):
+        check_convertible(nn.Sequential(nn.Linear(4, 4)), TreeConfig(depth=2))
+    bad = llama()
+    bad.model.layers[1].mlp.down_proj = nn.Linear(40, 8, bias=False)  # no longer in -> hidden -> in
+    with pytest.raises(ValueError, match="found 1 MLP blocks in LlamaForCausalLM with 2 layers"):
+        check_convertible(bad, TreeConfig(depth=2))
+    bad = llama()
+    bad.model.layers[0].mlp.gate_proj = nn.Linear(16, 30, bias=False)
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp: gate_proj \(30, 16\) and up_proj \(40, 16\)"):
+        check_convertible(bad, TreeConfig(depth=2))
+    with pytest.raises(ValueError, match="distillation needs calibration tokens"):
+        convert_distilled(llama(), TreeConfig(depth=2), torch.zeros(0, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="distillation steps must be an int >= 1"):
+        convert_distilled(llama(), TreeConfig(depth=2), torch.zeros(2, 8, dtype=torch.long), DistillConfig(steps=0))
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    """A tiny Llama saved with a BPE trained on the corpus (so calibration text can be tokenized)."""
+    from dynsparse.data import prepare_tokens, text_source
+
+    d = tmp_path_factory.mktemp("llama")
+    (d / "c.txt").write_text(CORPUS)
+    data = prepare_tokens(text_source(str(d / "c.txt")), vocab_size=300, cache_dir=d / "cache")
+    llama(vocab=len(data.tokenizer)).save_pretrained(d / "src")
+    data.tokenizer.save_pretrained(d / "src")
+    return d
+
+
+def test_cli_convert_distill_saves_reloads_and_generates(src, tmp_path, capsys):
+    out = tmp_path / "tree"
+    code = main(["convert", "--model", str(src / "src"), "--depth", "2", "--trees", "4", "--activation", "silu",
+                 "--init", "distill", "--calib-data", str(src / "c.txt"), "--calib-tokens", "512",
+                 "--calib-seq-len", "32", "--distill-steps", "40", "--distill-batch", "128",
+                 "--cache-dir", str(src / "cache"), "--out", str(out)])
+    text = capsys.readouterr()
+    assert code == 0, text.err
+    assert "distilling 4 x depth-2 trees on 512 calibration tokens (16 x 32), 40 steps per layer" in text.out
+    assert "replaced 2 MLP blocks (d_ff 40) with depth-2 x 4 trees (28 units, 12 active per token" in text.out
+    report = json.loads((out / "distill.json").read_text())
+    assert [r["layer"] for r in report["layers"]] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    for r in report["layers"]:
+        assert f"{r['layer']}: relative output error {r['rel_error_init']:.3f} -> {r['rel_error']:.3f}" in text.out
+        assert r["rel_error"] < r["rel_error_init"]
+    model = load_model(out).eval()
+    assert all(isinstance(layer.mlp, TreeFF) and layer.mlp.activation == "silu" for layer in model.model.layers)
+    ids = torch.randint(0, 300, (1, 6))
+    with torch.no_grad():
+        logits = model(ids).logits
+    gen = model.generate(ids, max_new_tokens=5, do_sample=False)
+    # A fresh Python that never imported dynsparse loads it with stock transformers and generates the same.
+    script = (
+        "import sys, torch; from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()\n"
+        f"ids = torch.tensor({ids.tolist()})\n"
+        "with torch.no_grad(): l = m(ids).logits\n"
+        "print(type(m).__name__, torch.save(l, sys.argv[1]), m.generate(ids, max_new_tokens=5, do_sample=False).tolist())\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path / "l.pt")], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split()[0] == "LlamaForCausalLM"
+    assert json.loads(res.stdout.split(" ", 2)[2]) == gen.tolist()
+    torch.testing.assert_close(torch.load(tmp_path / "l.pt"), logits)
+
+
+def test_cli_convert_bad_input(src, tmp_path, capsys):
+    def err(*argv):
+        assert main(["convert", "--model", str(src / "src"), "--out", str(tmp_path / "o"), *argv]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1
+        return lines[0]
+
+    assert "a depth-0 tree uses 100% of its units per token" in err("--depth", "0", "--trees", "8")
+    assert "--calib-tokens, --distill-steps only apply with --init distill" in err(
+        "--depth", "2", "--calib-tokens", "64", "--distill-steps", "3")
+    assert "--calib-tokens must be" in err("--depth", "2", "--init", "distill", "--calib-tokens", "0")
+    (tmp_path / "one.txt").write_text("x")
+    assert "no calibration tokens to speak of (2 in its train split); distillation needs at least 32" in err(
+        "--depth", "2", "--init", "distill", "--calib-data", str(tmp_path / "one.txt"), "--cache-dir", str(src / "cache"))
+    (tmp_path / "empty.txt").write_text("")
+    assert "empty.txt" in err("--depth", "2", "--init", "distill", "--calib-data", str(tmp_path / "empty.txt"),
+                              "--cache-dir", str(src / "cache"))
+    assert not (tmp_path / "o").exists()
