@@ -109,35 +109,6 @@ def test_prune_bad_input(runs, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_study_runs_variants_and_reports(runs, capsys):
-    out = runs["tmp"] / "study"
-    args = ["study", "autoprune", "--quick", "--max-steps", "10", "--variants", "node-gelu,path-gelu", "--data",
-            str(runs["tmp"] / "corpus.txt"), "--out", str(out), "--no-progress"]
-    import dynsparse.dynamics.study as study
-
-    old = study.BUDGETS["quick"]
-    study.BUDGETS["quick"] = {**old, "seq_len": 32, "batch_size": 4, "telemetry_every": 5, "eval_every": 5,
-                              "ckpt_every": 5, "eval_batches": 2}
-    try:
-        assert main(args) == 0
-        text = capsys.readouterr().out
-        assert "node-gelu" in text and "path-gelu" in text
-        md = (out / "study.md").read_text()
-        assert "| node-gelu |" in md and "| path-gelu |" in md and "auto-pruning" in md.lower()
-        assert (out / "study.png").exists()
-        mtime = (out / "node-gelu" / "final" / "metrics.json").stat().st_mtime
-        assert main(args) == 0  # finished variants are reused, not retrained
-        assert (out / "node-gelu" / "final" / "metrics.json").stat().st_mtime == mtime
-    finally:
-        study.BUDGETS["quick"] = old
-
-
-def test_study_bad_input(capsys, tmp_path):
-    assert main(["study", "autoprune", "--variants", "node-swish", "--out", str(tmp_path / "s")]) == 2
-    assert "unknown variant" in capsys.readouterr().err
-    assert not (tmp_path / "s").exists()
-
-
 def test_zero_snapshot_interval_is_refused():
     from dynsparse.train.config import TrainConfig
 

@@ -1,142 +1,252 @@
-"""The auto-pruning study: the same small tree LM trained with the variants that matter.
+"""The auto-pruning study: one small tree LM trained over a grid of variants, learning rates, shapes and seeds.
 
-Per-node GELU (asymmetric; the published form that starves subtrees), per-node ReLU, a symmetric
-per-node activation (tanh), and GELU after path accumulation (z enters linearly, so both children of a
-node get gradients of one form). Same seed, data and budget; each variant is an ordinary run directory,
-so the study resumes where it stopped and every run can be inspected on its own.
+Each cell is an ordinary run directory (so it resumes where it stopped and can be inspected on its own)
+plus ``probe.jsonl``: routing health and the mechanism measured on one fixed held-out token set at every
+snapshot (dynamics/probe.py). A study folder belongs to one base configuration (shape, steps, warm-up,
+data, probe); cells are added to it freely, finished ones are reused and never retrained, and a folder
+holding runs of another configuration is refused. With ``final_seeds`` the study picks the learning
+rate of lowest mean validation loss from the sweep and runs the comparison seeds there.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ..atomic import atomic_write_text  # noqa: E402
-from ..train.config import TrainConfig  # noqa: E402
-from .telemetry_log import load_telemetry  # noqa: E402
+from ..atomic import atomic_write_text
+from ..train.config import TrainConfig
+from ..tree.layer import MAX_DEPTH
 
 VARIANTS = {
     "node-gelu": dict(activation="gelu", act_position="node"),
     "node-relu": dict(activation="relu", act_position="node"),
     "node-tanh": dict(activation="tanh", act_position="node"),
+    "node-identity": dict(activation="identity", act_position="node"),
     "path-gelu": dict(activation="gelu", act_position="path"),
 }
-METRICS = ("dead_fraction", "static_fraction", "path_entropy")
+SPEC_FILE = "study_spec.json"
+PROBE_FILE = "probe.jsonl"
 
-# Budgets sized for 2 CPU cores: full < 30 min, quick < 5 min (4 variants each).
+# Budgets for a shared 2-core CPU (one thread per run).
 BUDGETS = {
-    "full": dict(d_model=128, n_layer=4, n_head=4, depth=7, trees=4, seq_len=128, batch_size=16, max_steps=600,
-                 warmup_steps=30, lr=3e-3, telemetry_every=25, eval_every=200, ckpt_every=200, eval_batches=8),
-    "quick": dict(d_model=64, n_layer=2, n_head=2, depth=6, trees=2, seq_len=64, batch_size=16, max_steps=200,
-                  warmup_steps=10, lr=3e-3, telemetry_every=10, eval_every=100, ckpt_every=100, eval_batches=4),
+    "full": dict(d_model=64, n_layer=2, n_head=2, seq_len=64, batch_size=8, max_steps=1500, probe_every=100,
+                 probe_windows=32, eval_batches=8),
+    "quick": dict(d_model=32, n_layer=2, n_head=2, seq_len=32, batch_size=4, max_steps=40, probe_every=5,
+                  probe_windows=8, eval_batches=2, lrs=(1e-3,)),
 }
 
 
-def study_configs(quick: bool, variants: list[str] | None = None, seed: int = 0, data: str = "shakespeare",
-                  max_steps: int | None = None) -> dict[str, TrainConfig]:
-    names = variants or list(VARIANTS)
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
-    base = dict(BUDGETS["quick" if quick else "full"])
-    if max_steps is not None:
-        if max_steps < base["telemetry_every"]:  # the report needs at least one routing snapshot
-            raise ValueError(f"--max-steps {max_steps} is shorter than the study's telemetry interval "
-                             f"({base['telemetry_every']} steps): use --max-steps {base['telemetry_every']} or more")
-        base["max_steps"] = max_steps
-    common = TrainConfig(preset="tiny", ff="tree", seed=seed, data=data, **base)
-    return {name: replace(common, **VARIANTS[name]) for name in names}
+@dataclass(frozen=True)
+class StudySpec:
+    """The grid (variants x lrs x depths x trees x seeds) and the base every cell shares."""
+
+    variants: tuple = tuple(VARIANTS)
+    lrs: tuple = (3e-4, 1e-3, 3e-3)
+    depths: tuple = (7,)
+    trees: tuple = (2,)
+    seeds: tuple = (0,)
+    final_seeds: tuple = ()
+    warmup_frac: float = 0.05
+    d_model: int = 64
+    n_layer: int = 2
+    n_head: int = 2
+    seq_len: int = 64
+    batch_size: int = 8
+    max_steps: int = 1500
+    probe_every: int = 100
+    probe_windows: int = 32
+    eval_batches: int = 8
+    data: str = "shakespeare"
+    vocab_size: int | None = None
+    cache_dir: str | None = None
+    extra: dict = field(default_factory=dict)  # further TrainConfig fields (tests)
+
+    AXES = ("variants", "lrs", "depths", "trees", "seeds", "final_seeds")
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        for axis in self.AXES[:-1]:
+            if not getattr(self, axis):
+                raise ValueError(f"--{axis} names nothing")
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
+        bad = [lr for lr in self.lrs if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0)]
+        if bad:
+            raise ValueError(f"--lrs must be positive finite numbers, got {bad}")
+        if not 0 <= self.warmup_frac <= 0.5:
+            raise ValueError(f"--warmup-frac must be in [0, 0.5], got {self.warmup_frac}")
+        if any(not 0 <= d <= MAX_DEPTH for d in self.depths) or any(t < 1 for t in self.trees):
+            raise ValueError(f"--depths must be in [0, {MAX_DEPTH}] and --trees >= 1, got {self.depths}, {self.trees}")
+        if any(s < 0 for s in self.seeds + self.final_seeds):
+            raise ValueError("--seeds and --final-seeds must be >= 0")
+        for name in ("d_model", "n_layer", "n_head", "seq_len", "batch_size", "max_steps", "probe_every",
+                     "probe_windows", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.probe_windows < self.batch_size:
+            raise ValueError(f"--heldout-windows {self.probe_windows} is smaller than one batch "
+                             f"({self.batch_size} rows): use --heldout-windows {self.batch_size} or more")
+        if self.max_steps < self.probe_every:
+            raise ValueError(f"--max-steps {self.max_steps} is shorter than the probe/telemetry interval ({self.probe_every} "
+                             f"steps): use --max-steps {self.probe_every} or more")
+
+    def base(self) -> dict:
+        """What every run of one study folder shares (the folder's identity)."""
+        d = asdict(self)
+        for axis in self.AXES:
+            d.pop(axis)
+        return d
+
+    def config(self, variant: str, lr: float, depth: int, trees: int, seed: int) -> TrainConfig:
+        return TrainConfig(
+            preset="tiny", ff="tree", seed=seed, data=self.data, vocab_size=self.vocab_size, cache_dir=self.cache_dir,
+            depth=depth, trees=trees, lr=lr, warmup_steps=round(self.warmup_frac * self.max_steps),
+            max_steps=self.max_steps, d_model=self.d_model, n_layer=self.n_layer, n_head=self.n_head,
+            seq_len=self.seq_len, batch_size=self.batch_size, telemetry_every=self.probe_every,
+            eval_every=self.probe_every, eval_batches=self.eval_batches, ckpt_every=max(self.probe_every,
+            self.max_steps // 4), keep_checkpoints=1, **VARIANTS[variant], **self.extra)
+
+    def cells(self, lrs=None, seeds=None) -> list[tuple]:
+        return [(v, lr, d, t, s) for v in self.variants for lr in (lrs or self.lrs) for d in self.depths
+                for t in self.trees for s in (seeds or self.seeds)]
 
 
-def run_study(out: str | Path, configs: dict[str, TrainConfig], overwrite: bool = False, progress: bool = True) -> dict:
-    """Train every variant into ``out/<variant>`` (finished runs with the same config are reused)."""
+def run_name(variant: str, lr: float, depth: int, trees: int, seed: int) -> str:
+    return f"{variant}-lr{lr:g}-d{depth}-t{trees}-s{seed}"
+
+
+def check_folder(out: Path, spec: StudySpec) -> None:
+    """A study folder holds one base configuration: refuse another before anything is trained."""
+    path = out / SPEC_FILE
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise ValueError(f"{path} is not valid JSON: not a study folder this version wrote") from None
+        diff = sorted(k for k in set(saved) | set(spec.base()) if saved.get(k) != spec.base().get(k))
+        if diff:
+            raise ValueError(f"{out} holds runs of another study configuration (differs in {', '.join(diff)}): "
+                             "use another --out")
+    else:
+        stray = [p.name for p in out.glob("*/config.json")] if out.exists() else []
+        if stray:
+            raise ValueError(f"{out} holds runs of another study configuration (no {SPEC_FILE}): use another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(spec.base(), indent=1))
+
+
+def heldout_set(spec: StudySpec):
+    """The fixed held-out rows: the first ``probe_windows`` windows of the validation split."""
+    from ..data import eval_windows, prepare_tokens, text_source
+
+    cfg = spec.config(spec.variants[0], spec.lrs[0], spec.depths[0], spec.trees[0], 0)
+    data = prepare_tokens(text_source(cfg.data), cfg.bpe_vocab_size, cfg.tokenizer, cfg.cache_dir)
+    x, y = eval_windows(data.splits["val"], cfg.seq_len, spec.probe_windows)
+    if len(x) < spec.probe_windows:
+        raise ValueError(f"the validation split holds only {len(x)} windows of {cfg.seq_len} tokens: lower "
+                         f"--heldout-windows (now {spec.probe_windows})")
+    return x, y
+
+
+def run_cell(out: Path, spec: StudySpec, cell: tuple, heldout, progress: bool = False) -> dict:
+    """Train one cell (or reuse it when finished); returns its final metrics."""
     from ..train.loop import train
+    from ..train.telemetry import append_jsonl
+    from .probe import probe
+
+    cfg = spec.config(*cell)
+    run = out / run_name(*cell)
+    metrics_file = run / "final" / "metrics.json"
+    saved = _saved_config(run)
+    if saved is not None and saved != cfg.to_dict():
+        raise ValueError(f"{run} holds a run of another configuration: use another --out")
+    if saved is not None and metrics_file.exists():
+        return json.loads(metrics_file.read_text())
+    x, y = heldout
+
+    def on_snapshot(step, model):
+        append_jsonl(run / PROBE_FILE, {"step": step, "layers": probe(model, x, y, spec.batch_size)})
+
+    return train(cfg, run, resume=saved is not None, progress=progress, tensorboard=False, on_snapshot=on_snapshot)
+
+
+def best_lr(out: Path, spec: StudySpec) -> float:
+    """The swept learning rate of lowest mean final validation loss over the variants and sweep seeds."""
+    means = {}
+    for lr in spec.lrs:
+        losses = [json.loads((out / run_name(*c) / "final" / "metrics.json").read_text())["val_loss"]
+                  for c in spec.cells(lrs=[lr])]
+        means[lr] = sum(losses) / len(losses)
+    return min(means, key=means.get)
+
+
+def run_study(out: str | Path, spec: StudySpec, progress: bool = False, log=print) -> dict:
+    """The sweep, then (with final_seeds) the comparison seeds at the best learning rate."""
+    out = Path(out)
+    heldout = heldout_set(spec)  # before the folder is claimed: a refused held-out set leaves nothing
+    check_folder(out, spec)
+    cells = spec.cells()
+    for i, cell in enumerate(cells):
+        log(f"[sweep {i + 1}/{len(cells)}] {run_name(*cell)}")
+        run_cell(out, spec, cell, heldout, progress)
+    chosen = best_lr(out, spec)
+    finals = spec.cells(lrs=[chosen], seeds=list(spec.final_seeds)) if spec.final_seeds else []
+    for i, cell in enumerate(finals):
+        log(f"[final {i + 1}/{len(finals)}] {run_name(*cell)}")
+        run_cell(out, spec, cell, heldout, progress)
+    return {"best_lr": chosen, "final_seeds": sorted(set(spec.seeds) | set(spec.final_seeds))}
+
+
+def prune_cells(out: str | Path, spec: StudySpec, lr: float, seeds, log=print) -> list[dict]:
+    """``dynsparse prune`` on each final model at ``lr`` (reused when done): parameters, FLOPs, losses."""
+    from .prune_run import prune_run
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for name, cfg in configs.items():
-        run = out / name
-        metrics_file = run / "final" / "metrics.json"
-        same = not overwrite and _same_config(run, cfg)
-        if same and metrics_file.exists():  # finished: reuse
-            results[name] = json.loads(metrics_file.read_text())
-            continue
-        results[name] = train(cfg, run, resume=same, overwrite=overwrite, progress=progress)
-    return results
-
-
-def summarize_study(out: str | Path, results: dict) -> list[dict]:
     rows = []
-    for name, metrics in results.items():
-        layers = load_telemetry(Path(out) / name)
-        last = {k: float(np.mean([s.values[k][-1] for s in layers.values()])) for k in METRICS}
-        rows.append({"variant": name, "val_loss": metrics["val_loss"], **last,
-                     "effective_leaves": float(np.mean([s.values["effective_leaves"][-1] for s in layers.values()])),
-                     "leaves": 2 ** next(iter(layers.values())).depth})
+    for cell in spec.cells(lrs=[lr], seeds=list(seeds)):
+        name = run_name(*cell)
+        target = out / "pruned" / name
+        report = target / "prune_report.json"
+        if not report.exists():
+            log(f"[prune] {name}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            prune_run(out / name, target, calib_windows=64, val_windows=spec.probe_windows)
+        result = json.loads(report.read_text())
+        if "flops_per_token_after" not in result:
+            result.update(pruned_flops(target, spec))
+            atomic_write_text(report, json.dumps(result, indent=1))
+        rows.append({"run": name, "variant": cell[0], "seed": cell[4], **result})
     return rows
 
 
-def verdict(rows: list[dict]) -> str:
-    """One honest sentence on whether auto-pruning and its remedy show at this scale."""
-    by = {r["variant"]: r for r in rows}
-    if "node-gelu" not in by or "path-gelu" not in by:
-        return "Run both node-gelu and path-gelu to compare the auto-pruning form with its remedy."
-    g, p = by["node-gelu"], by["path-gelu"]
-    shows = g["dead_fraction"] > p["dead_fraction"] + 0.05 and g["path_entropy"] < p["path_entropy"] - 0.05
-    numbers = (f"node-GELU ends with {g['dead_fraction']:.1%} dead nodes and entropy {g['path_entropy']:.2f}; "
-               f"GELU after the path ends with {p['dead_fraction']:.1%} dead and entropy {p['path_entropy']:.2f}")
-    if shows:
-        return f"Auto-pruning shows at this scale: {numbers}."
-    return f"At this scale auto-pruning does not clearly show: {numbers}."
+def pruned_flops(pruned_dir: Path, spec: StudySpec) -> dict:
+    """Tree FLOPs per token of a pruned model before and after, measured on the held-out rows."""
+    import torch
+
+    from ..tree.layer import tree_flops_per_token
+    from .pruned_lm import PrunedDynSparseLMForCausalLM
+
+    model = PrunedDynSparseLMForCausalLM.from_pretrained(str(pruned_dir)).eval()
+    layers = model.pruned_layers()
+    x, _ = heldout_set(spec)
+    for layer in layers.values():
+        layer.reset_usage()
+        layer.track_usage(True)
+    with torch.no_grad():
+        for i in range(0, len(x), spec.batch_size):
+            model(input_ids=x[i : i + spec.batch_size], use_cache=False)
+    cfg = model.config.tree
+    before = sum(tree_flops_per_token(l.d_model, l.d_out, cfg["depth"], cfg["trees"]) for l in layers.values())
+    after = sum(l.measured_usage().flops_per_token for l in layers.values())
+    return {"flops_per_token_before": before, "flops_per_token_after": after}
 
 
-def plot_study(out: str | Path, names: list[str], path: Path) -> None:
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(14, 3.8))
-    for name in names:
-        layers = load_telemetry(Path(out) / name)
-        steps = next(iter(layers.values())).steps
-        for ax, key in zip(axes, METRICS):
-            ax.plot(steps, np.mean([s.values[key] for s in layers.values()], axis=0), label=name)
-    for ax, key in zip(axes, METRICS):
-        ax.set_title(key.replace("_", " ") + " (mean over layers)")
-        ax.set_xlabel("step")
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_study_report(out: str | Path, rows: list[dict], configs: dict[str, TrainConfig]) -> Path:
-    out = Path(out)
-    plot_study(out, [r["variant"] for r in rows], out / "study.png")
-    cfg = next(iter(configs.values()))
-    lines = ["# Auto-pruning study", "",
-             f"Tiny tree LM on `{cfg.data}`: d_model {cfg.d_model}, {cfg.n_layer} layers, {cfg.trees} trees of depth "
-             f"{cfg.depth} per layer, {cfg.max_steps} steps, batch {cfg.batch_size} x {cfg.seq_len} tokens, seed "
-             f"{cfg.seed}; identical for every variant. Telemetry counts the tokens since the previous snapshot "
-             f"(every {cfg.telemetry_every} steps); values are the last snapshot's, averaged over layers.", "",
-             "| variant | val loss | dead nodes | static nodes | path entropy | effective leaves |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {r['val_loss']:.4f} | {r['dead_fraction']:.3f} | {r['static_fraction']:.3f} "
-                     f"| {r['path_entropy']:.3f} | {r['effective_leaves']:.1f} of {r['leaves']} |")
-    lines += ["", verdict(rows), "", "![trajectories](study.png)", ""]
-    atomic_write_text(out / "study.md", "\n".join(lines))
-    atomic_write_text(out / "study.json", json.dumps({"rows": rows, "verdict": verdict(rows)}, indent=1))
-    return out / "study.md"
-
-
-def _same_config(run: Path, cfg: TrainConfig) -> bool:
+def _saved_config(run: Path) -> dict | None:
     try:
-        return json.loads((run / "config.json").read_text()) == cfg.to_dict()
+        return json.loads((run / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
-        return False
+        return None

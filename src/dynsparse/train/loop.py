@@ -183,22 +183,25 @@ def ff_summary(model: torch.nn.Module) -> dict:
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
           progress: bool = True, on_step: Callable[[int, float], None] | None = None,
-          tensorboard: bool = True) -> dict:
+          tensorboard: bool = True, on_snapshot: Callable[[int, torch.nn.Module], None] | None = None) -> dict:
     """Run (or continue) a training run in ``out``; returns the final metrics (also in final/metrics.json).
     With ``tensorboard`` (and the package installed) the logged scalars also go to ``<run>/tensorboard/``.
+    ``on_snapshot(step, model)`` is called (main process) before the first step of a fresh run and at every
+    telemetry snapshot, e.g. to measure the model on fixed held-out tokens.
     The run's lock is held from the first check to the end, so no second process can use the run."""
     d = distributed.setup()
     run = Path(out)
     lock = prepare_run_dir(run, cfg, resume, overwrite) if d.main else None
     d.barrier()
     try:
-        return _train(cfg, run, d, resume, progress, on_step, tensorboard)
+        return _train(cfg, run, d, resume, progress, on_step, tensorboard, on_snapshot)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: TrainConfig, run: Path, d, resume: bool, progress: bool, on_step, tensorboard: bool) -> dict:
+def _train(cfg: TrainConfig, run: Path, d, resume: bool, progress: bool, on_step, tensorboard: bool,
+           on_snapshot=None) -> dict:
     if cfg.init_from:  # checked before any tokenizing
         from ..remote_code import check_remote_code
 
@@ -296,6 +299,8 @@ def _train(cfg: TrainConfig, run: Path, d, resume: bool, progress: bool, on_step
     ff = ff_summary(model)
     bar = Progress(cfg.max_steps, start, enabled=progress and d.main, ff_active=ff.get("ff_active_fraction"))
     tb = TensorBoardLog(run, tensorboard and d.main, start if resume else None, ff)
+    if on_snapshot is not None and d.main and start == 0 and cfg.max_steps > 0:
+        on_snapshot(0, distributed.unwrap(model))
     model.train()
     for step in range(start, cfg.max_steps):
         t0 = time.perf_counter()
@@ -335,6 +340,8 @@ def _train(cfg: TrainConfig, run: Path, d, resume: bool, progress: bool, on_step
             if d.main:
                 telemetry.append_jsonl(run / "telemetry.jsonl", record)
                 tb.telemetry(record)
+                if on_snapshot is not None:
+                    on_snapshot(done, distributed.unwrap(model))
             telemetry_time += time.perf_counter() - t1
         record = {"step": done, "loss": round(last_loss, 5), "lr": lr, "tokens": tokens_seen,
                   "tokens_per_s": round(tokens_seen_rate(cfg, done - start, train_time), 1)}

@@ -1,0 +1,167 @@
+"""Routing health and the auto-pruning mechanism, measured on one fixed held-out token set.
+
+Training telemetry counts whatever windows the last interval drew; comparing snapshots then mixes a
+change of routing with a change of data. The probe routes the same tokens every time. Per tree layer it
+reports the routing statistics (dead/static nodes, path entropy, effective leaves, per-depth balance)
+and the mechanism the auto-pruning argument names, per internal node:
+
+* majority share: of the tokens reaching the node, the share whose pre-activation z has the more common
+  sign (1 = the node always turns one way, 0.5 = an even split);
+* gradient ratio: RMS of dL/dz over the tokens with z > 0 divided by that over z <= 0. An asymmetric
+  per-node activation (GELU, ReLU) passes little gradient on its negative side, so the ratio is >> 1;
+  the activation after the path, or a symmetric one, gives both sides gradients of one form.
+
+dL/dz is taken by recomputing each tree layer's output from its input in plain torch (a forward hook
+that replaces the layer's output with the same values, built from z on the hard path), so any backend
+can be probed; the recomputation's largest difference from the layer's own output is reported.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .. import activations
+from ..tree import TreeFF
+from ..tree.telemetry import usage_from_leaf_visits
+
+
+def _path_forward(layer: TreeFF, x: torch.Tensor):
+    """The layer's function on x (M, d) from hard-path pre-activations: (y, z (M,T,L), nodes (M,T,L))."""
+    w_in, w_out = layer.w_in.detach(), layer.w_out.detach()
+    b_in = layer.b_in.detach() if layer.b_in is not None else None
+    m, trees = x.shape[0], layer.trees
+    t_idx = torch.arange(trees).unsqueeze(0).expand(m, trees)
+    node = torch.zeros(m, trees, dtype=torch.long)
+    zs, nodes = [], []
+    for _ in range(layer.depth + 1):
+        z = torch.einsum("md,mtd->mt", x, w_in[t_idx, node])
+        if b_in is not None:
+            z = z + b_in[t_idx, node]
+        zs.append(z)
+        nodes.append(node)
+        node = 2 * node + 1 + (z.detach() > 0).long()
+    z = torch.stack(zs, -1)
+    if not z.requires_grad:  # an input outside autograd (first layer of a frozen model): z becomes the leaf
+        z.requires_grad_(True)
+    path = torch.stack(nodes, -1)
+    w_path = w_out[t_idx.unsqueeze(-1).expand_as(path), path]  # (M, T, L, d_out)
+    act = activations.fn(layer.activation)
+    if layer.act_position == "node":
+        y = torch.einsum("mtl,mtld->md", act(z), w_path)
+    else:
+        y = act(torch.einsum("mtl,mtld->mtd", z, w_path)).sum(1)
+    return y, z, path
+
+
+class _Accumulator:
+    """Per-node sums over the probe's batches for one layer."""
+
+    def __init__(self, layer: TreeFF):
+        self.trees, self.nodes, self.depth = layer.trees, layer.nodes, layer.depth
+        size = self.trees * self.nodes
+        self.visits, self.pos = np.zeros(size), np.zeros(size)
+        self.g2_pos, self.g2_neg = np.zeros(size), np.zeros(size)
+        self.leaf_visits = torch.zeros(self.trees, 2**self.depth, dtype=torch.int64)
+        self.max_diff = 0.0
+
+    def add(self, z: torch.Tensor, path: torch.Tensor, grad: torch.Tensor) -> None:
+        flat = (path + torch.arange(self.trees).view(1, -1, 1) * self.nodes).reshape(-1).numpy()
+        zf, gf = z.detach().reshape(-1).double().numpy(), grad.reshape(-1).double().numpy()
+        size = self.visits.size
+        pos = zf > 0
+        self.visits += np.bincount(flat, minlength=size)
+        self.pos += np.bincount(flat, weights=pos.astype(float), minlength=size)
+        self.g2_pos += np.bincount(flat, weights=np.where(pos, gf * gf, 0.0), minlength=size)
+        self.g2_neg += np.bincount(flat, weights=np.where(pos, 0.0, gf * gf), minlength=size)
+        leaves = path[..., -1] - (2**self.depth - 1)
+        counts = torch.bincount((leaves + torch.arange(self.trees) * 2**self.depth).reshape(-1),
+                                minlength=self.trees * 2**self.depth)
+        self.leaf_visits += counts.view(self.trees, -1)
+
+    def summary(self) -> dict:
+        usage = usage_from_leaf_visits(self.leaf_visits)
+        n_int = 2**self.depth - 1
+        internal = np.zeros((self.trees, self.nodes), bool)
+        internal[:, :n_int] = True
+        internal = internal.reshape(-1)
+        v, p = self.visits, self.pos
+        seen = internal & (v > 0)
+        share = np.maximum(p, v - p)[seen] / v[seen]
+        weights = v[seen]
+        both = internal & (p > 0) & (v - p > 0) & (self.g2_neg > 0)
+        rms = np.sqrt(self.g2_pos[both] / p[both]) / np.sqrt(self.g2_neg[both] / (v - p)[both])
+        total = np.sqrt(self.g2_pos[both] / self.g2_neg[both])
+        level = np.floor(np.log2(np.arange(self.nodes) + 1)).astype(int)
+        level = np.tile(level, self.trees)
+        share_by_depth = []
+        for d in range(self.depth):
+            sel = seen & (level == d)
+            share_by_depth.append(float((np.maximum(p, v - p)[sel]).sum() / v[sel].sum()) if sel.any() else math.nan)
+        return {
+            "tokens": usage.tokens,
+            "dead_fraction": usage.dead_fraction,
+            "static_fraction": usage.static_fraction,
+            "path_entropy": usage.path_entropy,
+            "effective_leaves": usage.effective_leaves,
+            "balance_by_depth": usage.balance_by_depth,
+            "majority_share": float((share * weights).sum() / weights.sum()) if seen.any() else math.nan,
+            "majority_share_by_depth": share_by_depth,
+            # positive share of turns: > 0.5 means the routing leans right (z > 0)
+            "positive_share": float(p[seen].sum() / v[seen].sum()) if seen.any() else math.nan,
+            "grad_ratio_rms": float(np.exp(np.median(np.log(rms)))) if both.any() else math.nan,
+            "grad_ratio_total": float(np.exp(np.median(np.log(total)))) if both.any() else math.nan,
+            "nodes_with_both_sides": int(both.sum()),
+            "recompute_max_abs_diff": self.max_diff,
+        }
+
+
+def probe(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> dict[str, dict]:
+    """Per tree layer (by module name): routing health and mechanism on the rows (x, y), in ``batch`` rows
+    at a time. The model's mode, telemetry counters and gradients are left as they were."""
+    from ..train.loop import lm_loss
+    from ..train.telemetry import tree_layers
+
+    layers = tree_layers(model)
+    if not layers:
+        raise ValueError("the model has no tree layers to probe")
+    if len(x) < batch:
+        raise ValueError(f"the held-out set has {len(x)} rows, fewer than one batch ({batch})")
+    acc = {name: _Accumulator(layer) for name, layer in layers.items()}
+    was_training = model.training
+    tracking = {name: layer.tracking for name, layer in layers.items()}
+    captured: dict[str, tuple] = {}
+
+    def hook_for(name):
+        def hook(layer, inputs, output):
+            x_in = inputs[0]
+            x2 = x_in.reshape(-1, layer.d_model)
+            y_path, z, path = _path_forward(layer, x2)
+            acc[name].max_diff = max(acc[name].max_diff, float((y_path.detach() - output.detach().reshape(
+                y_path.shape)).abs().max()))
+            captured[name] = (z, path)
+            return y_path.reshape(output.shape)
+        return hook
+
+    handles = [layer.register_forward_hook(hook_for(name)) for name, layer in layers.items()]
+    model.eval()
+    for layer in layers.values():
+        layer.track_usage(False)
+    try:
+        for i in range(0, len(x) - batch + 1, batch):  # whole batches only: every probe sees the same rows
+            captured.clear()
+            with torch.enable_grad():
+                loss = lm_loss(model, x[i : i + batch], y[i : i + batch])
+                names = list(captured)
+                grads = torch.autograd.grad(loss, [captured[n][0] for n in names])
+            for name, g in zip(names, grads):
+                z, path = captured[name]
+                acc[name].add(z, path, g)
+    finally:
+        for h in handles:
+            h.remove()
+        for name, layer in layers.items():
+            layer.track_usage(tracking[name])
+        model.train(was_training)
+    return {name: a.summary() for name, a in acc.items()}

@@ -1,0 +1,201 @@
+"""Issue 14: the held-out routing probe (its recomputation and gradients against the masked reference) and
+the auto-pruning study grid (reuse, refusals, report, pruning)."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dynsparse.cli import main
+from dynsparse.dynamics.probe import _Accumulator, _path_forward, probe
+from dynsparse.dynamics.study import VARIANTS, StudySpec
+from dynsparse.ops.tree.reference import route_dense
+from dynsparse.activations import fn as act_fn
+from dynsparse.tree import TreeFF
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_path_forward_matches_masked_reference_and_its_gradients(variant):
+    torch.manual_seed(0)
+    layer = TreeFF(8, depth=3, trees=2, d_out=5, backend="reference", **VARIANTS[variant])
+    x = torch.randn(40, 8)
+    # the masked reference with the pre-activations as a leaf: dL/dz of every node on the path
+    z_all = (torch.einsum("md,tnd->mtn", x, layer.w_in) + layer.b_in).detach().requires_grad_(True)
+    paths = route_dense(z_all.detach(), layer.depth)
+    mask = torch.zeros_like(z_all).scatter_(-1, paths, 1.0)
+    act = act_fn(layer.activation)
+    if layer.act_position == "node":
+        y_ref = torch.einsum("mtn,tnd->md", mask * act(z_all), layer.w_out.detach())
+    else:
+        y_ref = act(torch.einsum("mtn,tnd->mtd", mask * z_all, layer.w_out.detach())).sum(1)
+    target = torch.randn_like(y_ref)
+    (g_ref,) = torch.autograd.grad(((y_ref - target) ** 2).sum(), z_all)
+
+    y, z, path = _path_forward(layer, x)
+    assert torch.equal(path, paths)
+    torch.testing.assert_close(y, layer(x).detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y, y_ref.detach(), rtol=1e-5, atol=1e-6)
+    (g,) = torch.autograd.grad(((y - target) ** 2).sum(), z)
+    torch.testing.assert_close(g, g_ref.gather(-1, paths), rtol=1e-5, atol=1e-6)
+
+
+def test_accumulator_statistics_by_hand():
+    layer = TreeFF(2, depth=1, trees=1)
+    acc = _Accumulator(layer)
+    # four tokens at the root: three turn right (z > 0), one left; gradients 2, 2, 2 on the right, 1 on the left
+    path = torch.tensor([[[0, 2]], [[0, 2]], [[0, 2]], [[0, 1]]])
+    z = torch.tensor([[[1.0, 0.5]], [[2.0, 0.5]], [[0.5, -1.0]], [[-1.0, 1.0]]])
+    grad = torch.tensor([[[2.0, 0.0]], [[2.0, 0.0]], [[-2.0, 0.0]], [[1.0, 0.0]]])
+    acc.add(z, path, grad)
+    s = acc.summary()
+    assert s["tokens"] == 4 and s["majority_share"] == pytest.approx(0.75)
+    assert s["positive_share"] == pytest.approx(0.75)
+    assert s["grad_ratio_rms"] == pytest.approx(2.0)  # RMS 2 on the positive side, 1 on the negative
+    assert s["grad_ratio_total"] == pytest.approx(np.sqrt(12.0))
+    assert s["dead_fraction"] == pytest.approx(0.0) and s["static_fraction"] == pytest.approx(0.0)
+    assert s["majority_share_by_depth"] == [pytest.approx(0.75)]
+
+
+def _tiny_lm(variant="node-gelu"):
+    from dynsparse.lm import DynSparseLMConfig, DynSparseLMForCausalLM
+
+    torch.manual_seed(0)
+    cfg = DynSparseLMConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=16, ff="tree",
+                            tree={"depth": 3, "trees": 2, **VARIANTS[variant]})
+    return DynSparseLMForCausalLM(cfg)
+
+
+def test_probe_matches_layer_telemetry_and_leaves_the_model_alone():
+    from dynsparse.train.telemetry import set_tracking, tree_layers
+
+    model = _tiny_lm()
+    x = torch.randint(0, 50, (6, 12))
+    y = torch.randint(0, 50, (6, 12))
+    model.train()
+    set_tracking(model, True)
+    layers = tree_layers(model)
+    before = {n: l.leaf_visits.clone() for n, l in layers.items()}
+    result = probe(model, x, y, batch=3)
+    assert model.training and all(l.tracking for l in layers.values())
+    assert all(torch.equal(before[n], l.leaf_visits) for n, l in layers.items())
+    assert all(p.grad is None for p in model.parameters())
+    # the same rows through the model's own counters give the same routing statistics
+    for l in layers.values():
+        l.reset_usage()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=x, use_cache=False)
+    for name, layer in layers.items():
+        usage = layer.usage_stats()
+        assert result[name]["tokens"] == x.numel()
+        assert result[name]["dead_fraction"] == pytest.approx(usage.dead_fraction)
+        assert result[name]["path_entropy"] == pytest.approx(usage.path_entropy)
+        assert result[name]["recompute_max_abs_diff"] < 1e-5
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        probe(model, x[:2], y[:2], batch=3)
+
+
+def test_gradient_ratio_separates_node_gelu_from_gelu_after_the_path():
+    """The mechanism, on an untrained model: GELU per node passes less gradient on its negative side."""
+    x = torch.randint(0, 50, (8, 12))
+    y = torch.randint(0, 50, (8, 12))
+    node = probe(_tiny_lm("node-gelu"), x, y, batch=4)
+    path = probe(_tiny_lm("path-gelu"), x, y, batch=4)
+    ident = probe(_tiny_lm("node-identity"), x, y, batch=4)
+    assert all(s["grad_ratio_rms"] > 1.3 for s in node.values())
+    assert all(0.6 < s["grad_ratio_rms"] < 1.6 for s in path.values())
+    assert all(0.6 < s["grad_ratio_rms"] < 1.6 for s in ident.values())
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(variants=("node-swish",)), "unknown variant"),
+    (dict(lrs=(1e-3, 0.0)), "--lrs must be positive"),
+    (dict(lrs=(float("nan"),)), "--lrs must be positive"),
+    (dict(probe_windows=4, batch_size=8), "smaller than one batch"),
+    (dict(max_steps=10, probe_every=20), "telemetry interval"),
+    (dict(warmup_frac=0.9), "--warmup-frac"),
+    (dict(seeds=()), "names nothing"),
+    (dict(depths=(30,)), "--depths"),
+])
+def test_spec_refuses_bad_input(over, match):
+    with pytest.raises(ValueError, match=match):
+        StudySpec(**over)
+
+
+def test_spec_cells_and_warmup():
+    spec = StudySpec(variants=("node-gelu", "path-gelu"), lrs=(1e-3, 3e-3), seeds=(0, 1), max_steps=200,
+                     probe_every=50, warmup_frac=0.1)
+    assert len(spec.cells()) == 8
+    cfg = spec.config("path-gelu", 3e-3, 7, 2, 1)
+    assert (cfg.warmup_steps, cfg.lr, cfg.act_position, cfg.activation, cfg.seed) == (20, 3e-3, "path", "gelu", 1)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    rng = random.Random(0)
+    words = "the king queen lord speak night day love war crown sword heart fool death grace honour".split()
+    (tmp / "corpus.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) + "."
+                                              for _ in range(12000)))
+    return tmp
+
+
+def _args(corpus, out, *extra):
+    return ["study", "autoprune", "--quick", "--variants", "node-gelu,path-gelu", "--lrs", "1e-3,3e-3",
+            "--max-steps", "10", "--data", str(corpus / "corpus.txt"), "--out", str(out), "--no-progress",
+            "--threads", "1", *extra]
+
+
+def test_study_grid_report_reuse_prune_and_refusals(corpus, capsys):
+    out = corpus / "s"
+    args = _args(corpus, out, "--final-seeds", "1", "--prune")
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "Comparison at the best learning rate" in text and "Static conversion" in text
+    data = json.loads((out / "study.json").read_text())
+    assert data["best_lr"] in (1e-3, 3e-3)
+    finals = [c for c in data["cells"] if c["lr"] == data["best_lr"]]
+    assert {c["variant"] for c in finals} == {"node-gelu", "path-gelu"}
+    assert all(c["seeds"] == [0, 1] and c["dead_fraction"]["n"] == 2 for c in finals)
+    for p in data["prune"]:  # pruning keeps every held-out path in this small run: loss essentially unchanged
+        assert p["params_after"] <= p["params_before"] and p["calib_loss_after"] == pytest.approx(
+            p["calib_loss_before"], abs=1e-4)
+    for name in ("study.md", "lr_sweep.png", "trajectories.png", "depth_profile.png"):
+        assert (out / name).exists()
+    run = out / "node-gelu-lr0.001-d7-t2-s0"
+    probes = [json.loads(line) for line in (run / "probe.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in probes] == [0, 5, 10]
+    mtime = (run / "final" / "metrics.json").stat().st_mtime
+    assert main(args) == 0  # finished cells are reused, not retrained
+    assert (run / "final" / "metrics.json").stat().st_mtime == mtime
+    capsys.readouterr()
+    # another base configuration in the same folder: one line, nothing touched
+    assert main(_args(corpus, out) + ["--warmup-frac", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "another study configuration" in err and "warmup_frac" in err and len(err.strip().splitlines()) == 1
+    assert (run / "final" / "metrics.json").stat().st_mtime == mtime
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--variants", "node-swish"], "unknown variant"),
+    (["--lrs", "1e-3,-1e-3"], "--lrs must be positive"),
+    (["--lrs", "fast"], "comma-separated list of floats"),
+    (["--heldout-windows", "2"], "smaller than one batch"),
+    (["--threads", "0"], "--threads"),
+])
+def test_cli_bad_input_is_one_line(corpus, tmp_path, capsys, extra, match):
+    out = tmp_path / "s"
+    assert main(_args(corpus, out) + extra) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_heldout_set_larger_than_the_validation_split_is_refused(tmp_path, capsys):
+    (tmp_path / "small.txt").write_text("the king speaks. " * 400)
+    out = tmp_path / "s"
+    assert main(["study", "autoprune", "--quick", "--variants", "node-gelu", "--max-steps", "10", "--data",
+                 str(tmp_path / "small.txt"), "--heldout-windows", "4000", "--out", str(out), "--no-progress"]) == 2
+    assert "lower --heldout-windows" in capsys.readouterr().err
