@@ -1,0 +1,161 @@
+"""``FastDecoder``: greedy generation at batch 1 over a static KV cache, prefill and decode step compiled apart.
+
+The decode step sees tensors of one shape at every position, so it compiles once (``dynamic=False``); the
+prefill graph is compiled with a symbolic prompt length, so one graph serves every prompt of two tokens or
+more (a one-token prompt runs the decode step). ``fullgraph=True``: a graph break (anything the compiler
+cannot trace, a dynsparse op included) is a compile error, not a silent slow path. Compiling happens in
+``warm_up`` (``generate`` calls it once); when it fails, that step runs eagerly and ``fallback`` says why.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from torch import nn
+
+from .adapters import static_model
+
+_MODEL_DEFAULT = object()
+
+
+def _decode_step(static, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    return static.forward(token, position).argmax(-1)
+
+
+def _prefill_step(static, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return static.forward(ids, positions).argmax(-1)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+class FastDecoder:
+    """Greedy decoding of ``model`` (eval mode, batch 1) for sequences of up to ``max_len`` positions.
+
+    ``compile``: compile the decode step and the prefill (``compile_prefill``) with ``torch.compile``
+    (``mode``: None, the default, keeps compile time short; "max-autotune-no-cudagraphs" searches kernels).
+    ``warn``: where the one-line fallback message goes (default: stderr).
+    """
+
+    def __init__(self, model: nn.Module, max_len: int, *, compile: bool = True, compile_prefill: bool = True,
+                 mode: str | None = None, warn=None):
+        self.model = model.eval()
+        self.static = static_model(model, max_len)
+        self.max_len = max_len
+        self.device = next(model.parameters()).device
+        self._warn = warn or (lambda msg: print(msg, file=sys.stderr))
+        self.compiled = {"decode": compile, "prefill": compile and compile_prefill}
+        self._fns = {"decode": _decode_step, "prefill": _prefill_step}
+        if compile:
+            # dynamic=None: the step's shapes never change, but int attributes that do (GatedMLP's counters)
+            # become graph inputs after one recompile instead of a recompile per token
+            self._fns["decode"] = torch.compile(_decode_step, fullgraph=True, dynamic=None, mode=mode)
+        if self.compiled["prefill"]:
+            self._fns["prefill"] = torch.compile(_prefill_step, fullgraph=True, dynamic=True, mode=mode)
+        self.compile_seconds = {"decode": 0.0, "prefill": 0.0}  # first calls, compilation included
+        self.fallback: dict[str, str] = {}  # step -> why it runs eagerly
+        self.timing: dict[str, float] = {}  # of the last generate(): prefill_s, decode_s, decode_tokens
+        self._warm = False
+
+    # ----------------------------------------------------------------------------------------- steps
+    def _run(self, kind: str, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # GatedMLP counts its computed neurons in int attributes; as constants of the graph they would fail
+        # a guard (and recompile) at every step, so they may become graph inputs
+        with torch.no_grad(), torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+            return self._fns[kind](self.static, ids, positions)
+
+    def _first_call(self, kind: str, ids: torch.Tensor, positions: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._run(kind, ids, positions)
+        except Exception as e:  # noqa: BLE001 - dynamo, inductor and the C++ compiler raise many types
+            if not self.compiled[kind]:
+                raise
+            self.compiled[kind] = False
+            self._fns[kind] = _decode_step if kind == "decode" else _prefill_step
+            self.fallback[kind] = _one_line(e)
+            self._warn(f"dynsparse decode: torch.compile of the {kind} step failed, running it eagerly "
+                       f"({self.fallback[kind]})")
+            self.static.reset()
+            self._run(kind, ids, positions)
+        self.compile_seconds[kind] = time.perf_counter() - t0
+
+    def warm_up(self, prompt_len: int = 16) -> None:
+        """Compile (or fall back) both steps on a dummy sequence: a prefill of ``prompt_len`` tokens, one decode step."""
+        prompt_len = max(2, min(prompt_len, self.max_len - 2))
+        ids = torch.zeros(1, prompt_len, dtype=torch.long, device=self.device)
+        self.static.reset()
+        self._first_call("prefill", ids, torch.arange(prompt_len, device=self.device))
+        # the decode step's inputs exactly as generate() passes them (strides included: no recompile)
+        token = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._first_call("decode", token[:, None], torch.full((1,), prompt_len, device=self.device))
+        first = self.compile_seconds["decode"]
+        # a second step: where int attributes changed (counters), this is the one recompile that makes them inputs
+        self._first_call("decode", token[:, None], torch.full((1,), prompt_len + 1, device=self.device))
+        self.compile_seconds["decode"] += first
+        self.static.reset()
+        self._warm = True
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Reset the cache, run the prompt (1, P); returns the first generated token, shape (1,)."""
+        self._check_ids(input_ids)
+        if not self._warm:
+            self.warm_up(input_ids.shape[1])
+        self.static.reset()
+        n = input_ids.shape[1]
+        positions = torch.arange(n, device=self.device)
+        return self._run("decode" if n == 1 else "prefill", input_ids, positions)
+
+    # -------------------------------------------------------------------------------------- generate
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id=_MODEL_DEFAULT) -> torch.Tensor:
+        """(1, P + n) token ids, greedy, like ``model.generate(input_ids, max_new_tokens=..., do_sample=False)``:
+        stops after an end token (``eos_token_id``: an id, a list, None for never; default: the model's
+        generation config) or after ``max_new_tokens``."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        self._check_ids(input_ids)
+        n = input_ids.shape[1]
+        if n + max_new_tokens - 1 > self.max_len:
+            raise ValueError(f"a prompt of {n} tokens plus max_new_tokens={max_new_tokens} needs "
+                             f"{n + max_new_tokens - 1} cache positions; this decoder holds max_len={self.max_len}")
+        stop = self._eos_set(eos_token_id)
+        if not self._warm:
+            self.warm_up(n)
+        t0 = time.perf_counter()
+        token = self.prefill(input_ids)
+        t1 = time.perf_counter()
+        out = [token]
+        position = torch.empty(1, dtype=torch.long, device=self.device)
+        for p in range(n, n + max_new_tokens - 1):
+            if stop and int(token) in stop:
+                break
+            position.fill_(p)
+            token = self._run("decode", token[:, None], position)
+            out.append(token)
+        t2 = time.perf_counter()
+        self.timing = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_tokens": len(out) - 1}
+        return torch.cat([input_ids, torch.stack(out, dim=1).to(input_ids.dtype)], dim=1)
+
+    def _check_ids(self, input_ids) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1 \
+                or input_ids.is_floating_point() or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must be an integer tensor of shape (1, P) with P >= 1 (batch 1), got "
+                             f"{tuple(getattr(input_ids, 'shape', ()))} {getattr(input_ids, 'dtype', type(input_ids))}")
+        if input_ids.shape[1] > self.max_len:
+            raise ValueError(f"input_ids holds {input_ids.shape[1]} tokens, more than max_len={self.max_len}")
+        if input_ids.device != self.device:
+            raise ValueError(f"input_ids is on {input_ids.device}, the model on {self.device}")
+
+    def _eos_set(self, eos_token_id) -> set[int]:
+        if eos_token_id is _MODEL_DEFAULT:
+            config = getattr(self.model, "generation_config", None)
+            eos_token_id = getattr(config, "eos_token_id", None)
+        if eos_token_id is None:
+            return set()
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ValueError(f"eos_token_id must be an int, a list of ints or None, got {eos_token_id!r}")
+        return set(ids)

@@ -1,0 +1,121 @@
+"""The weight bytes one decode step reads: the yardstick a batch-1 tokens/s figure is measured against.
+
+At batch 1 every dense weight is read once per token and used for one multiply-add, so memory traffic,
+not arithmetic, bounds the speed: tokens/s <= bandwidth / bytes per token. Counted here:
+
+* dense modules: every floating parameter and buffer once (tied tensors once: a tied LM head reads the
+  whole embedding table); an untied embedding table only the one row a token looks up;
+* ``SlicedMLP`` (and any MLP block ``find_mlps`` finds): its weights, already cut to the kept neurons;
+* ``GatedMLP``: the whole gate, then per token only the rows of the neurons it computed (w1's, the gate
+  projection's, w2_t's, and their bias/offset entries) at the density its counters measured;
+* ``TreeFF``: the share of each tree's nodes one token visits;
+* ``ReLUSkipMLP``: its whole tables (an upper bound: it keeps no count of the rows fc2 skipped).
+
+A dynsparse module of another kind is counted whole and named in ``notes``, so a figure never looks
+better than the bytes allow.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..gating.modules import GatedMLP, ReLUSkipMLP, SlicedMLP
+from ..mlps import find_mlps
+from ..tree import TreeFF
+from ..tree.layer import tree_active_fraction
+
+
+@dataclass
+class Traffic:
+    total: float  # weight bytes one decode step reads
+    mlp: float  # of which the MLP blocks (dense or sparse)
+    notes: list[str] = field(default_factory=list)  # modules counted whole for want of a better count
+
+    @property
+    def other(self) -> float:
+        return self.total - self.mlp
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+class _Counter:
+    """Bytes of tensors, each storage counted once."""
+
+    def __init__(self):
+        self.seen: set[int] = set()
+
+    def whole(self, t: torch.Tensor | None) -> int:
+        if t is None or not t.is_floating_point() or t.data_ptr() in self.seen:
+            return 0
+        self.seen.add(t.data_ptr())
+        return _nbytes(t)
+
+    def module(self, m: nn.Module) -> int:
+        return sum(self.whole(t) for t in list(m.parameters()) + list(m.buffers()))
+
+    def claim(self, m: nn.Module) -> None:
+        self.seen.update(t.data_ptr() for t in list(m.parameters()) + list(m.buffers()))
+
+
+def _row(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.shape[-1] * t.element_size()
+
+
+def _entry(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.element_size()
+
+
+def _gated_bytes(m: GatedMLP) -> float:
+    density = m.computed / m.total if m.total else 1.0
+    per_neuron = _row(m.w1) + _row(m.wg) + _row(m.w2_t) + _entry(m.b1) + _entry(m.bg) + _entry(m.compensation)
+    fixed = sum(_nbytes(t) for t in list(m.gate.parameters()) + list(m.gate.buffers()))
+    fixed += _nbytes(m.threshold) + _nbytes(m.b2_kernel)
+    return fixed + density * m.w1.shape[0] * per_neuron
+
+
+def _tree_bytes(m: TreeFF) -> float:
+    share = tree_active_fraction(m.depth)
+    routed = sum(_nbytes(t) for t in (m.w_in, m.b_in, m.w_out))
+    rest = sum(_nbytes(t) for t in m.parameters() if t is not m.w_in and t is not m.b_in and t is not m.w_out)
+    return share * routed + rest
+
+
+def weight_traffic(model: nn.Module) -> Traffic:
+    """Weight bytes one decode step of ``model`` reads (see the module doc); GatedMLP densities come from
+    their ``computed``/``total`` counters (reset them before the run you want counted)."""
+    count = _Counter()
+    mlp = 0.0
+    notes = []
+    handled: list[str] = []
+    for name, m in model.named_modules():
+        if any(name.startswith(h + ".") for h in handled):
+            continue  # inside a module counted already (a GatedMLP's gate)
+        if isinstance(m, GatedMLP):
+            mlp += _gated_bytes(m)
+        elif isinstance(m, TreeFF):
+            mlp += _tree_bytes(m)
+        elif isinstance(m, ReLUSkipMLP):
+            mlp += sum(_nbytes(t) for t in m.buffers())
+        elif type(m).__module__.startswith("dynsparse.gating") and not isinstance(m, SlicedMLP):
+            mlp += sum(_nbytes(t) for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point())
+            notes.append(f"{name} ({type(m).__name__}) counted whole")
+        else:
+            continue
+        handled.append(name)
+        count.claim(m)
+    for block in find_mlps(model).values():  # dense blocks and SIBS's sliced ones
+        mlp += sum(count.module(part) for part in (block.fc1, block.fc2, block.gate_proj) if part is not None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_ptr = head.weight.data_ptr() if head is not None else None
+    other = 0
+    for m in model.modules():
+        if isinstance(m, nn.Embedding) and m.weight.data_ptr() != head_ptr and m.weight.data_ptr() not in count.seen:
+            other += _nbytes(m.weight[0])  # one row per token
+            count.claim(m)
+    other += count.module(model)
+    return Traffic(total=mlp + other, mlp=mlp, notes=notes)
+
