@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import torch
 
@@ -17,12 +19,14 @@ def register(subparsers) -> None:
         description="Warm up, take the median of repeated runs, print baseline time, dynsparse time, ratio, "
         "achieved GFLOP/s and GB/s, next to this machine's matmul GFLOP/s and memory bandwidth.",
     )
-    p.add_argument("suite", nargs="?", default="all", choices=SUITE_NAMES + ("all",))
+    p.add_argument("suite", nargs="?", default="all", choices=SUITE_NAMES + ("all", "generate"),
+                   help="a kernel suite, all of them, or generate: batch-1 decoding of a real LM (--model)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--threads", type=int, default=None, help="torch (and numba) threads; default: torch's")
     p.add_argument("--repeats", type=int, default=5, help="timed samples per measurement (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before measuring")
-    p.add_argument("--tokens", type=str, default="1,16,256,2048", help="token counts of the tree 1x11 case")
+    p.add_argument("--tokens", type=str, default=None,
+                   help="token counts of the tree 1x11 case (default 1,16,256,2048); generate: tokens to decode (default 64)")
     p.add_argument("--forest-tokens", type=int, default=2048, help="tokens of the 16x7 case")
     p.add_argument("--train-tokens", type=int, default=4096, help="tokens of the forward+backward case")
     p.add_argument("--mgs-tokens", type=int, default=850, help="tokens of the MGS block case")
@@ -35,6 +39,16 @@ def register(subparsers) -> None:
     p.add_argument("--peak-megabytes", type=int, default=256, help="buffer of the bandwidth measurement")
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--d-ff", type=int, default=3072, help="width of the dense baseline MLP")
+    g = p.add_argument_group("generate")
+    g.add_argument("--model", default=None, help="generate: an HF model dir, a .gguf file, a hub id or a built-in name "
+                   "(smollm2-135m)")
+    g.add_argument("--sparsify", action="append", default=[], metavar="DIR",
+                   help="generate: a sparsified directory (dynsparse sparsify --out) to decode too; repeatable")
+    g.add_argument("--dtype", default="fp32,bf16", help="generate: fp32, bf16 or both (comma-separated)")
+    g.add_argument("--prefill", default="128,512", help="generate: prompt lengths of the prefill timings")
+    g.add_argument("--no-compile", action="store_true", help="generate: run the fast path eagerly (no torch.compile)")
+    g.add_argument("--no-hf", action="store_true", help="generate: skip the HF generate reference rows")
+    g.add_argument("--copy-megabytes", type=int, default=1024, help="generate: buffer of the bandwidth measurement")
     p.set_defaults(func=run)
 
 
@@ -45,8 +59,11 @@ def _positive(name: str, value: int) -> int:
 
 
 def run(args) -> int:
+    if args.suite == "generate":
+        return _run_generate(args)
     from ..bench import Settings, run_suites  # heavy imports only when benchmarking
 
+    args.tokens = args.tokens or "1,16,256,2048"
     try:
         tokens = tuple(_positive("tokens", int(t)) for t in args.tokens.split(",") if t.strip())
     except ValueError:
@@ -85,3 +102,51 @@ def run(args) -> int:
         report = run_suites(names, settings, on_result=printer.row)
         printer.finish(report)
     return 1 if report["errors"] and len(report["errors"]) == len(names) else 0
+
+
+def _int_list(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise CLIError(f"--{flag} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 2:
+        raise CLIError(f"--{flag} must name token counts >= 2, got {text!r}")
+    return values
+
+
+def _run_generate(args) -> int:
+    from ..bench.generate import GenerateSettings, print_table, run_generate
+    from ..decode import DTYPES
+    from ..lm.pretrained import resolve_model
+
+    if not args.model:
+        raise CLIError("bench generate needs --model (a model directory, a .gguf file, a hub id or smollm2-135m)")
+    dtypes = tuple(d.strip() for d in args.dtype.split(",") if d.strip())
+    if not dtypes or any(d not in DTYPES for d in dtypes):
+        raise CLIError(f"--dtype must be fp32, bf16 or fp32,bf16, got {args.dtype!r}")
+    new_tokens = _int_list("tokens", args.tokens or "64")
+    if len(new_tokens) != 1:
+        raise CLIError(f"--tokens of bench generate is one count of tokens to decode, got {args.tokens!r}")
+    prefill = _int_list("prefill", args.prefill)
+    for d in args.sparsify:
+        if not (Path(d) / "gates.safetensors").is_file():
+            raise CLIError(f"--sparsify {d}: not a sparsified directory (no gates.safetensors)")
+    try:
+        model = str(resolve_model(args.model))
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    settings = GenerateSettings(
+        model=model, sparsify=tuple(args.sparsify), dtypes=dtypes, new_tokens=new_tokens[0], prefill=prefill,
+        repeats=_positive("repeats", args.repeats), compile=not args.no_compile, hf_reference=not args.no_hf,
+        copy_megabytes=_positive("copy-megabytes", args.copy_megabytes), threads=args.threads or 2,
+    )
+    log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
+    try:
+        report = run_generate(settings, log=log)
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+    return 0
