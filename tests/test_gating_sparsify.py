@@ -212,7 +212,7 @@ def test_bad_configs_and_too_little_calibration():
         MGSConfig(gate="dense")
     with pytest.raises(ValueError, match="need >= 64"):
         sparsify_(tiny_opt(), MGSConfig(), calib=[{"input_ids": torch.zeros(1, 4, dtype=torch.long)}])
-    with pytest.raises(TypeError, match="SIBSConfig or MGSConfig"):
+    with pytest.raises(TypeError, match="SIBSConfig, MGSConfig or CATSConfig"):
         sparsify_(tiny_opt(), object(), calib=calib(1))
 
 

@@ -1,7 +1,8 @@
-"""``sparsify_(model, MGSConfig | SIBSConfig, calib=...)``: record, fit and install, in place (torchao style).
+"""``sparsify_(model, MGSConfig | SIBSConfig | CATSConfig, calib=...)``: record, fit and install, in place
+(torchao style).
 
 What a method learns per block is a handful of tensors (SIBS: kept indices + bias shift; MGS: gate
-weights, threshold, compensation). They are kept in a ``GateSet`` keyed by the block names of the
+weights, threshold, compensation; CATS: a threshold and optional compensation). They are kept in a ``GateSet`` keyed by the block names of the
 *dense* model, saved as one safetensors file (``gates.safetensors``) with the method, config and
 per-layer shapes in its metadata, and re-applied to a freshly loaded dense model by ``load_gates``.
 """
@@ -22,9 +23,12 @@ from torch import nn
 
 from ..atomic import atomic_dir
 from ..mlps import FilterFn, find_mlps
-from .mgs import MGSConfig, build_gated, mgs_tensors
+from .cats import CATSConfig, build_cats, cats_tensors
+from .mgs import MGSConfig, build_gated, mgs_tensors_all
 from .record import LayerStats, activation_name, record_activations
 from .sibs import SIBSConfig, build_sliced, sibs_tensors
+
+METHODS = ("sibs", "mgs", "cats")
 
 GATES_FILE = "gates.safetensors"
 _FORMAT = "dynsparse-gates/1"
@@ -32,7 +36,7 @@ _FORMAT = "dynsparse-gates/1"
 
 @dataclass
 class GateSet:
-    method: str  # "sibs" or "mgs"
+    method: str  # "sibs", "mgs" or "cats"
     config: dict
     layers: dict[str, dict]  # block name -> {"activation", "d_model", "d_ff"}
     tensors: dict[str, dict[str, torch.Tensor]]  # block name -> tensors
@@ -89,8 +93,8 @@ class GateSet:
     def check(self, source: str = "gate set") -> None:
         """Everything ``apply_gates`` relies on, so a damaged or hand-edited file is named at load time
         instead of indexing out of range or running with repeated neurons."""
-        if self.method not in ("sibs", "mgs"):
-            raise ValueError(f"{source}: unknown method {self.method!r} (expected sibs or mgs)")
+        if self.method not in METHODS:
+            raise ValueError(f"{source}: unknown method {self.method!r} (expected one of {', '.join(METHODS)})")
         for what in ("config", "layers", "report"):
             if not isinstance(getattr(self, what), dict):
                 raise ValueError(f"{source}: its {what} metadata is not a mapping")
@@ -114,8 +118,10 @@ class GateSet:
                     raise ValueError(f"{where}: {k} holds NaN or infinite values")
             if self.method == "sibs":
                 _check_sibs(where, ts, info, self.report.get(name, {}))
-            else:
+            elif self.method == "mgs":
                 _check_mgs(where, ts, info)
+            else:
+                _check_cats(where, ts, info)
 
 
 def _config_method(config) -> str:
@@ -123,21 +129,56 @@ def _config_method(config) -> str:
         return "sibs"
     if isinstance(config, MGSConfig):
         return "mgs"
-    raise TypeError(f"config must be SIBSConfig or MGSConfig, got {type(config).__name__}")
+    if isinstance(config, CATSConfig):
+        return "cats"
+    raise TypeError(f"config must be SIBSConfig, MGSConfig or CATSConfig, got {type(config).__name__}")
+
+
+def _stats_match(s: LayerStats, activity: str, target) -> bool:
+    if s.activity != activity:
+        return False
+    return activity == "sign" or (s.target_sparsity is not None and abs(s.target_sparsity - target) < 1e-12)
+
+
+def _record(model, config, method: str, blocks, calib, stats, progress):
+    """The statistics the method needs: recorded from ``calib``, or ``stats`` as given when they were
+    recorded under the config's activity, or derived from their rows for it (no model pass)."""
+    activity, target = config.activity, config.activity_sparsity
+    if stats is None:
+        if calib is None:
+            raise ValueError("pass calib= (calibration batches) or stats=")
+        rows = config.max_samples if method == "mgs" or activity != "sign" else 0
+        return record_activations(model, calib, blocks, eps=getattr(config, "eps", 1e-3), max_samples=rows,
+                                  activity=activity, target_sparsity=target if activity != "sign" else None,
+                                  progress=progress)
+    for name in blocks:
+        if name not in stats:
+            raise ValueError(f"no recorded statistics for block {name}")
+    if all(_stats_match(stats[n], activity, target) for n in blocks):
+        return stats
+    if activity == "sign":
+        raise ValueError(f"the statistics were recorded with activity {next(iter(stats.values())).activity!r}; "
+                         "the config asks for 'sign': record again")
+    from .thresholds import derive_stats
+
+    return derive_stats(blocks, stats, activity, [target], keep_samples=method == "mgs", progress=progress)[target]
 
 
 def fit_gates(model: nn.Module, config, calib: Iterable | None = None, filter_fn: FilterFn | None = None,
-              stats: dict[str, LayerStats] | None = None) -> GateSet:
-    """Record ``calib`` (unless ``stats`` are given) and compute the method's tensors for every block."""
+              stats: dict[str, LayerStats] | None = None, progress: bool | None = None) -> GateSet:
+    """Record ``calib`` (unless ``stats`` are given) and compute the method's tensors for every block.
+
+    ``stats`` recorded under another activity (or target) are re-derived from their recorded rows."""
     method = _config_method(config)
     blocks = find_mlps(model, filter_fn)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no recognisable MLP blocks (fc1 -> act -> fc2)")
-    if stats is None:
-        if calib is None:
-            raise ValueError("pass calib= (calibration batches) or stats=")
-        stats = record_activations(model, calib, blocks, eps=getattr(config, "eps", 1e-3),
-                                   max_samples=config.max_samples if method == "mgs" else 0)
+    if method == "cats":
+        plain = [n for n, b in blocks.items() if not b.gated]
+        if plain:
+            raise ValueError(f"CATS thresholds a gated MLP's gate projection; {plain[0]} is a plain MLP "
+                             "(use SIBS or MGS with activity='cats')")
+    stats = _record(model, config, method, blocks, calib, stats, progress)
     for name in blocks:
         if name not in stats:
             raise ValueError(f"no recorded statistics for block {name}")
@@ -148,12 +189,21 @@ def fit_gates(model: nn.Module, config, calib: Iterable | None = None, filter_fn
     for name, block in blocks.items():
         s = stats[name]
         layers[name] = {"activation": s.activation, "d_model": s.d_model, "d_ff": s.d_ff, "gated": block.gated}
+    if method == "mgs":
+        for name, (t, r) in mgs_tensors_all(blocks, stats, config, progress=progress).items():
+            tensors[name], report[name] = t, r
+    for name, block in blocks.items():
+        s = stats[name]
         if method == "sibs":
             tensors[name] = sibs_tensors(block, s, config)
             kept = len(tensors[name]["kept"])
             report[name] = {"kept": kept, "removed_fraction": 1 - kept / s.d_ff, "natural_sparsity": s.sparsity}
-        else:
-            tensors[name], report[name] = mgs_tensors(block, s, config)
+        elif method == "cats":
+            tensors[name] = cats_tensors(block, s, config)
+            report[name] = {"threshold": s.threshold, "calibrated_sparsity": s.sparsity}
+        if s.activity != "sign":
+            report[name].update({"activity": s.activity, "activity_threshold": s.threshold,
+                                 "activity_sparsity": s.sparsity})
     return GateSet(method, dataclasses.asdict(config), layers, tensors, report)
 
 
@@ -182,8 +232,10 @@ def apply_gates(model: nn.Module, gates: GateSet, backend: str = "auto") -> list
         try:
             if gates.method == "sibs":
                 built[name] = build_sliced(b, gates.tensors[name], info["activation"])
-            else:
+            elif gates.method == "mgs":
                 built[name] = build_gated(b, gates.tensors[name], info["activation"], backend=backend)
+            else:
+                built[name] = build_cats(b, gates.tensors[name], info["activation"], backend=backend)
         except (RuntimeError, IndexError, KeyError) as e:  # e.g. load_state_dict's size mismatch
             msg = " ".join(str(e).split())[:200]
             raise ValueError(f"gate tensors of layer {name} do not fit its MLP block ({type(e).__name__}: {msg})") from None
@@ -194,9 +246,9 @@ def apply_gates(model: nn.Module, gates: GateSet, backend: str = "auto") -> list
 
 
 def sparsify_(model: nn.Module, config, calib: Iterable | None = None, filter_fn: FilterFn | None = None,
-              stats: dict[str, LayerStats] | None = None) -> GateSet:
-    """Fit SIBS or MGS on ``calib`` and install it in ``model`` in place; returns the GateSet (``.save``)."""
-    gates = fit_gates(model, config, calib, filter_fn, stats)
+              stats: dict[str, LayerStats] | None = None, progress: bool | None = None) -> GateSet:
+    """Fit SIBS, MGS or CATS on ``calib`` and install it in ``model`` in place; returns the GateSet (``.save``)."""
+    gates = fit_gates(model, config, calib, filter_fn, stats, progress=progress)
     apply_gates(model, gates)
     return gates
 
@@ -249,6 +301,14 @@ def _check_sibs(where: str, ts: dict, info: dict, report: dict) -> None:
     if isinstance(report, dict) and isinstance(report.get("kept"), int) and report["kept"] != kept.numel():
         raise ValueError(f"{where}: kept lists {kept.numel()} neurons but the file's report says {report['kept']}")
     _need(where, ts, "bias_shift", shape=(info["d_model"],))
+
+
+def _check_cats(where: str, ts: dict, info: dict) -> None:
+    _need(where, ts, "threshold", shape=())
+    if "compensation" in ts:
+        _need(where, ts, "compensation", shape=(info["d_ff"],))
+    if not info.get("gated", False):
+        raise ValueError(f"{where}: CATS gates are for gated MLPs, the layer says it is plain")
 
 
 def _check_mgs(where: str, ts: dict, info: dict) -> None:

@@ -10,13 +10,20 @@ The paper does not publish the gate, loss or thresholds; our choices:
   pre-activations on the calibration inputs (Z = X W1^T + b1; A = W1^T V_r, B = V_r^T with V_r the top
   right singular vectors of Z), i.e. it starts by predicting sign(z); the grouped gate starts from the
   group-mean rows of W1.
-* Training. The model stays frozen; the gate learns from recorded (input, a > 0) pairs with binary
+* Labels. A neuron is active by the ``activity`` criterion (``gating.activity``): "sign" (a > 0), or
+  a magnitude criterion calibrated for ``activity_sparsity`` (default: the target sparsity). For smooth
+  gated MLPs "contribution" is the one to predict: it names the neurons whose absence the output feels,
+  and a gate that predicts it lets the block skip all three projections for the rest.
+* Training. The model stays frozen; the gate learns from recorded (input, active) pairs with binary
   cross-entropy, positives up-weighted by ``pos_weight`` (default: negatives/positives, capped at 10)
-  because active neurons are rare. A grouped gate's label is "any neuron of the group active".
+  because active neurons are rare. A grouped gate's label is "any neuron of the group active". The
+  gates of all layers with the same shape train together as one batched problem (``gate_training``):
+  the same steps, batches and updates as one layer at a time, in one pass of batched matmuls.
 * Threshold. Per layer, on held-out calibration rows the gate never trained on: the logit quantile that
   keeps ``target_recall`` of the truly active (token, neuron) pairs, or that gates off ``target_sparsity``
   of all pairs.
-* Compensation (smooth activations only): a gated-off neuron contributes E[a | a <= 0] instead of 0.
+* Compensation (smooth activations only): a gated-off neuron contributes its mean over the calibration
+  tokens on which it is inactive, E[a | inactive], instead of 0.
 * Neuron order (grouped gates, ``reorder``): a group is "on" when any of its neurons is, and consecutive
   neurons of a pretrained MLP are unrelated; so the hidden neurons are first permuted so that neurons
   that fire together on the training rows share a group (``gating.reorder``). The permutation is stored
@@ -54,8 +61,23 @@ class MGSConfig:
     compensate: bool = True  # only changes smooth activations
     reorder: bool | None = None  # grouped gates: permute neurons so co-active ones share a group (None: True)
     seed: int = 0
+    activity: str = "sign"  # the labels: "sign", "contribution" or "cats" (gating.activity)
+    activity_sparsity: float | None = None  # a magnitude activity's calibration target (default: target_sparsity)
 
     def __post_init__(self):
+        from .activity import check_activity, check_target
+
+        check_activity(self.activity)
+        if self.activity == "sign":
+            if self.activity_sparsity is not None:
+                raise ValueError("activity_sparsity calibrates a magnitude activity; activity 'sign' has no threshold")
+        else:
+            if self.activity_sparsity is None:
+                if self.target_sparsity is None:
+                    raise ValueError(f"activity {self.activity!r} with target_recall= needs activity_sparsity= "
+                                     "(the share of pairs its per-layer threshold switches off)")
+                self.activity_sparsity = self.target_sparsity
+            check_target(self.activity_sparsity, "activity_sparsity")
         if self.gate not in ("lowrank", "grouped"):
             raise ValueError(f"gate must be 'lowrank' or 'grouped', got {self.gate!r}")
         if self.target_recall is not None and self.target_sparsity is not None:
@@ -125,6 +147,8 @@ def calibrate_threshold(gate, x_hold: torch.Tensor, active_hold: torch.Tensor, t
         if target_recall is not None:
             pos_logits = logits[_labels(gate, active_hold)]
             thr = _quantile(pos_logits, 1 - target_recall) - 1e-6 if pos_logits.numel() else float("inf")
+        elif target_sparsity == 0:
+            thr = logits.min().item() - 1.0  # every neuron on (a quantile would still switch the lowest off)
         else:
             thr = _quantile(logits, target_sparsity)
         pred = logits > thr
@@ -155,12 +179,13 @@ def neuron_order(stats: LayerStats, cfg: MGSConfig) -> torch.Tensor | None:
     return coactivation_permutation(stats.samples_active[train], cfg.group_size, seed=cfg.seed)
 
 
-def train_gate(block: MLPBlock, stats: LayerStats, cfg: MGSConfig, perm: torch.Tensor | None = None):
-    """(gate, threshold, report) for one block from its recorded samples; with ``perm`` the gate is
-    trained for the block with its hidden neurons laid out as ``perm`` (see ``gating.reorder``)."""
+def _prepare(block: MLPBlock, stats: LayerStats, cfg: MGSConfig, perm: torch.Tensor | None):
+    """The initialised gate and its training problem: (gate, x, active, hold, train, labels, pos_weight)."""
     if stats.samples_x is None or stats.samples_x.shape[0] < cfg.min_samples:
         n = 0 if stats.samples_x is None else stats.samples_x.shape[0]
         raise ValueError(f"{block.name}: {n} recorded calibration rows, need >= {cfg.min_samples} to train a gate")
+    if stats.samples_active is None:
+        raise ValueError(f"{block.name}: the statistics hold no per-row active masks to train a gate on")
     # the weights whose pre-activation decides activity: fc1, or a gated block's gate projection
     w1, b1 = (t.detach().float() if t is not None else None for t in block.routing_weights())
     x, active = stats.samples_x, stats.samples_active
@@ -169,7 +194,6 @@ def train_gate(block: MLPBlock, stats: LayerStats, cfg: MGSConfig, perm: torch.T
         w1, b1 = w1[perm], None if b1 is None else b1[perm]
         active = active[:, perm]
     hold, train = _split(x.shape[0], cfg)
-    g = torch.Generator().manual_seed(cfg.seed)
     d, d_ff = stats.d_model, stats.d_ff
     if cfg.gate == "lowrank":
         gate = LowRankGate(d, d_ff, min(cfg.rank, d, d_ff))
@@ -177,9 +201,27 @@ def train_gate(block: MLPBlock, stats: LayerStats, cfg: MGSConfig, perm: torch.T
     else:
         gate = GroupedGate(d, d_ff, cfg.group_size)
         _init_grouped(gate, w1, b1)
-    y_all = _labels(gate, active).float()
-    pos = y_all[train].mean().clamp(1e-6, 1 - 1e-6).item()
+    labels = _labels(gate, active)
+    pos = labels[train].float().mean().clamp(1e-6, 1 - 1e-6).item()
     pw = cfg.pos_weight if cfg.pos_weight is not None else min(max((1 - pos) / pos, 1.0), 10.0)
+    return gate, x, active, hold, train, labels, pw
+
+
+def _finish(block: MLPBlock, gate, x, active, hold, cfg: MGSConfig, pw: float):
+    gate.requires_grad_(False)
+    thr, report = calibrate_threshold(gate, x[hold], active[hold], cfg.target_recall, cfg.target_sparsity,
+                                      gated_mlp=block.gated)
+    report["pos_weight"] = pw
+    return gate, thr, report
+
+
+def train_gate(block: MLPBlock, stats: LayerStats, cfg: MGSConfig, perm: torch.Tensor | None = None):
+    """(gate, threshold, report) for one block from its recorded samples; with ``perm`` the gate is
+    trained for the block with its hidden neurons laid out as ``perm`` (see ``gating.reorder``).
+    The plain one-layer loop: ``gate_training.train_gates`` runs the same for many layers at once."""
+    gate, x, active, hold, train, labels, pw = _prepare(block, stats, cfg, perm)
+    y_all = labels.float()
+    g = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.Adam(gate.parameters(), lr=cfg.lr)
     for _ in range(cfg.steps):
         idx = train[torch.randint(len(train), (min(cfg.batch_size, len(train)),), generator=g)]
@@ -187,11 +229,7 @@ def train_gate(block: MLPBlock, stats: LayerStats, cfg: MGSConfig, perm: torch.T
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    gate.requires_grad_(False)
-    thr, report = calibrate_threshold(gate, x[hold], active[hold], cfg.target_recall, cfg.target_sparsity,
-                                      gated_mlp=block.gated)
-    report["pos_weight"] = pw
-    return gate, thr, report
+    return _finish(block, gate, x, active, hold, cfg, pw)
 
 
 def gate_from_tensors(tensors: dict[str, torch.Tensor], d_model: int, d_ff: int):
@@ -229,17 +267,37 @@ def recalibrate_(gates, stats: dict[str, LayerStats], target_recall: float | Non
 def mgs_tensors(block: MLPBlock, stats: LayerStats, cfg: MGSConfig):
     """The tensors saved per block: gate.*, threshold, optional perm (grouped gates' neuron order) and
     compensation (per neuron, in the model's own neuron order like everything but the gate)."""
-    perm = neuron_order(stats, cfg) if stats.samples_x is not None else None
-    gate, thr, report = train_gate(block, stats, cfg, perm)
-    t = {f"gate.{k}": v.detach().clone() for k, v in gate.state_dict().items()}
-    t["threshold"] = thr.reshape(())
-    if perm is not None:
-        t["perm"] = perm
-        hold, _ = _split(stats.samples_x.shape[0], cfg)
-        report["natural_group_density_unordered"] = group_density(stats.samples_active[hold], cfg.group_size)
-    if cfg.compensate and stats.activation != "relu":
-        t["compensation"] = stats.mean_inactive_activation.float()
-    return t, report
+    return mgs_tensors_all({block.name: block}, {block.name: stats}, cfg, progress=False)[block.name]
+
+
+def mgs_tensors_all(blocks: dict[str, MLPBlock], stats: dict[str, LayerStats], cfg: MGSConfig,
+                    progress: bool | None = None) -> dict[str, tuple[dict, dict]]:
+    """{name: (tensors, report)} for every block, the gates trained together (``gate_training``)."""
+    from .gate_training import GateJob, train_gates
+
+    problems, jobs = {}, []
+    for name, block in blocks.items():
+        s = stats[name]
+        perm = neuron_order(s, cfg) if s.samples_x is not None else None
+        gate, x, active, hold, train, labels, pw = _prepare(block, s, cfg, perm)
+        problems[name] = (perm, gate, x, active, hold, pw)
+        jobs.append(GateJob(name, gate, x, labels, train, pw))
+    losses = train_gates(jobs, cfg.steps, cfg.lr, cfg.batch_size, cfg.seed, progress=progress)
+    out = {}
+    for name, block in blocks.items():
+        s = stats[name]
+        perm, gate, x, active, hold, pw = problems[name]
+        gate, thr, report = _finish(block, gate, x, active, hold, cfg, pw)
+        report["train_loss"] = losses[name]
+        t = {f"gate.{k}": v.detach().clone() for k, v in gate.state_dict().items()}
+        t["threshold"] = thr.reshape(())
+        if perm is not None:
+            t["perm"] = perm
+            report["natural_group_density_unordered"] = group_density(s.samples_active[hold], cfg.group_size)
+        if cfg.compensate and s.activation != "relu":
+            t["compensation"] = s.mean_inactive_activation.float()
+        out[name] = (t, report)
+    return out
 
 
 def build_gated(block: MLPBlock, tensors: dict[str, torch.Tensor], activation: str, backend: str = "auto") -> GatedMLP:

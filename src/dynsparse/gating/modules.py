@@ -14,6 +14,9 @@ its hidden value is act(x wg^T + bg) * (x w1^T + b1), with w1 the up projection.
 ``backend`` (``dynsparse.ops.BACKENDS``) picks the execution: "reference" runs ``forward_reference``,
 the others the ops on that backend, "auto" the best for the device. The ops have no autograd, so with
 grad enabled an "auto" module runs its reference and an explicit sparse backend refuses.
+
+Every module implements the sparse-FF protocol (``dynsparse.sparse_ff``, via ``gating.usage``): while
+``track_usage`` is on it counts tokens, computed neurons and the FLOPs its sparse execution costs.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from .. import activations
 from ..ops.backend import check_backend, resolve
 from ..ops.gates import GATE_BACKENDS, grouped_gate_groups, lowrank_gate_indices
 from ..ops.mlp import RELU_SKIP_BACKENDS, SPARSE_MLP_BACKENDS, MLPWeights, relu_skip_mlp, sparse_mlp
+from .usage import UsageCounter, neuron_flops
 
 
 def _no_grad_backend(module: nn.Module, x: torch.Tensor, supported: tuple[str, ...]) -> str:
@@ -37,7 +41,7 @@ def _no_grad_backend(module: nn.Module, x: torch.Tensor, supported: tuple[str, .
     return resolve(module.backend, x.device, supported)
 
 
-class SlicedMLP(nn.Module):
+class SlicedMLP(UsageCounter, nn.Module):
     """fc2(act(fc1(x))) over the ``kept`` neurons only; ``bias_shift`` = W2[:, removed] @ mean(a[removed]).
     With ``wg`` (a gated block): fc2(act(gate_proj(x)) * fc1(x)), gate_proj sliced like fc1."""
 
@@ -46,6 +50,9 @@ class SlicedMLP(nn.Module):
         super().__init__()
         kept = kept.long()
         d_ff_kept, d_out = len(kept), w2.shape[0]
+        self.d_ff = w1.shape[0]  # the dense block's width: the active fraction is kept / d_ff
+        self._neuron_flops = neuron_flops(w1.shape[1], d_out, wg is not None)
+        self._init_usage()
         self.activation = activation
         self.act = act if act is not None else activations.fn(activation)  # the block's own (e.g. GPT-2's tanh GELU)
         self.fc1 = _sliced_linear(w1, b1, kept)
@@ -59,7 +66,17 @@ class SlicedMLP(nn.Module):
                 bias += bias_shift
             self.fc2.bias.copy_(bias)
 
+    @property
+    def active_fraction(self) -> float:
+        return len(self.kept) / self.d_ff
+
+    @property
+    def flops_per_token(self) -> int:
+        return len(self.kept) * self._neuron_flops
+
     def forward(self, x):
+        tokens = x.numel() // x.shape[-1]
+        self._count_usage(tokens, tokens * len(self.kept), tokens * self.flops_per_token)
         if self.gate_proj is None:
             return self.fc2(self.act(self.fc1(x)))
         return self.fc2(self.act(self.gate_proj(x)) * self.fc1(x))
@@ -117,7 +134,7 @@ class GroupedGate(nn.Module):
         return self(x).repeat_interleave(self.group_size, dim=-1)
 
 
-class GatedMLP(nn.Module):
+class GatedMLP(UsageCounter, nn.Module):
     """MLP that computes only the neurons whose gate logit exceeds ``threshold`` (per neuron or group).
 
     ``compensation`` (d_ff,), optional: the expected output of a skipped neuron (mean of a over tokens
@@ -152,16 +169,26 @@ class GatedMLP(nn.Module):
         self.last_density: float | None = None  # share of neurons computed in the last forward
         self.computed = 0  # running (token, neuron) pairs computed, and ...
         self.total = 0  # ... pairs a dense block would compute: computed / total = measured density
+        self.d_ff = self.w1.shape[0]
+        self._neuron_flops = neuron_flops(self.w1.shape[1], self.w2_t.shape[1], self.wg is not None)
+        self._init_usage()
 
     @property
     def weights(self) -> MLPWeights:
         """The ops' view of the block: compensation as an offset, fc2's bias raised by W2 c."""
         return MLPWeights(self.w1, self.b1, self.w2_t, self.b2_kernel, self.wg, self.bg, self.compensation)
 
+    @property
+    def flops_per_token(self) -> int:
+        """Nominal (upper bound): the gate plus every neuron; ``measured_usage`` has what tokens cost."""
+        return int(self.gate.flops_per_token) + self.d_ff * self._neuron_flops
+
     def _count(self, computed: int, total: int) -> None:
         self.last_density = computed / max(total, 1)
         self.computed += computed
         self.total += total
+        tokens = total // max(self.d_ff, 1)
+        self._count_usage(tokens, computed, tokens * self.gate.flops_per_token + computed * self._neuron_flops)
 
     def gate_mask(self, x2: torch.Tensor) -> torch.Tensor:
         """(M, d_ff) bool: which neurons each token computes (reference semantics of the gate)."""
@@ -212,8 +239,9 @@ class GatedMLP(nn.Module):
         return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 
-class ReLUSkipMLP(nn.Module):
-    """Exact ReLU skip: dense fc1, fc2 only over each token's non-zero activations (no accuracy loss)."""
+class ReLUSkipMLP(UsageCounter, nn.Module):
+    """Exact ReLU skip: dense fc1, fc2 only over each token's non-zero activations (no accuracy loss).
+    While tracking usage it counts the non-zeros with one more fc1 pass (the op does not report them)."""
 
     def __init__(self, w1, b1, w2, b2, backend: str = "auto"):
         super().__init__()
@@ -223,6 +251,21 @@ class ReLUSkipMLP(nn.Module):
         self.register_buffer("b2", None if b2 is None else b2.detach().float().contiguous())
         self.weights  # validates the set
         self.backend = check_backend(backend)
+        self.d_ff = self.w1.shape[0]
+        self._init_usage()
+
+    @property
+    def flops_per_token(self) -> int:
+        """Nominal (upper bound): dense fc1 and every fc2 column."""
+        d, d_out = self.w1.shape[1], self.w2_t.shape[1]
+        return 2 * self.d_ff * (d + d_out)
+
+    def _track(self, x2: torch.Tensor) -> None:
+        if self.tracking:
+            with torch.no_grad():
+                nnz = int((F.linear(x2, self.w1, self.b1) > 0).sum())
+            m, d, d_out = x2.shape[0], self.w1.shape[1], self.w2_t.shape[1]
+            self._count_usage(m, nnz, m * 2 * d * self.d_ff + nnz * 2 * d_out)
 
     @property
     def weights(self) -> MLPWeights:
@@ -231,6 +274,7 @@ class ReLUSkipMLP(nn.Module):
     def forward(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float().contiguous()
+        self._track(x2)
         backend = _no_grad_backend(self, x, RELU_SKIP_BACKENDS)
         if backend == "reference" and torch.is_grad_enabled():
             y = F.relu(F.linear(x2, self.w1, self.b1)) @ self.w2_t + (self.b2 if self.b2 is not None else 0)

@@ -12,11 +12,14 @@ enter any statistic or the reservoir:
 * DETR: the pixel mask downsampled to the backbone's last feature map (captured with a hook on the
   backbone, exactly the mask DETR's encoder uses) for encoder blocks; decoder queries are all real.
 
-"Active" means ``a > 0`` (a ReLU neuron's exact non-zeros, a GELU neuron's positive branch); the separate
-"near zero" count uses ``|a| <= eps`` (eps reported) so smooth activations get an honest sparsity number.
-Gated (Llama-style) blocks have a = act(gate_proj(x)) * up_proj(x); there a neuron is active when its
-gate is, ``act(gate_proj(x)) > 0`` (exact zeros for a ReLU gate, SiLU's positive branch), because the up
-projection's sign says nothing about whether the neuron matters. Every other statistic uses the product.
+What "active" means is the ``activity`` criterion (``gating.activity``). ``"sign"`` (default) is
+``a > 0`` (a ReLU neuron's exact non-zeros, a GELU neuron's positive branch), or for gated (Llama-style)
+blocks, where a = act(gate_proj(x)) * up_proj(x), ``act(gate_proj(x)) > 0``; it needs no threshold, so
+its statistics stream over every token. The separate "near zero" count uses ``|a| <= eps`` (eps
+reported) so smooth activations get an honest sparsity number. The magnitude criteria (``"contribution"``,
+``"cats"``) need each layer's threshold before anything counts as active, so the pass only keeps the
+reservoir of block inputs and ``gating.thresholds`` derives thresholds and statistics from those rows,
+block by block, without running the model again (for several targets from one recording).
 """
 from __future__ import annotations
 
@@ -70,7 +73,11 @@ class LayerStats:
     union_sum: float = 0.0  # sum over batches of the fraction of neurons active for >= 1 token of the batch
     max_samples: int = 0
     samples_x: torch.Tensor | None = None  # (n, d_model) float32 reservoir of block inputs
-    samples_active: torch.Tensor | None = None  # (n, d_ff) bool: a > 0 for those rows
+    samples_active: torch.Tensor | None = None  # (n, d_ff) bool: which neurons are active on those rows
+    samples_batch: torch.Tensor | None = None  # (n,) int64: the calibration batch each row came from
+    activity: str = "sign"  # the criterion of "active" (gating.activity)
+    threshold: float | None = None  # the layer's activity threshold (magnitude criteria)
+    target_sparsity: float | None = None  # what that threshold was calibrated for
     _seen: int = 0
     _gen: torch.Generator = field(default=None, repr=False)
 
@@ -112,15 +119,21 @@ class LayerStats:
     def batch_union(self) -> float:
         return self.union_sum / max(self.n_batches, 1)
 
-    def update(self, x: torch.Tensor, a: torch.Tensor, active: torch.Tensor | None = None) -> None:
+    def update(self, x: torch.Tensor, a: torch.Tensor | None, active: torch.Tensor | None = None,
+               statistics: bool = True) -> None:
         """Fold in rows ``x`` (n, d_model), their activations ``a`` (n, d_ff) and which are active
-        (default ``a > 0``; real tokens only)."""
+        (default ``a > 0``; real tokens only). ``statistics=False`` only counts the rows and keeps them
+        in the reservoir (``a`` and ``active`` unused): what a magnitude criterion needs from the pass."""
         if x.shape[0] == 0:
+            return
+        self.n_tokens += x.shape[0]
+        self.n_batches += 1
+        if not statistics:
+            if self.max_samples:
+                self._reservoir(x.float(), None)
             return
         if active is None:
             active = a > 0
-        self.n_tokens += x.shape[0]
-        self.n_batches += 1
         self.fire_count += active.sum(0)
         self.near_zero_count += (a.abs() <= self.eps).sum(0)
         a64 = a.double()
@@ -131,23 +144,32 @@ class LayerStats:
         if self.max_samples:
             self._reservoir(x.float(), active)
 
-    def _reservoir(self, x: torch.Tensor, active: torch.Tensor) -> None:
-        """Uniform sample of all rows seen so far (Algorithm R, vectorised per batch)."""
+    def _reservoir(self, x: torch.Tensor, active: torch.Tensor | None) -> None:
+        """Uniform sample of all rows seen so far (Algorithm R, vectorised per batch); ``active`` None
+        keeps the inputs only."""
         n, cap = x.shape[0], self.max_samples
+        batch = torch.full((n,), self.n_batches - 1, dtype=torch.int64)
         stored = 0 if self.samples_x is None else self.samples_x.shape[0]
         take = min(cap - stored, n)
         if take > 0:
-            xs, acts = x[:take].clone(), active[:take].clone()
-            self.samples_x = xs if self.samples_x is None else torch.cat([self.samples_x, xs])
-            self.samples_active = acts if self.samples_active is None else torch.cat([self.samples_active, acts])
+            self.samples_x = _cat(self.samples_x, x[:take].clone())
+            self.samples_batch = _cat(self.samples_batch, batch[:take])
+            if active is not None:
+                self.samples_active = _cat(self.samples_active, active[:take].clone())
         rest = torch.arange(take, n)
         if len(rest):
             t = self._seen + rest + 1  # 1-based position of each row in the whole stream
             j = (torch.rand(len(rest), generator=self._gen) * t).long()
             keep = j < cap
             self.samples_x[j[keep]] = x[rest[keep]]
-            self.samples_active[j[keep]] = active[rest[keep]]
+            self.samples_batch[j[keep]] = batch[rest[keep]]
+            if active is not None:
+                self.samples_active[j[keep]] = active[rest[keep]]
         self._seen += n
+
+
+def _cat(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    return new if old is None else torch.cat([old, new])
 
 
 def _model_inputs(batch) -> dict:
@@ -169,11 +191,14 @@ class ActivationRecorder:
     """Context manager that installs the hooks; ``run(calib)`` feeds batches through the model."""
 
     def __init__(self, model: nn.Module, blocks: dict[str, MLPBlock] | None = None, eps: float = 1e-3,
-                 max_samples: int = 0):
+                 max_samples: int = 0, statistics: bool = True):
         self.model = model
         self.blocks = blocks if blocks is not None else find_mlps(model)
         if not self.blocks:
             raise ValueError(f"{type(model).__name__} has no recognisable MLP blocks (fc1 -> act -> fc2)")
+        if not statistics and not max_samples:
+            raise ValueError("statistics=False keeps only the reservoir of inputs: give max_samples >= 1")
+        self.statistics = statistics
         self.stats: dict[str, LayerStats] = {}
         for name, b in self.blocks.items():
             if b.act is None:
@@ -201,6 +226,9 @@ class ActivationRecorder:
                 if mask is not None:
                     keep = mask.reshape(-1)
                     x2, z2 = x2[keep], z2[keep]
+                if not self.statistics:
+                    self.stats[name].update(x2.detach(), None, statistics=False)
+                    return
                 a, active = hidden_activations(block, x2, z2)
                 self.stats[name].update(x2.detach(), a.detach().float(), active)
 
@@ -222,20 +250,28 @@ class ActivationRecorder:
         self._handles.clear()
 
     @torch.no_grad()
-    def run(self, calib: Iterable, max_batches: int | None = None) -> dict[str, LayerStats]:
+    def run(self, calib: Iterable, max_batches: int | None = None, progress: bool | None = None) -> dict[str, LayerStats]:
+        """Feed ``calib`` through the model once (one forward per batch records every block)."""
+        from .progress import Stage
+
         was_training = self.model.training
         self.model.eval()
         n = 0
+        total = len(calib) if hasattr(calib, "__len__") else 0
+        if max_batches is not None:
+            total = min(total, max_batches) if total else max_batches
         try:
-            for batch in calib:
-                if max_batches is not None and n >= max_batches:
-                    break
-                inputs = _model_inputs(batch)
-                am = inputs.get("attention_mask")
-                self._attention_mask = am.bool() if am is not None else None
-                self._encoder_mask = None
-                self.model(**inputs)
-                n += 1
+            with Stage("recording", total, "batches", progress) as stage:
+                for batch in calib:
+                    if max_batches is not None and n >= max_batches:
+                        break
+                    inputs = _model_inputs(batch)
+                    am = inputs.get("attention_mask")
+                    self._attention_mask = am.bool() if am is not None else None
+                    self._encoder_mask = None
+                    self.model(**inputs)
+                    n += 1
+                    stage.advance(info=f"{next(iter(self.stats.values())).n_tokens:,} tokens")
         finally:
             self.model.train(was_training)
         if n == 0:
@@ -243,8 +279,36 @@ class ActivationRecorder:
         return self.stats
 
 
+# rows per block kept when a magnitude criterion derives everything from the recorded inputs
+DEFAULT_ACTIVITY_ROWS = 16384
+
+
 def record_activations(model: nn.Module, calib: Iterable, blocks: dict[str, MLPBlock] | None = None,
-                       eps: float = 1e-3, max_samples: int = 0, max_batches: int | None = None) -> dict[str, LayerStats]:
-    """Per-block ``LayerStats`` over ``calib`` (dicts of model inputs, or input_ids tensors)."""
-    with ActivationRecorder(model, blocks, eps=eps, max_samples=max_samples) as rec:
-        return rec.run(calib, max_batches=max_batches)
+                       eps: float = 1e-3, max_samples: int = 0, max_batches: int | None = None,
+                       activity: str = "sign", target_sparsity: float | None = None,
+                       progress: bool | None = None) -> dict[str, LayerStats]:
+    """Per-block ``LayerStats`` over ``calib`` (dicts of model inputs, or input_ids tensors).
+
+    ``activity`` (``gating.activity.ACTIVITIES``): "sign" streams over every token; "contribution" and
+    "cats" calibrate each layer's threshold for ``target_sparsity`` and compute every statistic over the
+    recorded rows (``max_samples`` per block, default ``DEFAULT_ACTIVITY_ROWS``: all of a calibration set
+    up to that size)."""
+    from .activity import check_activity, check_target
+
+    check_activity(activity)
+    if activity == "sign":
+        if target_sparsity is not None:
+            raise ValueError("target_sparsity calibrates a magnitude activity ('contribution' or 'cats'); "
+                             "activity 'sign' has no threshold")
+        with ActivationRecorder(model, blocks, eps=eps, max_samples=max_samples) as rec:
+            return rec.run(calib, max_batches=max_batches, progress=progress)
+    if target_sparsity is None:
+        raise ValueError(f"activity {activity!r} needs target_sparsity= (the share of pairs its threshold switches off)")
+    check_target(target_sparsity)
+    from .thresholds import derive_stats
+
+    blocks = blocks if blocks is not None else find_mlps(model)
+    with ActivationRecorder(model, blocks, eps=eps, max_samples=max_samples or DEFAULT_ACTIVITY_ROWS,
+                            statistics=False) as rec:
+        rows = rec.run(calib, max_batches=max_batches, progress=progress)
+    return derive_stats(blocks, rows, activity, [target_sparsity], progress=progress)[target_sparsity]

@@ -12,6 +12,10 @@ index lists at run time). Which neurons go is decided per layer by ``criterion``
   on separator-like tokens); frequency removes them first. On all-MiniLM-L6-v2 the 25 % lowest-frequency
   neurons carry almost all of the first layer's output energy on held-out text.
 
+"Firing" is the ``activity`` criterion (``gating.activity``): "sign" (a > 0, the paper's), or a
+magnitude criterion ("contribution", "cats") whose per-layer threshold is calibrated for
+``activity_sparsity`` (default: the target sparsity), so the frequency counts how often a neuron matters.
+
 With ``compensate`` each removed neuron's mean output (over all calibration tokens) is added to fc2's
 bias: the MSE-best constant, zero for dead ReLU neurons. It lowers every layer's output error, but a
 rare huge output turned into a small constant on every token can still hurt end to end: on MiniLM it
@@ -36,8 +40,24 @@ class SIBSConfig:
     criterion: str = "frequency"  # or "output_error" (needs target_sparsity); see the module docstring
     eps: float = 1e-3  # near-zero tolerance reported by the recorder
     min_tokens: int = 16  # fewer calibration tokens than this per layer is an error
+    activity: str = "sign"  # what "firing" means: "sign", "contribution" or "cats" (gating.activity)
+    activity_sparsity: float | None = None  # a magnitude activity's calibration target (default: target_sparsity)
+    max_samples: int = 16384  # magnitude activities: calibration rows per layer kept to calibrate on
 
     def __post_init__(self):
+        from .activity import check_activity, check_target
+
+        check_activity(self.activity)
+        if self.activity == "sign":
+            if self.activity_sparsity is not None:
+                raise ValueError("activity_sparsity calibrates a magnitude activity; activity 'sign' has no threshold")
+        else:
+            if self.activity_sparsity is None:
+                if self.target_sparsity is None:
+                    raise ValueError(f"activity {self.activity!r} with threshold= needs activity_sparsity= "
+                                     "(the share of pairs its per-layer threshold switches off)")
+                self.activity_sparsity = self.target_sparsity
+            check_target(self.activity_sparsity, "activity_sparsity")
         if (self.threshold is None) == (self.target_sparsity is None):
             raise ValueError("SIBSConfig needs exactly one of threshold= or target_sparsity=")
         if self.threshold is not None and not 0 <= self.threshold <= 1:
