@@ -13,6 +13,10 @@ from pathlib import Path
 
 OWN_MODEL_TYPES = ("dynsparse_lm", "dynsparse_lm_pruned")
 TREE_MARKER = "dynsparse_tree.json"  # a converted family's folder (lm/convert.py MARKER)
+GATES_MARKER = "gates.safetensors"  # a sparsified model's folder (gating/api.py GATES_FILE)
+# the auto_map lm/remote.py writes into a sparsified causal LM's config.json; dynsparse loads such a
+# folder itself (gating.load_sparsified: the family's class + the gates), never through that file
+SPARSIFIED_AUTO_MAP = {"AutoModelForCausalLM": "modeling_dynsparse.SparsifiedForCausalLM"}
 
 FLAG = "--trust-remote-code"
 
@@ -39,6 +43,8 @@ def custom_code_files(model_dir: str | os.PathLike, names=MODEL_FILES) -> list[s
             # Ours (lm/remote.py writes auto_map for stock tools): dynsparse loads them with its own registered
             # classes, or rebuilds a converted family itself, so the folder's code is never run.
             return []
+        if name == "config.json" and (model_dir / GATES_MARKER).is_file() and data.get("auto_map") == SPARSIFIED_AUTO_MAP:
+            continue
         if data.get("auto_map"):
             found.append(name)
     return found

@@ -262,17 +262,43 @@ def load_gates(model: nn.Module, path: str | os.PathLike, backend: str = "auto")
 
 def save_sparsified_dir(gates: GateSet, out_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None) -> Path:
     """Write ``out_dir`` with gates.safetensors (+ a copy of the dense model's files when ``model_dir``),
-    built in a temporary sibling and moved into place only when complete."""
+    built in a temporary sibling and moved into place only when complete. A causal LM's directory also
+    gets ``auto_map`` and a modeling file (``lm.remote``), so ``AutoModelForCausalLM.from_pretrained(out_dir,
+    trust_remote_code=True)`` returns the sparsified model wherever dynsparse is installed."""
+    from ..lm.remote import MODELING_FILE, write_remote_code
+
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         if model_dir is not None:
             for f in Path(model_dir).iterdir():
-                if f.is_file():
+                if f.is_file() and f.name != MODELING_FILE:
                     shutil.copy2(f, tmp / f.name)
         gates.save(tmp)
         (tmp / "sparsify_report.json").write_text(json.dumps({"method": gates.method, "config": gates.config,
                                                                "layers": gates.report}, indent=1))
+        if model_dir is not None and (tmp / "config.json").is_file():
+            write_remote_code(tmp)
     return out_dir
+
+
+def is_sparsified_dir(model_dir: str | os.PathLike) -> bool:
+    return (Path(model_dir) / GATES_FILE).is_file() and (Path(model_dir) / "config.json").is_file()
+
+
+def load_sparsified(model_dir: str | os.PathLike, backend: str = "auto", dtype=None) -> nn.Module:
+    """The causal LM of a directory written by ``save_sparsified_dir`` (dense files + gates): the family's
+    own class with the gates installed, in eval mode. The folder's own code (auto_map) is never run."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    if not is_sparsified_dir(model_dir):
+        raise ValueError(f"{model_dir} is not a sparsified model directory (config.json and {GATES_FILE})")
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), config=config, local_files_only=True,
+                                                 dtype=dtype if dtype is not None else torch.float32,
+                                                 trust_remote_code=False)
+    load_gates(model, model_dir, backend=backend)
+    return model.eval()
 
 
 def _need(where: str, ts: dict, key: str, shape: tuple | None = None, integer: bool = False) -> torch.Tensor:

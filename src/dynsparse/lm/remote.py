@@ -21,7 +21,7 @@ The classes are dynsparse's own (pip install dynsparse); this file only points t
 """
 from dynsparse.lm import DynSparseLMConfig, DynSparseLMForCausalLM  # noqa: F401
 from dynsparse.dynamics.pruned_lm import PrunedDynSparseLMConfig, PrunedDynSparseLMForCausalLM  # noqa: F401
-from dynsparse.lm.remote import TreeifiedForCausalLM  # noqa: F401
+from dynsparse.lm.remote import SparsifiedForCausalLM, TreeifiedForCausalLM  # noqa: F401
 '''
 
 # model_type in config.json -> the classes auto_map names
@@ -33,8 +33,10 @@ _OWN = {
 
 def write_remote_code(model_dir: str | os.PathLike) -> bool:
     """Add ``auto_map`` and the modeling file to a saved model directory when transformers alone cannot
-    load it: our own LM types, or another family whose MLPs were replaced by tree FF blocks. Returns
-    whether anything was written (a plain HF model needs nothing)."""
+    load it: our own LM types, another family whose MLPs were replaced by tree FF blocks, or a causal
+    LM sparsified by ``dynsparse.gating`` (its dense files beside gates.safetensors). Returns whether
+    anything was written (a plain HF model needs nothing)."""
+    from ..gating.api import GATES_FILE
     from .convert import MARKER
 
     model_dir = Path(model_dir)
@@ -49,6 +51,8 @@ def write_remote_code(model_dir: str | os.PathLike) -> bool:
     elif (model_dir / MARKER).is_file():
         # transformers knows the config class; only the model needs rebuilding with its tree blocks.
         auto_map = {"AutoModelForCausalLM": f"{_MODULE}.TreeifiedForCausalLM"}
+    elif (model_dir / GATES_FILE).is_file() and _is_causal_lm(config):
+        auto_map = {"AutoModelForCausalLM": f"{_MODULE}.SparsifiedForCausalLM"}
     else:
         return False
     config["auto_map"] = auto_map
@@ -80,3 +84,32 @@ class TreeifiedForCausalLM:
     def register_for_auto_class(cls, auto_class="AutoModelForCausalLM"):
         """transformers calls this on remote classes; a loader has nothing to register."""
 
+
+
+def _is_causal_lm(config: dict) -> bool:
+    """Whether transformers has a causal-LM class for this config's model type."""
+    from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_type = config.get("model_type")
+    return model_type in CONFIG_MAPPING and CONFIG_MAPPING[model_type] in MODEL_FOR_CAUSAL_LM_MAPPING
+
+
+class SparsifiedForCausalLM:
+    """Loader for a causal LM sparsified by ``dynsparse.gating`` (SIBS, MGS or CATS): ``from_pretrained``
+    returns the family's own model class with the gates installed, as ``dynsparse.gating.load_sparsified``
+    builds it. Never instantiated itself."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, dtype=None, torch_dtype=None, **kwargs):
+        import torch
+
+        from ..gating.api import load_sparsified
+
+        dtype = dtype if dtype is not None else torch_dtype
+        if isinstance(dtype, str):
+            dtype = None if dtype == "auto" else getattr(torch, dtype)
+        return load_sparsified(pretrained_model_name_or_path, dtype=dtype or torch.float32)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModelForCausalLM"):
+        """transformers calls this on remote classes; a loader has nothing to register."""
