@@ -107,6 +107,10 @@ def test_gradient_ratio_separates_node_gelu_from_gelu_after_the_path():
     assert all(s["grad_ratio_rms"] > 1.3 for s in node.values())
     assert all(0.6 < s["grad_ratio_rms"] < 1.6 for s in path.values())
     assert all(0.6 < s["grad_ratio_rms"] < 1.6 for s in ident.values())
+    relu = probe(_tiny_lm("node-relu"), x, y, batch=4)  # no gradient at all below zero
+    assert all(s["grad_ratio_rms"] == float("inf") and s["negative_side_without_gradient"] == 1.0
+               for s in relu.values())
+    assert all(s["negative_side_without_gradient"] == 0.0 for s in node.values())
 
 
 @pytest.mark.parametrize("over, match", [

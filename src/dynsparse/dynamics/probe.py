@@ -90,9 +90,11 @@ class _Accumulator:
         seen = internal & (v > 0)
         share = np.maximum(p, v - p)[seen] / v[seen]
         weights = v[seen]
-        both = internal & (p > 0) & (v - p > 0) & (self.g2_neg > 0)
-        rms = np.sqrt(self.g2_pos[both] / p[both]) / np.sqrt(self.g2_neg[both] / (v - p)[both])
-        total = np.sqrt(self.g2_pos[both] / self.g2_neg[both])
+        # nodes visited on both sides; a negative side without any gradient (ReLU) gives an infinite ratio
+        both = internal & (p > 0) & (v - p > 0) & ((self.g2_pos > 0) | (self.g2_neg > 0))
+        with np.errstate(divide="ignore"):
+            rms = np.sqrt(self.g2_pos[both] / p[both]) / np.sqrt(self.g2_neg[both] / (v - p)[both])
+            total = np.sqrt(self.g2_pos[both] / self.g2_neg[both])
         level = np.floor(np.log2(np.arange(self.nodes) + 1)).astype(int)
         level = np.tile(level, self.trees)
         share_by_depth = []
@@ -113,6 +115,7 @@ class _Accumulator:
             "grad_ratio_rms": float(np.exp(np.median(np.log(rms)))) if both.any() else math.nan,
             "grad_ratio_total": float(np.exp(np.median(np.log(total)))) if both.any() else math.nan,
             "nodes_with_both_sides": int(both.sum()),
+            "negative_side_without_gradient": float((self.g2_neg[both] == 0).mean()) if both.any() else math.nan,
             "recompute_max_abs_diff": self.max_diff,
         }
 
