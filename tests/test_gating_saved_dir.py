@@ -104,15 +104,42 @@ def test_dynsparse_loads_the_directory_itself_without_trusting_its_code(saved):
         model = load_sparsified(d)
         with torch.no_grad():
             torch.testing.assert_close(model(torch.tensor(IDS)).logits, logits, rtol=1e-5, atol=1e-5)
-    # a foreign auto_map beside a gate file is still refused
+    # a foreign auto_map, or another modeling file, beside a gate file is still refused
     d = saved["mgs"][0]
     config = json.loads((d / "config.json").read_text())
+    source = (d / MODELING_FILE).read_text()
     (d / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "evil.Model"}}))
     try:
         with pytest.raises(ValueError, match="asks to run its own Python code"):
             check_remote_code(d, False)
     finally:
         (d / "config.json").write_text(json.dumps(config))
+    (d / MODELING_FILE).write_text(source + "import os\n")
+    try:
+        with pytest.raises(ValueError, match="asks to run its own Python code"):
+            check_remote_code(d, False)
+    finally:
+        (d / MODELING_FILE).write_text(source)
+    assert check_remote_code(d, False) is False
+
+
+def test_gates_of_a_base_model_apply_to_its_causal_lm_and_back():
+    from transformers import LlamaModel
+
+    lm = tiny_llama_lm()
+    base = LlamaModel(lm.config).eval()
+    base.load_state_dict(lm.model.state_dict())
+    gates = fit_gates(base, CONFIGS["cats"], calib(), progress=False)  # named "layers.0.mlp", as sparsify writes
+    assert set(gates.layers) == {"layers.0.mlp", "layers.1.mlp"}
+    apply_gates(lm, gates, backend="reference")
+    apply_gates(base, gates, backend="reference")
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(torch.tensor(IDS)).last_hidden_state, base(torch.tensor(IDS)).last_hidden_state)
+    lm_gates = fit_gates(tiny_llama_lm(), CONFIGS["cats"], calib(), progress=False)
+    assert set(lm_gates.layers) == {"model.layers.0.mlp", "model.layers.1.mlp"}
+    fresh_base = LlamaModel(lm.config).eval()
+    apply_gates(fresh_base, lm_gates)
+    assert type(fresh_base.layers[1].mlp).__name__ == "CATSMLP"
 
 
 def test_bad_input_is_one_line(tmp_path, saved):

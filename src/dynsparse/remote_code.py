@@ -44,7 +44,10 @@ def custom_code_files(model_dir: str | os.PathLike, names=MODEL_FILES) -> list[s
             # classes, or rebuilds a converted family itself, so the folder's code is never run.
             return []
         if name == "config.json" and (model_dir / GATES_MARKER).is_file() and data.get("auto_map") == SPARSIFIED_AUTO_MAP:
-            continue
+            from .lm.remote import has_own_modeling_file
+
+            if has_own_modeling_file(model_dir):
+                continue
         if data.get("auto_map"):
             found.append(name)
     return found

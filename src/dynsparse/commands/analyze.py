@@ -12,6 +12,11 @@ def register(subparsers) -> None:
     p.add_argument("--split", default="val")
     p.add_argument("--limit", type=int, default=128, help="images / lines to use")
     p.add_argument("--eps", type=float, default=1e-3, help="|a| <= eps counts as near zero")
+    p.add_argument("--activity", choices=("sign", "contribution", "cats"), default="sign",
+                   help="what counts as active: act(gate) > 0 (sign), |act(g) u| * ||W_down[:, j]|| above the "
+                        "layer's threshold (contribution), or |act(g)| above it (cats)")
+    p.add_argument("--target-sparsity", type=float, default=None,
+                   help="contribution/cats: calibrate each layer's threshold to switch this share off (in [0, 1))")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default=None, help="write analysis.json, sparsity.png, firing_hist.png here")
     p.add_argument("--overwrite", action="store_true", help="write into an --out folder that holds something else")
@@ -38,6 +43,14 @@ def run(args) -> int:
     model_dir = Path(args.model) if args.model else builtin_detr_dir()
     if args.eps < 0:
         raise CLIError(f"--eps must be >= 0, got {args.eps}")
+    if args.activity == "sign" and args.target_sparsity is not None:
+        raise CLIError("--target-sparsity calibrates --activity contribution or cats; sign has no threshold")
+    if args.activity != "sign":
+        if args.target_sparsity is None:
+            raise CLIError(f"--activity {args.activity} needs --target-sparsity (the share each layer's threshold "
+                           "switches off)")
+        if not 0 <= args.target_sparsity < 1:
+            raise CLIError(f"--target-sparsity must be in [0, 1), got {args.target_sparsity}")
     if args.out:
         from ..outputs import prepare_output
 
@@ -48,7 +61,8 @@ def run(args) -> int:
             raise CLIError("--calib is required for text models")
         data = args.calib if args.calib is not None else default_synthetic_root()
         batches = calib_batches(kind, proc, data, args.batch_size, args.limit, split=args.split)
-        stats = record_activations(model, batches, eps=args.eps)
+        stats = record_activations(model, batches, eps=args.eps, activity=args.activity,
+                                   target_sparsity=args.target_sparsity)
     except (FileNotFoundError, ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
     rows = summarize(stats)

@@ -1,5 +1,8 @@
 """``dynsparse eval MODEL_DIR``: perplexity on a corpus split, FF active fraction and FLOPs/token measured
-from the routing counts, and optionally lm-evaluation-harness tasks (``--tasks``)."""
+from the routing counts, and optionally lm-evaluation-harness tasks (``--tasks``). A sparsified model
+(``dynsparse sparsify`` output) is also compared with its dense original on the same windows: the
+perplexity increase and the mean KL divergence of the next-token distributions (``--reference`` names
+another model to compare with)."""
 from __future__ import annotations
 
 import json
@@ -23,6 +26,9 @@ def register(subparsers) -> None:
     p.add_argument("--include-path", help="folder of local lm-eval task YAMLs")
     p.add_argument("--num-fewshot", type=int)
     p.add_argument("--limit", type=int, help="at most this many examples per task")
+    p.add_argument("--reference", help="compare with this model (same tokenizer) on the same windows: its perplexity "
+                   "and the mean KL(reference || model); default for a sparsified model: its dense original")
+    p.add_argument("--no-kl", action="store_true", help="a sparsified model: skip the comparison with its dense original")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let the model directory run its own Python code (auto_map); off by default")
@@ -62,10 +68,26 @@ def run(args) -> int:
     if args.include_path is not None and not Path(args.include_path).is_dir():
         raise CLIError(f"--include-path {args.include_path} is not a folder of task YAMLs")
     manager = _task_manager(args, tasks, default_cache_dir()) if tasks else None  # unknown names: before any work
+    from ..gating.api import is_sparsified_dir, load_sparsified
+
+    sparsified = is_sparsified_dir(model_dir)
+    if args.no_kl and args.reference:
+        raise CLIError("--no-kl and --reference contradict each other")
+    if args.no_perplexity and (args.reference or args.no_kl):
+        raise CLIError("--reference and --no-kl apply to the perplexity evaluation, which --no-perplexity skips")
+    reference_dir = None
+    if args.reference:
+        reference_dir = Path(resolve_model(args.reference))
+        check_remote_code(reference_dir, args.trust_remote_code)
+    elif sparsified and not args.no_kl:
+        reference_dir = model_dir  # its dense files, without the gates
     result = {"model": str(model_dir)}
     if not args.no_perplexity:
         try:
-            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=trust)
+            if sparsified:  # dynsparse builds it (family class + gates); the folder's own file never runs
+                model = load_sparsified(model_dir)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=trust)
         except (OSError, ValueError) as e:
             raise CLIError(f"cannot load {model_dir}: {e}") from None
         except Exception as e:  # noqa: BLE001 - the folder's own code (trusted by the user) failed
@@ -76,17 +98,23 @@ def run(args) -> int:
         try:
             # The model's own tokenizer encodes the text, so its perplexity is in its own tokens.
             data = prepare_tokens(text_source(args.data), tokenizer_dir=str(model_dir), cache_dir=args.cache_dir)
-            ev = evaluate_lm(model, data.splits[args.split], seq_len, args.batch_size, args.max_windows)
+            if reference_dir is None:
+                ev = evaluate_lm(model, data.splits[args.split], seq_len, args.batch_size, args.max_windows)
         except (ValueError, FileNotFoundError) as e:
             raise CLIError(str(e)) from None
-        result.update({"split": args.split, "seq_len": seq_len, **{k: v for k, v in ev.to_dict().items() if k != "layers"}})
-        result["tree_layers"] = {n: {k: v for k, v in l.items() if k != "node_visits"} for n, l in ev.layers.items()}
+        if reference_dir is None:
+            result.update({"split": args.split, "seq_len": seq_len,
+                           **{k: v for k, v in ev.to_dict().items() if k != "layers"}})
+            result["tree_layers"] = {n: {k: v for k, v in l.items() if k != "node_visits"} for n, l in ev.layers.items()}
+        else:
+            result.update({"split": args.split, "seq_len": seq_len, "reference": str(reference_dir),
+                           **_compare(model, reference_dir, data.splits[args.split], seq_len, args, sparsified)})
     if args.tasks:
         from ..eval.harness import run_harness
 
-        try:
+        try:  # a sparsified folder loads through its own (dynsparse's, checked) file, or lm-eval gets the dense model
             result["tasks"] = run_harness(model_dir, tasks, None, args.num_fewshot, args.limit,
-                                          trust_remote_code=trust, manager=manager)
+                                          trust_remote_code=trust or sparsified, manager=manager)
         except (KeyError, ValueError) as e:
             raise CLIError(f"lm-eval failed: {e}") from None
     if args.json:
@@ -94,6 +122,32 @@ def run(args) -> int:
     else:
         _print(result)
     return 0
+
+
+def _compare(model, reference_dir: Path, tokens, seq_len: int, args, sparsified: bool) -> dict:
+    """Perplexity, the reference's perplexity and the mean KL(reference || model) on the same windows."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..eval.divergence import compare_models
+
+    own = sparsified and reference_dir == Path(args.model)
+    try:  # a sparsified folder's reference is its dense files: the family's own class, no remote code
+        reference = AutoModelForCausalLM.from_pretrained(str(reference_dir), dtype=torch.float32,
+                                                         trust_remote_code=False if own else args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"cannot load the reference {reference_dir}: {e}") from None
+    out_vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+    ref_vocab = reference.get_output_embeddings().weight.shape[0] if reference.get_output_embeddings() is not None else None
+    if out_vocab != ref_vocab:
+        raise CLIError(f"--reference {reference_dir} has a vocabulary of {ref_vocab}, the model {out_vocab}: "
+                       "KL needs the same tokenizer")
+    try:
+        r = compare_models(model, reference, tokens, seq_len, args.batch_size, args.max_windows)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    r["reference_perplexity"] = r.pop("dense_perplexity")
+    return r
 
 
 def _task_manager(args, tasks: list[str], default_cache: Path):
@@ -127,6 +181,10 @@ def _print(result: dict) -> None:
         table.add_row("tokens", f"{result['tokens']:,}")
         table.add_row("FF active fraction (measured)", f"{result['ff_active_fraction']:.2%}")
         table.add_row("FF FLOPs / token / block (measured)", f"{result['ff_flops_per_token']:,.0f}")
+        if "kl_to_dense" in result:
+            table.add_row("reference perplexity", f"{result['reference_perplexity']:.2f}")
+            table.add_row("perplexity increase", f"{result['perplexity_increase']:+.2%}")
+            table.add_row("mean KL(reference || model) / token", f"{result['kl_to_dense']:.4f}")
         for name, layer in result.get("tree_layers", {}).items():
             table.add_row(f"{name} dead / entropy", f"{layer['dead_fraction']:.2%} / {layer['path_entropy']:.3f}")
     for task, metrics in result.get("tasks", {}).items():

@@ -1,4 +1,5 @@
-"""``dynsparse sparsify``: fit SIBS or MGS on calibration data and write the model + gates to --out."""
+"""``dynsparse sparsify``: fit SIBS, MGS or CATS on calibration data and write the model + gates to --out
+(a causal LM's --out also loads with ``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)``)."""
 from __future__ import annotations
 
 
@@ -6,7 +7,16 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("sparsify", help="fit SIBS or MGS gates for a saved model", description=__doc__)
     p.add_argument("--model", default=None, help="an HF model dir, a .gguf file, a hub id or a built-in "
                    "name (smollm2-135m); default: the built-in small DETR")
-    p.add_argument("--method", choices=("sibs", "mgs"), required=True)
+    p.add_argument("--method", choices=("sibs", "mgs", "cats"), required=True,
+                   help="sibs: static slicing; mgs: trained gates; cats: threshold on |act(gate)| (gated MLPs, "
+                        "needs --target-sparsity, nothing trained)")
+    p.add_argument("--activity", choices=("sign", "contribution", "cats"), default="sign",
+                   help="SIBS/MGS: what counts as an active neuron: act(gate) > 0 (sign), its contribution "
+                        "|act(g) u| * ||W_down[:, j]|| above the layer's threshold, or |act(g)| above it (cats); "
+                        "contribution is the one to use for SiLU/GELU gated MLPs")
+    p.add_argument("--activity-sparsity", type=float, default=None,
+                   help="contribution/cats: the share of pairs each layer's activity threshold switches off "
+                        "(default: --target-sparsity)")
     p.add_argument("--calib", default=None, help="DETR: COCO-format root (default: the built-in synthetic set); "
                    "text models: a text file or folder, one example per line")
     p.add_argument("--calib-split", default="train")
@@ -43,7 +53,7 @@ def run(args) -> int:
     from ..cli import CLIError
     from ..detection.model import builtin_detr_dir
     from ..detection.synthetic import default_synthetic_root
-    from ..gating import MGSConfig, SIBSConfig, fit_gates, save_sparsified_dir
+    from ..gating import CATSConfig, MGSConfig, SIBSConfig, fit_gates, save_sparsified_dir
     from ..gating.calib import calib_batches, load_model, model_kind
 
     model_dir = Path(args.model) if args.model else builtin_detr_dir()
@@ -54,13 +64,25 @@ def run(args) -> int:
 
     prepare_output(out, "sparsify", args.overwrite, inputs=[model_dir, args.calib])
     try:
-        if args.method == "sibs":
+        if args.activity == "sign" and args.activity_sparsity is not None:
+            raise CLIError("--activity-sparsity calibrates --activity contribution or cats; sign has no threshold")
+        if args.method == "cats":
+            if args.target_sparsity is None:
+                raise CLIError("cats needs --target-sparsity")
+            extra = [f for f, v in (("--threshold", args.threshold), ("--target-recall", args.target_recall),
+                                    ("--activity-sparsity", args.activity_sparsity)) if v is not None]
+            if extra or args.activity != "sign":
+                raise CLIError(f"{(extra or ['--activity'])[0]} does not apply to --method cats "
+                               "(its activity is |act(gate)| at --target-sparsity)")
+            cfg = CATSConfig(target_sparsity=args.target_sparsity, compensate=not args.no_compensate)
+        elif args.method == "sibs":
             if args.threshold is None and args.target_sparsity is None:
                 raise CLIError("sibs needs --threshold or --target-sparsity")
             if args.target_recall is not None:
                 raise CLIError("--target-recall is an MGS option; SIBS takes --threshold or --target-sparsity")
             cfg = SIBSConfig(threshold=args.threshold, target_sparsity=args.target_sparsity, criterion=args.criterion,
-                             compensate=not args.no_compensate)
+                             compensate=not args.no_compensate, activity=args.activity,
+                             activity_sparsity=args.activity_sparsity)
         else:
             if args.threshold is not None:
                 raise CLIError("--threshold is a SIBS option; MGS takes --target-recall or --target-sparsity")
@@ -69,7 +91,8 @@ def run(args) -> int:
             cfg = MGSConfig(gate=args.gate, rank=args.rank, group_size=args.group_size,
                             target_recall=args.target_recall, target_sparsity=args.target_sparsity,
                             steps=args.steps, compensate=not args.no_compensate,
-                            reorder=False if args.no_reorder else None)
+                            reorder=False if args.no_reorder else None, activity=args.activity,
+                            activity_sparsity=args.activity_sparsity)
         kind = model_kind(model_dir)
         model, proc, kind = load_model(model_dir, trust_remote_code=args.trust_remote_code)
         if args.calib is None:
@@ -87,6 +110,9 @@ def run(args) -> int:
         if args.method == "sibs":
             print(f"{name}: kept {r['kept']} neurons ({r['removed_fraction']:.1%} removed), "
                   f"natural sparsity {r['natural_sparsity']:.1%}")
+        elif args.method == "cats":
+            print(f"{name}: |act(gate)| threshold {r['threshold']:.4g}, {r['calibrated_sparsity']:.1%} of the "
+                  "calibration pairs off")
         else:
             print(f"{name}: gated density {r['gated_density']:.1%} (natural {r['natural_density']:.1%}), "
                   f"recall {r['recall']:.3f}, precision {r['precision']:.3f} on held-out rows")

@@ -211,7 +211,7 @@ def apply_gates(model: nn.Module, gates: GateSet, backend: str = "auto") -> list
     """Install the gate set's modules in ``model`` (a dense model with the same MLP blocks); ``backend``
     is the MGS modules' execution setting (``dynsparse.ops.BACKENDS``)."""
     gates.check()
-    blocks = find_mlps(model)
+    blocks = _blocks_for(model, list(gates.layers))
     missing = [n for n in gates.layers if n not in blocks]
     if missing:
         raise ValueError(f"gate file does not match the model: no MLP block(s) {missing[:3]} in {type(model).__name__}")
@@ -243,6 +243,26 @@ def apply_gates(model: nn.Module, gates: GateSet, backend: str = "auto") -> list
         b = blocks[name]
         b.replace(new.to(next(b.fc1.parameters()).device))
     return list(gates.layers)
+
+
+def _blocks_for(model: nn.Module, names: list[str]) -> dict:
+    """The model's MLP blocks under the gate file's names. Gates fitted on an HF base model (``dynsparse
+    sparsify`` loads ``AutoModel``: "layers.0.mlp") also apply to its task model ("model.layers.0.mlp"),
+    and the other way round, through ``base_model_prefix``."""
+    blocks = find_mlps(model)
+    if all(n in blocks for n in names):
+        return blocks
+    prefix = getattr(model, "base_model_prefix", "")
+    base = getattr(model, prefix, None) if prefix else None
+    if isinstance(base, nn.Module):  # a task model, gates of its base model
+        inner = find_mlps(base)
+        if all(n in inner for n in names):
+            return inner
+    if prefix and all(n.startswith(prefix + ".") for n in names):  # a base model, gates of its task model
+        stripped = {f"{prefix}.{n}": b for n, b in blocks.items()}
+        if all(n in stripped for n in names):
+            return stripped
+    return blocks
 
 
 def sparsify_(model: nn.Module, config, calib: Iterable | None = None, filter_fn: FilterFn | None = None,

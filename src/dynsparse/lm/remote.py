@@ -86,6 +86,14 @@ class TreeifiedForCausalLM:
 
 
 
+def has_own_modeling_file(model_dir: str | os.PathLike) -> bool:
+    """Whether the directory's modeling file is exactly the one dynsparse writes (only imports dynsparse)."""
+    try:
+        return (Path(model_dir) / MODELING_FILE).read_text() == _SOURCE
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def _is_causal_lm(config: dict) -> bool:
     """Whether transformers has a causal-LM class for this config's model type."""
     from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING
