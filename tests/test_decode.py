@@ -165,6 +165,16 @@ def test_weight_traffic_counts_what_a_step_reads():
     assert s.mlp == pytest.approx(gate + 4 + rows + sliced)  # + the threshold
     assert s.other == pytest.approx(t.other)
     assert s.notes == []
+    # a measured density given by the caller wins over the counters
+    assert weight_traffic(sparse, {"model.layers.0.mlp": 0.5}).mlp == pytest.approx(gate + 4 + 32 * 96 * 4 + sliced)
+    from dynsparse.gating.baselines import cats_mlp
+
+    cats = tiny_llama()
+    block = find_mlps(cats)["model.layers.0.mlp"]
+    block.replace(cats_mlp(block, "silu", torch.tensor(0.1), None))
+    c = weight_traffic(cats, {"model.layers.0.mlp": 0.25})
+    dense_gate = 64 * 32 * 4  # the whole gate projection, then 16 neurons' rows of w1, wg (again) and w2_t
+    assert c.mlp == pytest.approx(dense_gate + 4 + 16 * 96 * 4 + 3 * 32 * 64 * 4)
     tree = tree_lm()
     layer = tree.transformer.h[0].mlp
     share = 4 / 15  # depth 3: 4 of 15 nodes per tree
@@ -279,6 +289,7 @@ def _check_rows(report, dtypes, compiled):
         assert isinstance(dense["met"], bool) and isinstance(sparse["met"], bool)
         # SIBS at 50 %: half of every MLP's rows, the attention and the tied head unchanged
         assert sparse["mlp_bytes_per_token"] < 0.55 * dense["mlp_bytes_per_token"]
+        assert sparse["mlp_active_fraction"] == pytest.approx(0.5)  # measured: 32 of 64 neurons per token
         assert sparse["allowed_speedup"] == pytest.approx(dense["weight_bytes_per_token"] / sparse["weight_bytes_per_token"])
         assert sparse["share_of_allowed_speedup"] == pytest.approx(sparse["speedup_vs_dense"] / sparse["allowed_speedup"])
         if dtype == "fp32":
@@ -293,10 +304,10 @@ def test_bench_generate_json_on_a_tiny_model(tiny_dirs):
 
 
 @pytest.mark.slow
-def test_bench_generate_compiled_fp32_and_bf16(tiny_dirs):
+def test_bench_generate_compiled_bf16(tiny_dirs):
     model_dir, sparse_dir = tiny_dirs
-    report = _bench(model_dir, "--sparsify", str(sparse_dir))
-    rows = _check_rows(report, ["fp32", "bf16"], compiled=True)
+    report = _bench(model_dir, "--dtype", "bf16", "--sparsify", str(sparse_dir))
+    rows = _check_rows(report, ["bf16"], compiled=True)
     assert all(r["compile_s"]["decode"] > 0 for r in rows if "compile_s" in r)
 
 

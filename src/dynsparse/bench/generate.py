@@ -63,22 +63,6 @@ def without_mlps_(model: nn.Module) -> int:
     return len(blocks) + len(trees)
 
 
-def load_sparsified_(model: nn.Module, path: str | os.PathLike):
-    """Install the gates of a sparsified directory in a dense causal LM. ``dynsparse sparsify`` names the
-    blocks of the model it loaded, which for an HF text model is the base model (``layers.0.mlp``), so
-    the names are matched against the causal LM and then its ``base_model``."""
-    from ..gating import GateSet, apply_gates
-    from ..mlps import find_mlps
-
-    gates = GateSet.load(path)
-    wanted = set(gates.layers)
-    for target in (model, getattr(model, "base_model", None)):
-        if target is not None and wanted <= set(find_mlps(target)):
-            apply_gates(target, gates)
-            return gates
-    raise ValueError(f"{path}: its gates name blocks ({sorted(wanted)[0]}, ...) that {type(model).__name__} does not have")
-
-
 # ------------------------------------------------------------------------------------------ measuring
 def copy_gbps(megabytes: int) -> float:
     """Copy bandwidth, read + write bytes per second (the median of three copies)."""
@@ -139,16 +123,41 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _counters(model: nn.Module) -> dict[str, tuple[int, int]]:
-    from ..gating.modules import GatedMLP
+def measured_densities(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> dict[str, float]:
+    """Share of each sparse block's neurons one decode token computes, block name -> fraction: an eager
+    greedy run with the blocks' usage tracking on (tracking turns counts into Python numbers, which a
+    compiled graph cannot), less the same prompt's prefill."""
+    from ..decode import FastDecoder
+    from ..sparse_ff import sparse_ff_blocks
 
-    return {n: (m.computed, m.total) for n, m in model.named_modules() if isinstance(m, GatedMLP)}
+    blocks = sparse_ff_blocks(model)
+    if not blocks:
+        return {}
+    dec = FastDecoder(model, prompt.shape[1] + new_tokens, compile=False)
+    dec.warm_up(prompt.shape[1])  # untracked
 
+    def tracked(fn):
+        for b in blocks.values():
+            b.reset_usage()
+            b.track_usage(True)
+        try:
+            fn()
+        finally:
+            for b in blocks.values():
+                b.track_usage(False)
+        return {n: b.measured_usage() for n, b in blocks.items()}
 
-def _set_counters(model: nn.Module, values: dict[str, tuple[int, int]]) -> None:
-    for name, (computed, total) in values.items():
-        m = model.get_submodule(name)
-        m.computed, m.total = computed, total
+    pre = tracked(lambda: dec.prefill(prompt))
+    gen = tracked(lambda: dec.generate(prompt, new_tokens, eos_token_id=None))
+    for b in blocks.values():
+        b.reset_usage()
+    out = {}
+    for n in blocks:
+        tokens = gen[n].tokens - pre[n].tokens
+        if tokens > 0:
+            units = gen[n].active_fraction * gen[n].tokens - pre[n].active_fraction * pre[n].tokens
+            out[n] = units / tokens
+    return out
 
 
 def _agree(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -172,26 +181,26 @@ def _build(settings: GenerateSettings, variant: _Variant, dtype: str) -> nn.Modu
     model = load_model(settings.model).eval()
     if variant.kind == "no_mlp":
         without_mlps_(model)
-    elif variant.kind == "sparse":
-        load_sparsified_(model, variant.sparsify)
+    elif variant.kind == "sparse":  # the gates on --model itself (they are checked to fit it)
+        from ..gating import load_gates
+
+        load_gates(model, variant.sparsify)
     return cast_weights_(model, dtype)
 
 
 def _fast_row(settings, variant, dtype, model, prompt, prefill_prompts, log) -> dict:
     from ..decode import FastDecoder, weight_traffic
 
-    max_len = max(max(settings.prefill, default=0), settings.prompt_tokens + settings.new_tokens)
-    dec = FastDecoder(model, max_len, compile=settings.compile, warn=log)
+    density = measured_densities(model, prompt, settings.new_tokens)
+    traffic = weight_traffic(model, density)
+    # two decoders, each with the cache it needs: attention reads every slot of it at every step
+    dec = FastDecoder(model, settings.prompt_tokens + settings.new_tokens, compile=settings.compile,
+                      compile_prefill=False, warn=log)
     dec.warm_up(settings.prompt_tokens)
+    pre = FastDecoder(model, max(settings.prefill), compile=settings.compile, compile_decode=False, warn=log)
+    pre.warm_up(min(settings.prefill))
     n = settings.new_tokens
-    # decode-only neuron counts of the gated blocks: counters of a whole generate minus those of its prefill
-    start = _counters(model)
-    dec.prefill(prompt)
-    after_prefill = _counters(model)
     out = dec.generate(prompt, n, eos_token_id=None)
-    after_gen = _counters(model)
-    decode_only = {k: (after_gen[k][0] - after_prefill[k][0] - (after_prefill[k][0] - start[k][0]),
-                       after_gen[k][1] - after_prefill[k][1] - (after_prefill[k][1] - start[k][1])) for k in start}
     bw = copy_gbps(settings.copy_megabytes)
     rd = read_gbps(settings.copy_megabytes)
 
@@ -202,22 +211,19 @@ def _fast_row(settings, variant, dtype, model, prompt, prefill_prompts, log) -> 
     per_token = _median(decode_s, settings.repeats)
     prefill = {}
     for p, ids in prefill_prompts.items():
-        prefill[p] = _median(lambda ids=ids: _timed(lambda: dec.prefill(ids)), settings.repeats)
-    saved = _counters(model)
-    _set_counters(model, decode_only)
-    traffic = weight_traffic(model)
-    _set_counters(model, saved)
-    density = {k: c / t for k, (c, t) in decode_only.items() if t}
+        prefill[p] = _median(lambda ids=ids: _timed(lambda: pre.prefill(ids)), settings.repeats)
+    compiled = (dec.compiled["decode"], pre.compiled["prefill"])
     return {
-        "variant": variant.name, "dtype": dtype, "path": "compiled" if all(dec.compiled.values()) else
-        ("eager" if not any(dec.compiled.values()) else "compiled decode, eager prefill" if dec.compiled["decode"]
-         else "eager decode, compiled prefill"),
+        "variant": variant.name, "dtype": dtype, "path": {(True, True): "compiled", (False, False): "eager",
+                                                          (True, False): "compiled decode, eager prefill",
+                                                          (False, True): "eager decode, compiled prefill"}[compiled],
         "decode_s_per_token": per_token, "prefill_s": prefill, "tokens": out,
-        "compile_s": dict(dec.compile_seconds), "fallback": dict(dec.fallback),
+        "compile_s": {"decode": dec.compile_seconds["decode"], "prefill": pre.compile_seconds["prefill"]},
+        "fallback": {**dec.fallback, **pre.fallback},
         "weight_bytes_per_token": traffic.total, "mlp_bytes_per_token": traffic.mlp,
         "traffic_notes": traffic.notes, "kv_bytes_per_step": dec.static.kv_bytes,
         "copy_gbps": bw, "read_gbps": rd,
-        "gated_density": statistics.mean(density.values()) if density else None,
+        "mlp_active_fraction": statistics.mean(density.values()) if density else None,
     }
 
 

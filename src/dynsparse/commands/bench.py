@@ -10,6 +10,8 @@ import torch
 from ..cli import CLIError
 
 SUITE_NAMES = ("tree", "train", "mgs", "lm")
+GENERATE_ONLY = {"--model": "model", "--sparsify": "sparsify", "--dtype": "dtype", "--prefill": "prefill",
+                 "--no-compile": "no_compile", "--no-hf": "no_hf", "--copy-megabytes": "copy_megabytes"}
 
 
 def register(subparsers) -> None:
@@ -44,11 +46,12 @@ def register(subparsers) -> None:
                    "(smollm2-135m)")
     g.add_argument("--sparsify", action="append", default=[], metavar="DIR",
                    help="generate: a sparsified directory (dynsparse sparsify --out) to decode too; repeatable")
-    g.add_argument("--dtype", default="fp32,bf16", help="generate: fp32, bf16 or both (comma-separated)")
-    g.add_argument("--prefill", default="128,512", help="generate: prompt lengths of the prefill timings")
+    g.add_argument("--dtype", default=None, help="generate: fp32, bf16 or both, comma-separated (default fp32,bf16)")
+    g.add_argument("--prefill", default=None, help="generate: prompt lengths of the prefill timings (default 128,512)")
     g.add_argument("--no-compile", action="store_true", help="generate: run the fast path eagerly (no torch.compile)")
     g.add_argument("--no-hf", action="store_true", help="generate: skip the HF generate reference rows")
-    g.add_argument("--copy-megabytes", type=int, default=1024, help="generate: buffer of the bandwidth measurement")
+    g.add_argument("--copy-megabytes", type=int, default=None,
+                   help="generate: buffer of the bandwidth measurement (default 1024, far beyond the caches)")
     p.set_defaults(func=run)
 
 
@@ -63,7 +66,11 @@ def run(args) -> int:
         return _run_generate(args)
     from ..bench import Settings, run_suites  # heavy imports only when benchmarking
 
-    args.tokens = args.tokens or "1,16,256,2048"
+    given = [flag for flag, dest in GENERATE_ONLY.items() if getattr(args, dest) not in (None, [], False)]
+    if given:
+        raise CLIError(f"{given[0]} applies to bench generate only")
+    if args.tokens is None:
+        args.tokens = "1,16,256,2048"
     try:
         tokens = tuple(_positive("tokens", int(t)) for t in args.tokens.split(",") if t.strip())
     except ValueError:
@@ -121,13 +128,14 @@ def _run_generate(args) -> int:
 
     if not args.model:
         raise CLIError("bench generate needs --model (a model directory, a .gguf file, a hub id or smollm2-135m)")
+    args.dtype = "fp32,bf16" if args.dtype is None else args.dtype
     dtypes = tuple(d.strip() for d in args.dtype.split(",") if d.strip())
     if not dtypes or any(d not in DTYPES for d in dtypes):
         raise CLIError(f"--dtype must be fp32, bf16 or fp32,bf16, got {args.dtype!r}")
-    new_tokens = _int_list("tokens", args.tokens or "64")
+    new_tokens = _int_list("tokens", "64" if args.tokens is None else args.tokens)
     if len(new_tokens) != 1:
         raise CLIError(f"--tokens of bench generate is one count of tokens to decode, got {args.tokens!r}")
-    prefill = _int_list("prefill", args.prefill)
+    prefill = _int_list("prefill", "128,512" if args.prefill is None else args.prefill)
     for d in args.sparsify:
         if not (Path(d) / "gates.safetensors").is_file():
             raise CLIError(f"--sparsify {d}: not a sparsified directory (no gates.safetensors)")
@@ -138,7 +146,7 @@ def _run_generate(args) -> int:
     settings = GenerateSettings(
         model=model, sparsify=tuple(args.sparsify), dtypes=dtypes, new_tokens=new_tokens[0], prefill=prefill,
         repeats=_positive("repeats", args.repeats), compile=not args.no_compile, hf_reference=not args.no_hf,
-        copy_megabytes=_positive("copy-megabytes", args.copy_megabytes), threads=args.threads or 2,
+        copy_megabytes=_positive("copy-megabytes", args.copy_megabytes or 1024), threads=args.threads or 2,
     )
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
     try:

@@ -35,21 +35,23 @@ def _one_line(e: BaseException) -> str:
 class FastDecoder:
     """Greedy decoding of ``model`` (eval mode, batch 1) for sequences of up to ``max_len`` positions.
 
-    ``compile``: compile the decode step and the prefill (``compile_prefill``) with ``torch.compile``
-    (``mode``: None, the default, keeps compile time short; "max-autotune-no-cudagraphs" searches kernels).
+    ``compile``: compile the decode step (``compile_decode``) and the prefill (``compile_prefill``) with
+    ``torch.compile`` (``mode``: None, the default, keeps compile time short; "max-autotune-no-cudagraphs"
+    searches kernels). Attention reads all ``max_len`` cache slots at every step, so a tight ``max_len``
+    is a faster decoder.
     ``warn``: where the one-line fallback message goes (default: stderr).
     """
 
-    def __init__(self, model: nn.Module, max_len: int, *, compile: bool = True, compile_prefill: bool = True,
-                 mode: str | None = None, warn=None):
+    def __init__(self, model: nn.Module, max_len: int, *, compile: bool = True, compile_decode: bool = True,
+                 compile_prefill: bool = True, mode: str | None = None, warn=None):
         self.model = model.eval()
         self.static = static_model(model, max_len)
         self.max_len = max_len
         self.device = next(model.parameters()).device
         self._warn = warn or (lambda msg: print(msg, file=sys.stderr))
-        self.compiled = {"decode": compile, "prefill": compile and compile_prefill}
+        self.compiled = {"decode": compile and compile_decode, "prefill": compile and compile_prefill}
         self._fns = {"decode": _decode_step, "prefill": _prefill_step}
-        if compile:
+        if self.compiled["decode"]:
             # dynamic=None: the step's shapes never change, but int attributes that do (GatedMLP's counters)
             # become graph inputs after one recompile instead of a recompile per token
             self._fns["decode"] = torch.compile(_decode_step, fullgraph=True, dynamic=None, mode=mode)

@@ -7,9 +7,14 @@ not arithmetic, bounds the speed: tokens/s <= bandwidth / bytes per token. Count
   whole embedding table); an untied embedding table only the one row a token looks up;
 * ``SlicedMLP`` (and any MLP block ``find_mlps`` finds): its weights, already cut to the kept neurons;
 * ``GatedMLP``: the whole gate, then per token only the rows of the neurons it computed (w1's, the gate
-  projection's, w2_t's, and their bias/offset entries) at the density its counters measured;
-* ``TreeFF``: the share of each tree's nodes one token visits;
-* ``ReLUSkipMLP``: its whole tables (an upper bound: it keeps no count of the rows fc2 skipped).
+  projection's, w2_t's, and their bias/offset entries);
+* ``CATSMLP``: the whole gate projection (it is the gate), then what the op reads per computed neuron
+  (its rows of w1, of the gate projection again, and of w2_t);
+* ``ReLUSkipMLP``: all of fc1, then the computed neurons' rows of fc2;
+* ``TreeFF``: the share of each tree's nodes one token visits.
+
+The share of neurons computed per token comes from ``densities`` (block name -> fraction, as measured
+by the caller); without one, a ``GatedMLP`` uses its own counters and the others count every neuron.
 
 A dynsparse module of another kind is counted whole and named in ``notes``, so a figure never looks
 better than the bytes allow.
@@ -69,12 +74,31 @@ def _entry(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.element_size()
 
 
-def _gated_bytes(m: GatedMLP) -> float:
-    density = m.computed / m.total if m.total else 1.0
-    per_neuron = _row(m.w1) + _row(m.wg) + _row(m.w2_t) + _entry(m.b1) + _entry(m.bg) + _entry(m.compensation)
+def _gated_bytes(m: GatedMLP, density: float | None) -> float:
+    if density is None:
+        density = m.computed / m.total if m.total else 1.0
     fixed = sum(_nbytes(t) for t in list(m.gate.parameters()) + list(m.gate.buffers()))
     fixed += _nbytes(m.threshold) + _nbytes(m.b2_kernel)
-    return fixed + density * m.w1.shape[0] * per_neuron
+    return fixed + density * m.w1.shape[0] * _per_neuron(m)
+
+
+def _per_neuron(m) -> int:
+    """Bytes the sparse MLP op reads for one listed neuron: its rows of w1, wg (GLU) and w2_t, and its
+    bias/offset entries."""
+    return _row(m.w1) + _row(m.wg) + _row(m.w2_t) + _entry(m.b1) + _entry(m.bg) + _entry(m.compensation)
+
+
+def _cats_bytes(m, density: float | None) -> float:
+    density = 1.0 if density is None else density
+    gate = (m.wg, m.bg) if m.wg is not None else (m.w1, m.b1)  # a plain block's gate is fc1 itself
+    fixed = sum(_nbytes(t) for t in gate) + _nbytes(m.threshold) + _nbytes(m.b2_kernel)
+    # the op computes each listed neuron whole, so it reads that neuron's gate row a second time
+    return fixed + density * m.w1.shape[0] * _per_neuron(m)
+
+
+def _relu_skip_bytes(m: ReLUSkipMLP, density: float | None) -> float:
+    density = 1.0 if density is None else density
+    return _nbytes(m.w1) + _nbytes(m.b1) + _nbytes(m.b2) + density * _nbytes(m.w2_t)
 
 
 def _tree_bytes(m: TreeFF) -> float:
@@ -84,9 +108,14 @@ def _tree_bytes(m: TreeFF) -> float:
     return share * routed + rest
 
 
-def weight_traffic(model: nn.Module) -> Traffic:
-    """Weight bytes one decode step of ``model`` reads (see the module doc); GatedMLP densities come from
-    their ``computed``/``total`` counters (reset them before the run you want counted)."""
+def weight_traffic(model: nn.Module, densities: dict[str, float] | None = None) -> Traffic:
+    """Weight bytes one decode step of ``model`` reads (see the module doc); ``densities``: block name ->
+    share of its neurons one token computes."""
+    try:
+        from ..gating.baselines import CATSMLP
+    except ImportError:  # pragma: no cover - older trees without the CATS baseline
+        CATSMLP = ()
+    densities = densities or {}
     count = _Counter()
     mlp = 0.0
     notes = []
@@ -95,11 +124,13 @@ def weight_traffic(model: nn.Module) -> Traffic:
         if any(name.startswith(h + ".") for h in handled):
             continue  # inside a module counted already (a GatedMLP's gate)
         if isinstance(m, GatedMLP):
-            mlp += _gated_bytes(m)
+            mlp += _gated_bytes(m, densities.get(name))
+        elif CATSMLP and isinstance(m, CATSMLP):
+            mlp += _cats_bytes(m, densities.get(name))
+        elif isinstance(m, ReLUSkipMLP):
+            mlp += _relu_skip_bytes(m, densities.get(name))
         elif isinstance(m, TreeFF):
             mlp += _tree_bytes(m)
-        elif isinstance(m, ReLUSkipMLP):
-            mlp += sum(_nbytes(t) for t in m.buffers())
         elif type(m).__module__.startswith("dynsparse.gating") and not isinstance(m, SlicedMLP):
             mlp += sum(_nbytes(t) for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point())
             notes.append(f"{name} ({type(m).__name__}) counted whole")
