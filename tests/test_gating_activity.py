@@ -163,3 +163,18 @@ def test_bad_activity_inputs_are_named():
         MGSConfig(target_sparsity=0.5, activity="cats", activity_sparsity=1.0)
     with pytest.raises(ValueError, match="activity must be one of"):
         SIBSConfig(target_sparsity=0.5, activity="gate")
+
+
+@pytest.mark.parametrize("n,d,d_ff,r", [(200, 32, 128, 8), (50, 64, 256, 16), (400, 16, 48, 16)])
+def test_lowrank_init_spans_the_top_singular_subspace_of_the_pre_activations(n, d, d_ff, r):
+    # the d x d route gives the same subspace as the eigenvectors of the (d_ff x d_ff) Gram matrix
+    from dynsparse.gating.mgs import _top_right_singular
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g)
+    w = torch.randn(d_ff, d, generator=g)
+    v = _top_right_singular(x, w, r)
+    z = x @ w.t()
+    ref = torch.linalg.eigh((z.t() @ z).double()).eigenvectors[:, -r:].float()
+    torch.testing.assert_close(v @ v.t(), ref @ ref.t(), atol=1e-4, rtol=0)  # ref: a float32 Gram matrix
+    torch.testing.assert_close(v.t() @ v, torch.eye(r), atol=1e-5, rtol=0)

@@ -99,14 +99,27 @@ class MGSConfig:
 
 
 def _init_lowrank(gate: LowRankGate, w1, b1, x) -> None:
-    xw = x @ w1.t()  # the input-dependent part of z; the bias b1 is per neuron, so the gate keeps it exactly
-    # top right singular vectors of X W1^T from the (d_ff x d_ff) Gram matrix: cheaper than an SVD
-    evals, evecs = torch.linalg.eigh((xw.t() @ xw).double())
-    v = evecs[:, -gate.A.shape[1]:].float()  # (d_ff, r)
+    v = _top_right_singular(x, w1, gate.A.shape[1])  # (d_ff, r)
     with torch.no_grad():
         gate.A.copy_(w1.t() @ v)
         gate.B.copy_(v.t())
         gate.c.copy_(b1 if b1 is not None else torch.zeros(w1.shape[0]))
+
+
+def _top_right_singular(x: torch.Tensor, w1: torch.Tensor, r: int) -> torch.Tensor:
+    """(d_ff, r): the top right singular vectors of Z = X W1^T (the input-dependent part of the
+    pre-activation; the bias b1 is per neuron, so the gate keeps it exactly).
+
+    They are the top eigenvectors of Z^T Z = W1 M W1^T with M = X^T X. With M = L L^T and K = W1 L
+    (d_ff x d), Z^T Z = K K^T, whose top eigenvectors are K's top left singular vectors: K Q S^(-1/2)
+    from the eigen-decomposition K^T K = Q S Q^T, a d x d problem instead of d_ff x d_ff."""
+    w = w1.double()
+    s, u = torch.linalg.eigh((x.t() @ x).double())
+    k = w @ (u * s.clamp_min(0).sqrt())  # (d_ff, d)
+    lam, q = torch.linalg.eigh(k.t() @ k)
+    lam, q = lam[-r:], q[:, -r:]
+    v = (k @ q) / lam.clamp_min(1e-300).sqrt()
+    return v.float()
 
 
 def _init_grouped(gate: GroupedGate, w1, b1) -> None:
@@ -274,14 +287,18 @@ def mgs_tensors_all(blocks: dict[str, MLPBlock], stats: dict[str, LayerStats], c
                     progress: bool | None = None) -> dict[str, tuple[dict, dict]]:
     """{name: (tensors, report)} for every block, the gates trained together (``gate_training``)."""
     from .gate_training import GateJob, train_gates
+    from .progress import Stage
 
     problems, jobs = {}, []
-    for name, block in blocks.items():
-        s = stats[name]
-        perm = neuron_order(s, cfg) if s.samples_x is not None else None
-        gate, x, active, hold, train, labels, pw = _prepare(block, s, cfg, perm)
-        problems[name] = (perm, gate, x, active, hold, pw)
-        jobs.append(GateJob(name, gate, x, labels, train, pw))
+    what = "ordering neurons and initialising gates" if cfg.gate == "grouped" and cfg.reorder else "initialising gates"
+    with Stage(what, len(blocks), "layers", progress) as stage:
+        for name, block in blocks.items():
+            s = stats[name]
+            perm = neuron_order(s, cfg) if s.samples_x is not None else None
+            gate, x, active, hold, train, labels, pw = _prepare(block, s, cfg, perm)
+            problems[name] = (perm, gate, x, active, hold, pw)
+            jobs.append(GateJob(name, gate, x, labels, train, pw))
+            stage.advance()
     losses = train_gates(jobs, cfg.steps, cfg.lr, cfg.batch_size, cfg.seed, progress=progress)
     out = {}
     for name, block in blocks.items():

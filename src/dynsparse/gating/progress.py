@@ -58,6 +58,7 @@ class Stage:
             self._line(now)
 
     def _line(self, now: float) -> None:
+        self._printed = self.done
         unit = f" {self.unit}" if self.unit else ""
         info = f"  {self.info}" if self.info else ""
         print(f"{self.description}: {self.done}/{self.total}{unit} ({now - self._t0:.0f} s){info}",
@@ -66,5 +67,5 @@ class Stage:
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.stop()
-        elif self.on and exc[0] is None:
+        elif self.on and exc[0] is None and getattr(self, "_printed", None) != self.done:
             self._line(time.perf_counter())
