@@ -33,7 +33,9 @@ def register(subparsers) -> None:
     p.add_argument("--group-size", type=int, default=16)
     p.add_argument("--no-reorder", action="store_true",
                    help="grouped gates: keep the neurons' order (default: co-firing neurons are moved into shared groups)")
-    p.add_argument("--steps", type=int, default=300, help="MGS: gate training steps per block")
+    p.add_argument("--steps", type=int, default=300, help="MGS: gate training steps (all blocks train together)")
+    p.add_argument("--gate-batch-size", type=int, default=1024,
+                   help="MGS: calibration rows per training step (fewer: cheaper steps on a small CPU)")
     p.add_argument("--no-compensate", action="store_true", help="do not add back skipped neurons' mean output")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -90,7 +92,7 @@ def run(args) -> int:
                 raise CLIError("--no-reorder applies to --gate grouped only")
             cfg = MGSConfig(gate=args.gate, rank=args.rank, group_size=args.group_size,
                             target_recall=args.target_recall, target_sparsity=args.target_sparsity,
-                            steps=args.steps, compensate=not args.no_compensate,
+                            steps=args.steps, batch_size=args.gate_batch_size, compensate=not args.no_compensate,
                             reorder=False if args.no_reorder else None, activity=args.activity,
                             activity_sparsity=args.activity_sparsity)
         kind = model_kind(model_dir)
