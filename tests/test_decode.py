@@ -300,7 +300,11 @@ def _check_rows(report, dtypes, compiled):
 def test_bench_generate_json_on_a_tiny_model(tiny_dirs):
     model_dir, sparse_dir = tiny_dirs
     report = _bench(model_dir, "--dtype", "fp32", "--no-compile", "--sparsify", str(sparse_dir))
-    _check_rows(report, ["fp32"], compiled=False)
+    rows = _check_rows(report, ["fp32"], compiled=False)
+    from dynsparse.bench.generate import to_markdown
+
+    table = to_markdown(report).splitlines()
+    assert len(table) == 2 + len(rows) + 2 and table[2].startswith("| dense | fp32 | eager |")
 
 
 @pytest.mark.slow

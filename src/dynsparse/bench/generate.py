@@ -375,3 +375,38 @@ def print_table(report: dict, console=None) -> None:
             console.print(f"[yellow]{r['dtype']} {r['variant']}: ran eagerly where compile failed: {r['fallback']}[/yellow]")
         if r.get("traffic_notes"):
             console.print(f"[yellow]{r['dtype']} {r['variant']}: bytes are upper bounds for {r['traffic_notes']}[/yellow]")
+
+
+def to_markdown(report: dict) -> str:
+    """The report's table as markdown (for docs/results), with the machine line under it."""
+    prefills = [str(p) for p in report["settings"]["prefill"]]
+    head = ["variant", "dtype", "path", "decode tok/s", "ms/token", "MLP ms", "other ms", "MLP share", "weight MB/token",
+            "GB/s", "of copy bw", "limit tok/s", "speed-up", "allowed", "of allowed"]
+    head += [f"prefill {p} tok/s" for p in prefills] + [f"prefill {prefills[-1]} MLP share", "compile s (decode+prefill)"]
+
+    def f(v, fmt, scale=1.0):
+        return "" if v is None else format(v * scale, fmt)
+
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["rows"]:
+        c = r.get("compile_s")
+        cells = [r["variant"], r["dtype"], r["path"], f(r["decode_tokens_per_s"], ".1f"), f(r["decode_s_per_token"], ".1f", 1e3),
+                 f(r.get("decode_mlp_s_per_token"), ".1f", 1e3), f(r.get("decode_other_s_per_token"), ".1f", 1e3),
+                 f(r.get("decode_mlp_share"), ".0%"), f(r.get("weight_bytes_per_token"), ".0f", 1e-6),
+                 f(r.get("achieved_gbps"), ".2f"), f(r.get("copy_bandwidth_fraction"), ".0%"),
+                 f(r.get("limit_tokens_per_s"), ".1f"), f(r.get("speedup_vs_dense"), ".2f"), f(r.get("allowed_speedup"), ".2f"),
+                 f(r.get("share_of_allowed_speedup"), ".0%")]
+        cells += [f(r["prefill_tokens_per_s"].get(p), ".0f") for p in prefills]
+        cells += [f(r.get("prefill_mlp_share", {}).get(prefills[-1]), ".0%"),
+                  "" if not c or r["path"] == "eager" else f"{c['decode']:.0f}+{c['prefill']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    m = report["machine"]
+    bw = [r["copy_gbps"] for r in report["rows"] if "copy_gbps" in r]
+    rd = [r["read_gbps"] for r in report["rows"] if "read_gbps" in r]
+    lines.append("")
+    lines.append(f"{m['cpu']}, {m['threads']} threads, {m['cores']} cores, torch {m['torch']}, OMP_WAIT_POLICY "
+                 f"{m['omp_wait_policy']}; copy bandwidth {min(bw):.1f}-{max(bw):.1f} GB/s and read bandwidth "
+                 f"{min(rd):.1f}-{max(rd):.1f} GB/s ({report['settings']['copy_megabytes']} MB buffers, measured before "
+                 f"each fast row); load average (1/5/15 min) {', '.join(f'{x:.2f}' for x in m['load_average_start'])} at "
+                 f"the start, {', '.join(f'{x:.2f}' for x in m['load_average_end'])} at the end; {report['seconds']:.0f} s.")
+    return "\n".join(lines) + "\n"

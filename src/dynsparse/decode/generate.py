@@ -66,8 +66,15 @@ class FastDecoder:
     def _run(self, kind: str, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # GatedMLP counts its computed neurons in int attributes; as constants of the graph they would fail
         # a guard (and recompile) at every step, so they may become graph inputs
-        with torch.no_grad(), torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
-            return self._fns[kind](self.static, ids, positions)
+        # (set and restored by hand: config.patch costs a few hundred microseconds per call)
+        config = torch._dynamo.config
+        before = config.allow_unspec_int_on_nn_module
+        config.allow_unspec_int_on_nn_module = True
+        try:
+            with torch.no_grad():
+                return self._fns[kind](self.static, ids, positions)
+        finally:
+            config.allow_unspec_int_on_nn_module = before
 
     def _first_call(self, kind: str, ids: torch.Tensor, positions: torch.Tensor) -> None:
         t0 = time.perf_counter()
