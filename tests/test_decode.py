@@ -240,8 +240,9 @@ def test_compiled_prefill_and_decode_give_hf_generate_tokens(name):
     dec = FastDecoder(model, 32)
     assert torch.equal(dec.generate(ids, NEW), hf_tokens(model, ids))
     assert dec.compiled == {"decode": True, "prefill": True} and dec.fallback == {}
-    longer = prompt(11)  # another prompt length: the prefill graph is symbolic in it
+    longer = prompt(11)  # another prompt length: a graph of its own
     assert torch.equal(dec.generate(longer, NEW), hf_tokens(model, longer))
+    assert set(dec.prefill_graphs) == {7, 11}
 
 
 # ------------------------------------------------------------------------------------------ the bench

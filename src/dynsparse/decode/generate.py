@@ -1,10 +1,13 @@
 """``FastDecoder``: greedy generation at batch 1 over a static KV cache, prefill and decode step compiled apart.
 
-The decode step sees tensors of one shape at every position, so it compiles once (``dynamic=False``); the
-prefill graph is compiled with a symbolic prompt length, so one graph serves every prompt of two tokens or
-more (a one-token prompt runs the decode step). ``fullgraph=True``: a graph break (anything the compiler
-cannot trace, a dynsparse op included) is a compile error, not a silent slow path. Compiling happens in
-``warm_up`` (``generate`` calls it once); when it fails, that step runs eagerly and ``fallback`` says why.
+The decode step sees tensors of one shape at every position, so it compiles once. Prefill compiles one
+static graph per prompt length, up to ``PREFILL_GRAPHS`` lengths (later lengths run eagerly): a graph
+symbolic in the length would serve them all, but inductor takes far longer to build it for a real model
+(over a quarter of an hour for a 30-layer Llama on two cores, against about a minute per static length).
+A one-token prompt runs the decode step. ``fullgraph=True``: a graph break (anything the compiler cannot
+trace, a dynsparse op included) is a compile error, not a silent slow path. The first call of each graph
+compiles it (``warm_up`` does the decode step's); when compiling fails, that step runs eagerly from then
+on and ``fallback`` says why.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from torch import nn
 from .adapters import static_model
 
 _MODEL_DEFAULT = object()
+PREFILL_GRAPHS = 4  # prompt lengths that get a compiled prefill graph (dynamo's recompile limit is 8)
 
 
 def _decode_step(static, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -56,8 +60,9 @@ class FastDecoder:
             # become graph inputs after one recompile instead of a recompile per token
             self._fns["decode"] = torch.compile(_decode_step, fullgraph=True, dynamic=None, mode=mode)
         if self.compiled["prefill"]:
-            self._fns["prefill"] = torch.compile(_prefill_step, fullgraph=True, dynamic=True, mode=mode)
+            self._fns["prefill"] = torch.compile(_prefill_step, fullgraph=True, dynamic=False, mode=mode)
         self.compile_seconds = {"decode": 0.0, "prefill": 0.0}  # first calls, compilation included
+        self.prefill_graphs: dict[int, float] = {}  # prompt length -> seconds of its first (compiling) call
         self.fallback: dict[str, str] = {}  # step -> why it runs eagerly
         self.timing: dict[str, float] = {}  # of the last generate(): prefill_s, decode_s, decode_tokens
         self._warm = False
@@ -76,10 +81,11 @@ class FastDecoder:
         finally:
             config.allow_unspec_int_on_nn_module = before
 
-    def _first_call(self, kind: str, ids: torch.Tensor, positions: torch.Tensor) -> None:
+    def _first_call(self, kind: str, ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Run a step whose graph may not be compiled yet; returns (output, seconds)."""
         t0 = time.perf_counter()
         try:
-            self._run(kind, ids, positions)
+            out = self._run(kind, ids, positions)
         except Exception as e:  # noqa: BLE001 - dynamo, inductor and the C++ compiler raise many types
             if not self.compiled[kind]:
                 raise
@@ -89,34 +95,46 @@ class FastDecoder:
             self._warn(f"dynsparse decode: torch.compile of the {kind} step failed, running it eagerly "
                        f"({self.fallback[kind]})")
             self.static.reset()
-            self._run(kind, ids, positions)
-        self.compile_seconds[kind] = time.perf_counter() - t0
+            out = self._run(kind, ids, positions)
+        return out, time.perf_counter() - t0
 
-    def warm_up(self, prompt_len: int = 16) -> None:
-        """Compile (or fall back) both steps on a dummy sequence: a prefill of ``prompt_len`` tokens, one decode step."""
-        prompt_len = max(2, min(prompt_len, self.max_len - 2))
-        ids = torch.zeros(1, prompt_len, dtype=torch.long, device=self.device)
-        self.static.reset()
-        self._first_call("prefill", ids, torch.arange(prompt_len, device=self.device))
+    def warm_up(self, prompt_len: int | None = None) -> None:
+        """Compile (or fall back) the decode step, and the prefill of ``prompt_len`` tokens if given, on
+        dummy tokens; the cache is reset afterwards."""
         # the decode step's inputs exactly as generate() passes them (strides included: no recompile)
         token = torch.zeros(1, dtype=torch.long, device=self.device)
-        self._first_call("decode", token[:, None], torch.full((1,), prompt_len, device=self.device))
-        first = self.compile_seconds["decode"]
-        # a second step: where int attributes changed (counters), this is the one recompile that makes them inputs
-        self._first_call("decode", token[:, None], torch.full((1,), prompt_len + 1, device=self.device))
-        self.compile_seconds["decode"] += first
+        at = 2 if prompt_len is None else max(2, min(prompt_len, self.max_len - 2))
         self.static.reset()
+        seconds = 0.0
+        # a second step: where int attributes changed (counters), this is the one recompile that makes them inputs
+        for p in (at, at + 1):
+            seconds += self._first_call("decode", token[:, None], torch.full((1,), p, device=self.device))[1]
+        self.compile_seconds["decode"] = seconds
         self._warm = True
+        if prompt_len is not None and prompt_len >= 2:
+            self.prefill(torch.zeros(1, prompt_len, dtype=torch.long, device=self.device))
+        self.static.reset()
 
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Reset the cache, run the prompt (1, P); returns the first generated token, shape (1,)."""
         self._check_ids(input_ids)
         if not self._warm:
-            self.warm_up(input_ids.shape[1])
+            self.warm_up()
         self.static.reset()
         n = input_ids.shape[1]
         positions = torch.arange(n, device=self.device)
-        return self._run("decode" if n == 1 else "prefill", input_ids, positions)
+        if n == 1:
+            return self._run("decode", input_ids, positions)
+        if not self.compiled["prefill"] or n in self.prefill_graphs:
+            return self._run("prefill", input_ids, positions)
+        if len(self.prefill_graphs) >= PREFILL_GRAPHS:  # no more graphs: this length runs eagerly
+            with torch.no_grad():
+                return _prefill_step(self.static, input_ids, positions)
+        out, seconds = self._first_call("prefill", input_ids, positions)
+        if self.compiled["prefill"]:
+            self.prefill_graphs[n] = seconds
+            self.compile_seconds["prefill"] = sum(self.prefill_graphs.values())
+        return out
 
     # -------------------------------------------------------------------------------------- generate
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id=_MODEL_DEFAULT) -> torch.Tensor:
@@ -133,6 +151,8 @@ class FastDecoder:
         stop = self._eos_set(eos_token_id)
         if not self._warm:
             self.warm_up(n)
+        if n > 1 and self.compiled["prefill"] and n not in self.prefill_graphs:
+            self.prefill(input_ids)  # compile this length's graph outside the timed part
         t0 = time.perf_counter()
         token = self.prefill(input_ids)
         t1 = time.perf_counter()
