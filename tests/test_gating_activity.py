@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from gating_helpers import calib, tiny_gpt2
 from test_gating_glu import block_inputs, tiny_llama
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .modules import GroupedGate, LowRankGate
+from .modules import LowRankGate
 
 
 @dataclass
