@@ -42,6 +42,15 @@ def smollm2(tmp_path_factory):
     ids = tokenizer("The capital of France is Paris. The capital of Italy is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         logits = model(ids).logits
+    digests = tensor_digests(model)
     del model
     return SimpleNamespace(dir=path, cache=cache, convert_seconds=seconds, ids=ids, gguf_logits=logits,
-                           gguf_tokenizer=tokenizer)
+                           gguf_digests=digests, gguf_tokenizer=tokenizer)
+
+
+def tensor_digests(model):
+    """sha256 of every parameter and buffer's bytes: a bit-exact fingerprint that costs no memory to keep."""
+    import hashlib
+
+    return {name: hashlib.sha256(t.detach().contiguous().cpu().numpy().tobytes()).hexdigest()
+            for name, t in model.state_dict().items()}

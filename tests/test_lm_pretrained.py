@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from conftest import tensor_digests
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dynsparse.cli import main
@@ -201,8 +202,11 @@ def test_smollm2_converts_to_the_same_logits(smollm2):
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     with torch.no_grad():
         logits = model(smollm2.ids).logits
+    # The weights are copied bit for bit; the logits then differ only by fp32 summation order, which
+    # depends on the CPU's kernels (a CI machine measured 3.5e-5 on logits of magnitude ~20).
+    assert tensor_digests(model) == smollm2.gguf_digests
     diff = (logits - smollm2.gguf_logits).abs().max().item()
-    torch.testing.assert_close(logits, smollm2.gguf_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits, smollm2.gguf_logits, rtol=1e-5, atol=2e-4)
     for text in ("Hello, world!", "  spaces\tand tabs\n", "Ünïcödé – “quotes”"):
         assert tok(text)["input_ids"] == smollm2.gguf_tokenizer(text)["input_ids"]
     print(f"SmolLM2 conversion {smollm2.convert_seconds:.1f} s, load from cache {load_s:.1f} s, "
