@@ -203,3 +203,77 @@ def test_heldout_set_larger_than_the_validation_split_is_refused(tmp_path, capsy
     assert main(["study", "autoprune", "--quick", "--variants", "node-gelu", "--max-steps", "10", "--data",
                  str(tmp_path / "small.txt"), "--heldout-windows", "4000", "--out", str(out), "--no-progress"]) == 2
     assert "lower --heldout-windows" in capsys.readouterr().err
+
+
+def _input_summary(layer, x):
+    """The accumulator's summary for one batch of layer inputs x (routing and gradients from x itself)."""
+    acc = _Accumulator(layer)
+    _, z, path = _path_forward(layer, x)
+    acc.add(z, path, torch.zeros_like(z))
+    acc.add_input(x)
+    return acc.summary()
+
+
+def test_input_anisotropy_identical_rows_and_centred_rows():
+    torch.manual_seed(0)
+    layer = TreeFF(8, depth=3, trees=2)
+    row = torch.randn(1, 8)
+    same = _input_summary(layer, row.expand(50, 8).contiguous())
+    assert same["input_anisotropy"] == pytest.approx(1.0)
+    assert same["offset_ratio"] == float("inf")  # no spread: every node sends every token one way
+    assert same["dead_fraction"] > 0.5 and all(s in (0.0, 1.0) for s in same["root_positive_share"])
+    # the weights' alignment with the one shared direction, by hand over the internal nodes
+    w = layer.w_in.detach()[:, : 2**3 - 1].reshape(-1, 8)
+    cos = (torch.nn.functional.cosine_similarity(w, row.expand_as(w), dim=1)).abs().mean()
+    assert same["w_in_mean_cos"] == pytest.approx(float(cos), rel=1e-5)
+    x = torch.randn(4000, 8)
+    centred = _input_summary(layer, x - x.mean(0))
+    assert centred["input_anisotropy"] < 1e-10
+    assert centred["offset_ratio_mean_part"] < 1e-6  # the centred input puts no node off its boundary
+    assert centred["dead_fraction"] == 0.0
+    assert 7.0 < centred["input_effective_rank"] <= 8.0  # an isotropic spread over all 8 dimensions
+    line = _input_summary(layer, torch.randn(500, 1) * torch.randn(1, 8) + torch.randn(1, 8))
+    assert line["input_effective_rank"] == pytest.approx(1.0)  # tokens that differ along one direction only
+    assert same["input_effective_rank"] != same["input_effective_rank"]  # no spread at all: undefined (NaN)
+
+
+def test_offset_ratios_match_the_pre_activations_over_all_tokens():
+    torch.manual_seed(1)
+    layer = TreeFF(8, depth=2, trees=2)
+    x = torch.randn(3000, 8) * 0.5 + torch.linspace(-1, 2, 8)  # a shared offset on top of the spread
+    s = _input_summary(layer, x)
+    xd = x.double()
+    assert s["input_anisotropy"] == pytest.approx(float(xd.mean(0).square().sum() / xd.square().sum(1).mean()))
+    assert 0.5 < s["input_anisotropy"] < 1.0
+    internal = layer.w_in.detach()[:, :3].reshape(-1, 8).double()
+    b = layer.b_in.detach()[:, :3].reshape(-1).double()
+    z = xd @ internal.T + b  # every internal node over every token, not only those reaching it
+    sd = z.std(0, unbiased=False)
+    med = lambda t: float(np.median(t.numpy()))  # noqa: E731  (numpy's median: the mean of the middle two)
+    assert s["offset_ratio"] == pytest.approx(med(z.mean(0).abs() / sd), rel=1e-6)
+    assert s["offset_ratio_bias_part"] == pytest.approx(med(b.abs() / sd), rel=1e-6)
+    assert s["offset_ratio_mean_part"] == pytest.approx(med((z.mean(0) - b).abs() / sd), rel=1e-6)
+    roots = (xd @ layer.w_in.detach()[:, 0].double().T + layer.b_in.detach()[:, 0].double()) > 0
+    assert s["root_positive_share"] == pytest.approx(roots.double().mean(0).tolist())
+
+
+def test_probe_reports_the_tree_input_moments():
+    """The probe's input statistics are those of the tree layer's own input (captured here by a hook)."""
+    from dynsparse.train.telemetry import tree_layers
+
+    model = _tiny_lm()
+    x = torch.randint(0, 50, (6, 12))
+    y = torch.randint(0, 50, (6, 12))
+    seen = {}
+    layers = tree_layers(model)
+    handles = [l.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, []).append(
+        a[0].detach().reshape(-1, 16))) for n, l in layers.items()]
+    result = probe(model, x, y, batch=3)
+    for h in handles:
+        h.remove()
+    for name, layer in layers.items():
+        xs = torch.cat(seen[name]).double()
+        expected = float(xs.mean(0).square().sum() / xs.square().sum(1).mean())
+        assert result[name]["input_anisotropy"] == pytest.approx(expected, rel=1e-6)
+        assert 0.0 <= result[name]["w_in_mean_cos"] <= 1.0
+        assert len(result[name]["root_positive_share"]) == layer.trees

@@ -14,6 +14,18 @@ and the mechanism the auto-pruning argument names, per internal node:
 dL/dz is taken by recomputing each tree layer's output from its input in plain torch (a forward hook
 that replaces the layer's output with the same values, built from z on the hard path), so any backend
 can be probed; the recomputation's largest difference from the layer's own output is reported.
+
+Why a node turns one way for every token, from the first two moments of the layer's input x over the probe
+tokens (mean mu, covariance S), per internal node n with z = w.x + b:
+
+* input anisotropy ||mu||^2 / mean ||x||^2: the share of the input's energy in the one direction all tokens
+  share (1 = every token the same vector, ~0 = centred); a large share makes sign(z) nearly the same for all;
+* the effective rank of the input's spread, (tr S)^2 / tr(S^2): how many directions the tokens still differ
+  in (d_model for an isotropic spread, 1 when they differ along one line only);
+* |cos(w_n, mu)|, mean over nodes: whether the node weights themselves line up with that shared direction;
+* offset ratio |E z| / sd z over all probe tokens (not only those reaching n), and its two parts |w.mu| / sd z
+  and |b| / sd z: a ratio >> 1 sends nearly every token one way, and the parts say whether the shared input
+  direction or the bias put it there.
 """
 from __future__ import annotations
 
@@ -65,6 +77,44 @@ class _Accumulator:
         self.g2_pos, self.g2_neg = np.zeros(size), np.zeros(size)
         self.leaf_visits = torch.zeros(self.trees, 2**self.depth, dtype=torch.int64)
         self.max_diff = 0.0
+        # the layer's input moments over the probe tokens, and the node weights they are read against
+        self.w_in = layer.w_in.detach().double().reshape(size, -1).numpy().copy()
+        self.b_in = (layer.b_in.detach().double().reshape(-1).numpy().copy() if layer.b_in is not None
+                     else np.zeros(size))
+        self.n_x, self.sum_x, self.sum_xx = 0, np.zeros(layer.d_model), np.zeros((layer.d_model, layer.d_model))
+
+    def add_input(self, x: torch.Tensor) -> None:
+        """Accumulate the first two moments of the layer's input rows x (M, d_model)."""
+        xd = x.detach().double().numpy()
+        self.n_x += xd.shape[0]
+        self.sum_x += xd.sum(0)
+        self.sum_xx += xd.T @ xd
+
+    def input_stats(self, internal: np.ndarray) -> dict:
+        """Anisotropy, node-weight alignment and offset ratios (module docstring) from the input moments."""
+        keys = ("input_anisotropy", "input_effective_rank", "w_in_mean_cos", "offset_ratio", "offset_ratio_mean_part",
+                "offset_ratio_bias_part")
+        if self.n_x == 0:
+            return dict.fromkeys(keys, math.nan)
+        mu = self.sum_x / self.n_x
+        second = self.sum_xx / self.n_x
+        cov = second - np.outer(mu, mu)
+        energy = float(np.trace(second))
+        if np.trace(cov) <= 1e-12 * energy:  # identical rows: what is left is rounding, not spread
+            cov = np.zeros_like(cov)
+        w, b = self.w_in[internal], self.b_in[internal]
+        mean_part = w @ mu
+        sd = np.sqrt(np.maximum(np.einsum("nd,de,ne->n", w, cov, w), 0.0))
+        mu_norm, w_norm = float(np.linalg.norm(mu)), np.linalg.norm(w, axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cos = np.abs(mean_part) / (w_norm * mu_norm)
+            ratios = [np.abs(mean_part + b) / sd, np.abs(mean_part) / sd, np.abs(b) / sd]
+        return {
+            "input_anisotropy": float(mu_norm**2 / energy) if energy > 0 else math.nan,
+            "input_effective_rank": float(np.trace(cov) ** 2 / np.sum(cov * cov)) if cov.any() else math.nan,
+            "w_in_mean_cos": float(np.nanmean(cos)) if mu_norm > 0 and w.size else math.nan,
+            **{k: float(np.median(r)) if r.size else math.nan for k, r in zip(keys[3:], ratios)},
+        }
 
     def add(self, z: torch.Tensor, path: torch.Tensor, grad: torch.Tensor) -> None:
         flat = (path + torch.arange(self.trees).view(1, -1, 1) * self.nodes).reshape(-1).numpy()
@@ -117,6 +167,10 @@ class _Accumulator:
             "nodes_with_both_sides": int(both.sum()),
             "negative_side_without_gradient": float((self.g2_neg[both] == 0).mean()) if both.any() else math.nan,
             "recompute_max_abs_diff": self.max_diff,
+            # per tree: share of tokens turning right at the root
+            "root_positive_share": [float(p[t * self.nodes] / v[t * self.nodes]) if v[t * self.nodes] > 0 else math.nan
+                                    for t in range(self.trees)],
+            **self.input_stats(internal),
         }
 
 
@@ -140,6 +194,7 @@ def probe(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) 
         def hook(layer, inputs, output):
             x_in = inputs[0]
             x2 = x_in.reshape(-1, layer.d_model)
+            acc[name].add_input(x2)
             y_path, z, path = _path_forward(layer, x2)
             acc[name].max_diff = max(acc[name].max_diff, float((y_path.detach() - output.detach().reshape(
                 y_path.shape)).abs().max()))
