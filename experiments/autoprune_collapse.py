@@ -253,6 +253,18 @@ def tracking(results: list[dict]) -> dict:
                     per_run.append(float(np.corrcoef(xs[ok], ys[ok])[0, 1]))
         out[key] = {"pooled_r": float(np.corrcoef(pooled_x, pooled_y)[0, 1]) if len(pooled_x) > 2 else math.nan,
                     "median_run_r": float(np.median(per_run)) if per_run else math.nan, "n_points": len(pooled_x)}
+    # least squares over the pooled per-layer points: how much of the dead fraction the anisotropy and the
+    # log effective rank explain, alone and together (R^2)
+    rows = [(a, math.log(e), dead) for r in results if r["fix"] == "none" for l in r["series"]["per_layer"].values()
+            for a, e, dead in zip(l["input_anisotropy"], l["input_effective_rank"], l["dead_fraction"])
+            if math.isfinite(a) and math.isfinite(e) and e > 0]
+    if len(rows) > 3:
+        data = np.array(rows)
+        for name, cols in (("anisotropy", [0]), ("log_effective_rank", [1]), ("both", [0, 1])):
+            design = np.column_stack([np.ones(len(data)), data[:, cols]])
+            coef, *_ = np.linalg.lstsq(design, data[:, 2], rcond=None)
+            resid = data[:, 2] - design @ coef
+            out[f"r2_{name}"] = {"r2": float(1 - resid.var() / data[:, 2].var()), "coef": coef.tolist()}
     return out
 
 
@@ -293,7 +305,7 @@ def plot(results: list[dict], path: Path) -> None:
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Early routing collapse: mean over seeds, band = min-max", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
@@ -389,7 +401,7 @@ def main(argv=None) -> int:
                   f"({time.perf_counter() - t1:.0f} s)", flush=True)
     wall = time.perf_counter() - t0
     report_steps = sorted({0, 20, 50, 100, 200, args.steps} & set(results[0]["series"]["steps"]))
-    summary = {"command": " ".join(sys.argv), "wall_s": round(wall, 1), "spec": spec.base(), "momentum": args.momentum,
+    summary = {"command": " ".join(sys.argv), "wall_s_this_invocation": round(wall, 1),  # reused runs cost ~0 "spec": spec.base(), "momentum": args.momentum,
                "rows": summarise(results, report_steps), "tracking": tracking(results), "runs": results}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "collapse.json").write_text(json.dumps(summary, indent=1))
