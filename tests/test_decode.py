@@ -56,7 +56,17 @@ def tree_lm(position="rope"):
     return DynSparseLMForCausalLM(cfg).eval()
 
 
-MODELS = {"dense": tiny_llama, "gated+sliced": sparse_llama, "tree-rope": tree_lm,
+def cats_llama():
+    """Both MLPs CATS blocks (dense gate, |silu(gate)| > 0.05 keeps about half the neurons, compensation)."""
+    from dynsparse.gating.baselines import cats_mlp
+
+    model = tiny_llama()
+    for block in find_mlps(model).values():
+        block.replace(cats_mlp(block, "silu", torch.tensor(0.05), torch.full((64,), 0.01)))
+    return model
+
+
+MODELS = {"dense": tiny_llama, "gated+sliced": sparse_llama, "cats": cats_llama, "tree-rope": tree_lm,
           "tree-learned": lambda: tree_lm("learned")}
 
 
@@ -173,8 +183,8 @@ def test_weight_traffic_counts_what_a_step_reads():
     block = find_mlps(cats)["model.layers.0.mlp"]
     block.replace(cats_mlp(block, "silu", torch.tensor(0.1), None))
     c = weight_traffic(cats, {"model.layers.0.mlp": 0.25})
-    dense_gate = 64 * 32 * 4  # the whole gate projection, then 16 neurons' rows of w1, wg (again) and w2_t
-    assert c.mlp == pytest.approx(dense_gate + 4 + 16 * 96 * 4 + 3 * 32 * 64 * 4)
+    dense_gate = 64 * 32 * 4  # the whole gate projection, then 16 kept neurons' rows of w1 and w2_t
+    assert c.mlp == pytest.approx(dense_gate + 4 + 16 * 64 * 4 + 3 * 32 * 64 * 4)
     tree = tree_lm()
     layer = tree.transformer.h[0].mlp
     share = 4 / 15  # depth 3: 4 of 15 nodes per tree
@@ -194,7 +204,7 @@ def _graphs_and_breaks(model):
 
 
 @pytest.mark.parametrize("name, ops", [("gated+sliced", ("lowrank_gate_indices", "sparse_mlp")),
-                                       ("tree-rope", ("tree_infer",))])
+                                       ("cats", ("gate_skip_mlp",)), ("tree-rope", ("tree_infer",))])
 def test_decode_step_traces_as_one_graph_with_the_dynsparse_ops(name, ops):
     explanation, code = _graphs_and_breaks(MODELS[name]())
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -203,10 +213,11 @@ def test_decode_step_traces_as_one_graph_with_the_dynsparse_ops(name, ops):
         assert f"dynsparse.{op}" in code or f"dynsparse::{op}" in code or op in code, op
 
 
-def test_compiled_decode_step_gives_hf_generate_tokens():
-    """torch.compile (inductor) of the decode step of a model with a GatedMLP and a SlicedMLP: the same
-    greedy tokens as HF's eager generate, one compile serving every position."""
-    model = sparse_llama()
+@pytest.mark.parametrize("build", [sparse_llama, cats_llama])
+def test_compiled_decode_step_gives_hf_generate_tokens(build):
+    """torch.compile (inductor) of the decode step of a model with a GatedMLP and a SlicedMLP, or with CATS
+    blocks: the same greedy tokens as HF's eager generate, one compile serving every position."""
+    model = build()
     ids = prompt()
     want = hf_tokens(model, ids)
     dec = FastDecoder(model, 32, compile_prefill=False)

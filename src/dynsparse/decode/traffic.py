@@ -8,8 +8,8 @@ not arithmetic, bounds the speed: tokens/s <= bandwidth / bytes per token. Count
 * ``SlicedMLP`` (and any MLP block ``find_mlps`` finds): its weights, already cut to the kept neurons;
 * ``GatedMLP``: the whole gate, then per token only the rows of the neurons it computed (w1's, the gate
   projection's, w2_t's, and their bias/offset entries);
-* ``CATSMLP``: the whole gate projection (it is the gate), then what the op reads per computed neuron
-  (its rows of w1, of the gate projection again, and of w2_t);
+* ``CATSMLP``: the whole gate projection (it is the gate), then per kept neuron its w2_t row and, for a
+  gated block, its w1 row (and their bias/offset entries);
 * ``ReLUSkipMLP``: all of fc1, then the computed neurons' rows of fc2;
 * ``TreeFF``: the share of each tree's nodes one token visits.
 
@@ -92,8 +92,11 @@ def _cats_bytes(m, density: float | None) -> float:
     density = 1.0 if density is None else density
     gate = (m.wg, m.bg) if m.wg is not None else (m.w1, m.b1)  # a plain block's gate is fc1 itself
     fixed = sum(_nbytes(t) for t in gate) + _nbytes(m.threshold) + _nbytes(m.b2_kernel)
-    # the op computes each listed neuron whole, so it reads that neuron's gate row a second time
-    return fixed + density * m.w1.shape[0] * _per_neuron(m)
+    # the op reuses each kept neuron's gate value: past the gate it reads the up row (GLU) and the down row
+    kept = _row(m.w2_t) + _entry(m.compensation)
+    if m.wg is not None:
+        kept += _row(m.w1) + _entry(m.b1)
+    return fixed + density * m.w1.shape[0] * kept
 
 
 def _relu_skip_bytes(m: ReLUSkipMLP, density: float | None) -> float:

@@ -4,12 +4,11 @@
   activity score (or, per layer, those above a calibrated threshold) and drops the rest. No predictor
   can choose better by that criterion, so its quality loss bounds what a gate can reach at a sparsity.
 * ``CATSMLP``: the CATS baseline (Lee et al., 2024). The gate projection runs dense, |act(g_j)| > t_l
-  picks the neurons, and only those run the rest of the block through ``dynsparse.ops.mlp.sparse_mlp``
-  (with an optional per-neuron compensation for the skipped ones). No training.
+  picks the neurons, and only those read their up and down rows (``dynsparse.ops.mlp.gate_skip_mlp``,
+  with an optional per-neuron compensation for the skipped ones). No training.
 
 Both implement the sparse-FF protocol. The oracle's FLOPs are the dense block's (it computes all to
-choose); CATS counts the dense gate plus what the op runs per listed neuron, which for a gated block
-includes that neuron's gate row again (the op's GLU form computes act(wg_j.x) * (w1_j.x) itself).
+choose); CATS counts the dense gate plus each kept neuron's up row (a gated block's) and down row.
 """
 from __future__ import annotations
 
@@ -18,8 +17,7 @@ from torch import nn
 
 from .. import activations
 from ..ops.backend import check_backend
-from ..ops.mlp import SPARSE_MLP_BACKENDS, MLPWeights, sparse_mlp
-from ..ops.mlp.csr import csr_from_mask
+from ..ops.mlp import GATE_SKIP_BACKENDS, MLPWeights, gate_skip_mlp
 from .activity import MAGNITUDE, activity_scores, check_target, hidden_values, topk_mask
 from .modules import _no_grad_backend
 from .usage import UsageCounter, neuron_flops
@@ -91,7 +89,8 @@ class OracleMLP(_BlockBuffers):
 
 
 class CATSMLP(_BlockBuffers):
-    """Dense gate projection, |act(g)| > ``threshold``, then the listed neurons through the sparse MLP op.
+    """Dense gate projection, |act(g)| > ``threshold``, then only the kept neurons' up and down rows
+    (``dynsparse.ops.mlp.gate_skip_mlp``: each kept neuron reuses its gate value, no row is read twice).
 
     ``compensation`` (d_ff,), optional: what a skipped neuron contributes instead of zero (its mean
     hidden value over the calibration tokens it was skipped on). ``backend``: as ``GatedMLP``'s."""
@@ -113,9 +112,14 @@ class CATSMLP(_BlockBuffers):
         return MLPWeights(self.w1, self.b1, self.w2_t, self.b2_kernel, self.wg, self.bg, self.compensation)
 
     @property
+    def _kept_flops(self) -> int:
+        """A kept neuron's FLOPs past the dense gate: its up row (a GLU's) and its down row."""
+        return self._neuron_flops - 2 * self.w1.shape[1]
+
+    @property
     def flops_per_token(self) -> int:
-        """Nominal (upper bound): the dense gate plus every neuron through the op."""
-        return 2 * self.w1.shape[1] * self.d_ff + self.d_ff * self._neuron_flops
+        """Nominal (upper bound): the dense gate plus every neuron kept."""
+        return 2 * self.w1.shape[1] * self.d_ff + self.d_ff * self._kept_flops
 
     def gate_mask(self, x2: torch.Tensor) -> torch.Tensor:
         """(M, d_ff) bool: |act(gate pre-activation)| > threshold (fc1's for a plain block)."""
@@ -135,17 +139,17 @@ class CATSMLP(_BlockBuffers):
         return self._out(torch.where(mask, h, fill)).reshape(*shape[:-1], -1).to(x.dtype)
 
     def _count_cost(self, m: int, nnz: int) -> None:
-        self._count_usage(m, nnz, m * 2 * self.w1.shape[1] * self.d_ff + nnz * self._neuron_flops)
+        self._count_usage(m, nnz, m * 2 * self.w1.shape[1] * self.d_ff + nnz * self._kept_flops)
 
     def forward(self, x):
-        backend = _no_grad_backend(self, x, SPARSE_MLP_BACKENDS)
+        backend = _no_grad_backend(self, x, GATE_SKIP_BACKENDS)
         if backend == "reference":
             return self.forward_reference(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float().contiguous()
-        indptr, indices = csr_from_mask(self.gate_mask(x2))
-        y = sparse_mlp(x2, self.weights, indptr, indices, activation=self.activation, backend=backend)
-        self._count_cost(x2.shape[0], indices.numel())
+        y = gate_skip_mlp(x2, self.weights, self.threshold, activation=self.activation, backend=backend)
+        if self._tracking:  # eager only: the count is a Python number
+            self._count_cost(x2.shape[0], int(self.gate_mask(x2).sum()))
         return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 

@@ -11,9 +11,12 @@ Two registered torch ops, each with the backends of ``dynsparse.ops.backend`` si
   picked from the lists inside the op, by ``strategy.choose_strategy``, so a compiled graph keeps the
   data-dependent choice);
 * ``dynsparse::relu_skip_mlp``: the exact ReLU MLP, dense fc1 then fc2 over each token's non-zeros only
-  (no gate, no accuracy loss: the baseline activation sparsity must beat).
+  (no gate, no accuracy loss: the baseline activation sparsity must beat);
+* ``dynsparse::gate_skip_mlp``: the CATS form: the gate projection dense, a = act(gate), neurons with
+  |a| <= threshold skipped, the kept ones' w1 (GLU: h = a * (w1_j.x + b1_j)) and w2_t rows read once;
+  h - offset as in ``sparse_mlp``. (Through ``sparse_mlp`` a kept neuron would read its gate row again.)
 
-Both compute in float32 and return x's dtype. ``reference.py`` holds the definition, ``torch_impl.py``
+All compute in float32 and return x's dtype. ``reference.py`` holds the definition, ``torch_impl.py``
 the sparse algorithm in torch ops, ``numba_impl.py`` the CPU kernels and ``triton.py`` the CUDA
 kernels. The ops are opaque to ``torch.compile`` (fake implementations give their shapes). They have no
 autograd: they serve inference.
@@ -37,8 +40,9 @@ from .weights import MLPWeights, check_weights
 
 STRATEGIES = ("token", "union", "grouped")
 SPARSE_MLP_BACKENDS = ("reference", "torch", "numba", "triton")
-# add "triton" once triton.py has relu_skip_mlp_triton(x, w1, b1, w2_t, b2)
+# add "triton" once triton.py has relu_skip_mlp_triton(x, w1, b1, w2_t, b2) / gate_skip_mlp_triton(...)
 RELU_SKIP_BACKENDS = ("reference", "torch", "numba")
+GATE_SKIP_BACKENDS = ("reference", "torch", "numba")
 
 
 def _triton(name: str):
@@ -61,6 +65,10 @@ def _impl(backend: str, op: str):
     if backend == "torch":
         return getattr(torch_impl, f"{op}_torch")
     if backend == "numba":
+        if op == "gate_skip_mlp":
+            from .numba_gate_skip import gate_skip_mlp_numba
+
+            return gate_skip_mlp_numba
         from . import numba_impl
 
         return getattr(numba_impl, f"{op}_numba")
@@ -172,7 +180,50 @@ def relu_skip_mlp(x: Tensor, weights: MLPWeights, *, backend: str = "auto") -> T
     return call(relu_skip_mlp_op, _relu_skip_mlp, x, w.w1, w.b1, w.w2_t, w.b2, chosen)
 
 
+# ---------------------------------------------------------------------------------------- gate_skip_mlp
+def _check_threshold(threshold, device) -> None:
+    if not isinstance(threshold, torch.Tensor) or threshold.dim() != 0 or not threshold.is_floating_point():
+        raise TypeError(f"threshold must be a 0-dim floating tensor, got {threshold!r}")
+    if threshold.device != device:
+        raise ValueError(f"threshold is on {threshold.device}, x on {device}")
+
+
+def _gate_skip_mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2_t: Tensor, b2: Tensor | None, wg: Tensor | None,
+                   bg: Tensor | None, offset: Tensor | None, threshold: Tensor, act_code: int, backend: str) -> Tensor:
+    """The body of ``dynsparse::gate_skip_mlp``."""
+    _check_common(x, w1, b1, w2_t, b2, wg, bg, offset, act_code, backend)
+    _check_threshold(threshold, x.device)
+    if backend == "triton":
+        raise ValueError(f"gate_skip_mlp has no triton backend; use one of {list(GATE_SKIP_BACKENDS)}")
+    return _impl(backend, "gate_skip_mlp")(x, w1, b1, w2_t, b2, wg, bg, offset, threshold, act_code).to(x.dtype)
+
+
+gate_skip_mlp_op = torch.library.custom_op("dynsparse::gate_skip_mlp", _gate_skip_mlp, mutates_args=())
+
+
+@gate_skip_mlp_op.register_fake
+def _(x, w1, b1, w2_t, b2, wg, bg, offset, threshold, act_code, backend):
+    _check_common(x, w1, b1, w2_t, b2, wg, bg, offset, act_code, backend)
+    _check_threshold(threshold, x.device)
+    return x.new_empty(x.shape[0], w2_t.shape[1])
+
+
+def gate_skip_mlp(x: Tensor, weights: MLPWeights, threshold: Tensor, *, activation: str,
+                  backend: str = "auto") -> Tensor:
+    """y (M, d_out) in x's dtype: the neurons whose |act(gate)| exceeds ``threshold`` (0-dim tensor), each
+    computed once from the dense gate's value (see the module doc)."""
+    if not isinstance(weights, MLPWeights):
+        raise TypeError(f"weights must be an MLPWeights, got {type(weights).__name__}")
+    check_x(x, weights.d_model, "the weights' d_model")
+    _check_threshold(threshold, x.device)
+    chosen = resolve(backend, x.device, GATE_SKIP_BACKENDS)
+    w = weights
+    return call(gate_skip_mlp_op, _gate_skip_mlp, x, w.w1, w.b1, w.w2_t, w.b2, w.wg, w.bg, w.offset, threshold,
+                activations.code(activation), chosen)
+
+
 __all__ = [
-    "MLPWeights", "sparse_mlp", "relu_skip_mlp", "sparse_mlp_op", "relu_skip_mlp_op", "choose_strategy",
-    "STRATEGIES", "SPARSE_MLP_BACKENDS", "RELU_SKIP_BACKENDS", "UNION_SPEEDUP", "UNION_MIN_TOKENS",
+    "MLPWeights", "sparse_mlp", "relu_skip_mlp", "gate_skip_mlp", "sparse_mlp_op", "relu_skip_mlp_op",
+    "gate_skip_mlp_op", "choose_strategy", "STRATEGIES", "SPARSE_MLP_BACKENDS", "RELU_SKIP_BACKENDS",
+    "GATE_SKIP_BACKENDS", "UNION_SPEEDUP", "UNION_MIN_TOKENS",
 ]

@@ -47,3 +47,19 @@ def relu_skip_mlp_reference(x, w1, b1, w2_t, b2) -> torch.Tensor:
     if b2 is not None:
         y = y + b2.float()
     return y.to(x.dtype)
+
+
+def gate_mask(x, w1, b1, wg, bg, threshold, act_code: int) -> torch.Tensor:
+    """(M, d_ff) bool: |act(gate pre-activation)| > threshold (a plain block's gate is fc1 itself)."""
+    act = activations.by_code(act_code).fn
+    w, b = (w1, b1) if wg is None else (wg, bg)
+    return act(F.linear(x.float(), w.float(), None if b is None else b.float())).abs() > threshold
+
+
+def gate_skip_mlp_reference(x, w1, b1, w2_t, b2, wg, bg, offset, threshold, act_code: int) -> torch.Tensor:
+    """Every neuron computed, those whose |act(gate)| is at most the threshold zeroed, one matmul."""
+    mask = gate_mask(x, w1, b1, wg, bg, threshold, act_code)
+    y = (hidden(x, w1, b1, wg, bg, offset, act_code) * mask) @ w2_t.float()
+    if b2 is not None:
+        y = y + b2.float()
+    return y.to(x.dtype)

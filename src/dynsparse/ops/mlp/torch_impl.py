@@ -75,3 +75,23 @@ def relu_skip_mlp_torch(x, w1, b1, w2_t, b2) -> torch.Tensor:
     if b2 is not None:
         y += b2.float()
     return y.to(x.dtype)
+
+
+def gate_skip_mlp_torch(x, w1, b1, w2_t, b2, wg, bg, offset, threshold, act_code: int) -> torch.Tensor:
+    """Dense gate + activation, then w1 (GLU) and w2_t over each token's kept neurons only (gathered rows)."""
+    act = activations.by_code(act_code).fn
+    xf = x.float()
+    gate, gate_bias = (w1, b1) if wg is None else (wg, bg)
+    a = act(F.linear(xf, gate.float(), None if gate_bias is None else gate_bias.float()))
+    rows, cols = (a.abs() > threshold).nonzero(as_tuple=True)
+    h = a[rows, cols]
+    if wg is not None:
+        z = (w1.float()[cols] * xf[rows]).sum(-1)
+        h = h * (z if b1 is None else z + b1.float()[cols])
+    if offset is not None:
+        h = h - offset.float()[cols]
+    y = torch.zeros(x.shape[0], w2_t.shape[1], dtype=torch.float32, device=x.device)
+    y.index_add_(0, rows, h.unsqueeze(1) * w2_t.float()[cols])
+    if b2 is not None:
+        y += b2.float()
+    return y.to(x.dtype)

@@ -1,0 +1,176 @@
+"""``gate_skip_mlp``'s CPU kernels (numba): the gate read whole, each kept neuron's rows read once.
+
+First the gate, densely: a = act(g) for every neuron (BLAS for float32 weights, a row-parallel pass for
+bfloat16). Then per token a neuron with |a| <= threshold is skipped and a kept one reads its w1 row
+(GLU: h = a * (w1 . x + b1)) and its w2_t row (the axpy), four neurons at a time. bf16 weights are read
+as stored and widened in registers (half the bytes). Few tokens split the kept neurons over the
+threads (float32 partial outputs summed after); many tokens take a thread each.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .._numba import NUMBA, as_f32, sync_threads, weight_table
+from .numba_impl import check_cpu
+
+if NUMBA:
+    import numba
+    from numba import njit, prange
+
+    from .._numba import FAST, act as _act, load
+
+    @njit(fastmath=FAST, cache=True)
+    def _gate_rows(x, wg, bg, act_code, a, start, end):
+        """a[:, start:end] = act(x wg[start:end]^T + bg): each row read once for all tokens. (A separate,
+        serial function: numba vectorizes its loops, which it does not inside a prange body.)"""
+        m, d = x.shape
+        for j in range(start, end):
+            r = wg[j]
+            for i in range(m):
+                xi = x[i]
+                z = np.float32(0.0)
+                for k in range(d):
+                    z += load(r, k) * xi[k]
+                a[i, j] = _act(z + bg[j], act_code)
+
+    @njit(parallel=True, cache=True)
+    def _gate(x, wg, bg, act_code, a, chunks):
+        n = bg.shape[0]
+        step = (n + chunks - 1) // chunks
+        for c in prange(chunks):
+            _gate_rows(x, wg, bg, act_code, a, c * step, min(n, (c + 1) * step))
+
+    @njit(inline="always", fastmath=FAST, cache=True)
+    def _kept(ai, thr, kept):
+        n = 0
+        for j in range(ai.shape[0]):
+            if abs(ai[j]) > thr:
+                kept[n] = j
+                n += 1
+        return n
+
+    @njit(fastmath=FAST, cache=True)
+    def _up_down(xi, ai, glu, w1, b1, off, w2_t, kept, start, end, yi):
+        """yi += sum over kept[start:end] of h_j w2_t[j], h_j = a_j * (w1[j] . xi + b1[j]) (GLU) or a_j,
+        minus off[j]; four neurons at a time so each load of x and of y serves four rows. Rows are read
+        through row views (flat indexing stops the axpy from vectorizing)."""
+        d, d_out = xi.shape[0], yi.shape[0]
+        p = start
+        while p + 4 <= end:
+            j0, j1, j2, j3 = kept[p], kept[p + 1], kept[p + 2], kept[p + 3]
+            h0, h1, h2, h3 = ai[j0], ai[j1], ai[j2], ai[j3]
+            if glu:
+                r0, r1, r2, r3 = w1[j0], w1[j1], w1[j2], w1[j3]
+                z0, z1, z2, z3 = b1[j0], b1[j1], b1[j2], b1[j3]
+                for k in range(d):
+                    xk = xi[k]
+                    z0 += load(r0, k) * xk
+                    z1 += load(r1, k) * xk
+                    z2 += load(r2, k) * xk
+                    z3 += load(r3, k) * xk
+                h0, h1, h2, h3 = h0 * z0, h1 * z1, h2 * z2, h3 * z3
+            h0, h1, h2, h3 = h0 - off[j0], h1 - off[j1], h2 - off[j2], h3 - off[j3]
+            o0, o1, o2, o3 = w2_t[j0], w2_t[j1], w2_t[j2], w2_t[j3]
+            for q in range(d_out):
+                yi[q] += h0 * load(o0, q) + h1 * load(o1, q) + h2 * load(o2, q) + h3 * load(o3, q)
+            p += 4
+        while p < end:
+            j = kept[p]
+            h = ai[j]
+            if glu:
+                z = b1[j]
+                r = w1[j]
+                for k in range(d):
+                    z += load(r, k) * xi[k]
+                h = h * z
+            h -= off[j]
+            o = w2_t[j]
+            for q in range(d_out):
+                yi[q] += h * load(o, q)
+            p += 1
+
+    @njit(parallel=True, fastmath=FAST, cache=True)
+    def _per_token(x, a, glu, w1, b1, off, w2_t, b2, thr, y):
+        for i in prange(x.shape[0]):
+            kept = np.empty(a.shape[1], dtype=np.int64)
+            n = _kept(a[i], thr, kept)
+            yi = y[i]
+            yi[:] = b2
+            _up_down(x[i], a[i], glu, w1, b1, off, w2_t, kept, 0, n, yi)
+
+    @njit(fastmath=FAST, cache=True)
+    def _serial(x, a, glu, w1, b1, off, w2_t, b2, thr, y):
+        kept = np.empty(a.shape[1], dtype=np.int64)
+        for i in range(x.shape[0]):
+            n = _kept(a[i], thr, kept)
+            yi = y[i]
+            yi[:] = b2
+            _up_down(x[i], a[i], glu, w1, b1, off, w2_t, kept, 0, n, yi)
+
+    @njit(parallel=True, fastmath=FAST, cache=True)
+    def _split(x, a, glu, w1, b1, off, w2_t, b2, thr, y, parts):
+        """Few tokens: each thread takes a slice of a token's kept neurons; the partial outputs add up."""
+        n_parts, d_out = parts.shape
+        kept = np.empty(a.shape[1], dtype=np.int64)
+        for i in range(x.shape[0]):
+            n = _kept(a[i], thr, kept)
+            step = (n + n_parts - 1) // n_parts
+            for t in prange(n_parts):
+                part = parts[t]
+                part[:] = 0.0
+                s = min(n, t * step)
+                _up_down(x[i], a[i], glu, w1, b1, off, w2_t, kept, s, min(n, s + step), part)
+            yi = y[i]
+            yi[:] = b2
+            for t in range(n_parts):
+                for q in range(d_out):
+                    yi[q] += parts[t, q]
+
+
+def _table(t: torch.Tensor) -> np.ndarray:
+    """A weight matrix as the kernels read it: float32, or bfloat16 bits; no copy when contiguous."""
+    return weight_table(t)
+
+
+# Below this many multiply-adds the kept neurons run on one thread. Lower than the per-token sparse
+# MLP's bound: a decode step's kept rows (about a million multiply-adds) ran twice as fast split in two.
+SPLIT_MIN_WORK = 1 << 18
+
+
+def _vector(t, n: int) -> np.ndarray:
+    return as_f32(t) if t is not None else np.zeros(n, dtype=np.float32)
+
+
+def gate_activations(x, w, b, act_code: int) -> np.ndarray:
+    """act(x w^T + b) as float32 (M, d_ff): BLAS for float32 weights; bfloat16 ones are read as stored
+    (torch's bf16 GEMV widens nothing faster here, and a float32 copy would cost more than the pass)."""
+    from ... import activations
+
+    if w.dtype == torch.float32:
+        z = torch.nn.functional.linear(x.float(), w, None if b is None else b.float())
+        return as_f32(activations.by_code(act_code).fn(z))
+    a = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
+    _gate(as_f32(x), _table(w), _vector(b, w.shape[0]), act_code, a, 4 * numba.get_num_threads())
+    return a
+
+
+def gate_skip_mlp_numba(x, w1, b1, w2_t, b2, wg, bg, offset, threshold, act_code: int) -> torch.Tensor:
+    check_cpu(x, w1, w2_t, wg)
+    sync_threads()
+    d_ff, d_out = w2_t.shape
+    glu = wg is not None
+    a = gate_activations(x, wg, bg, act_code) if glu else gate_activations(x, w1, b1, act_code)
+    thr = np.float32(float(threshold))
+    args = (as_f32(x), a, glu, _table(w1), _vector(b1, d_ff), _vector(offset, d_ff), _table(w2_t),
+            _vector(b2, d_out), thr)
+    y = np.empty((x.shape[0], d_out), dtype=np.float32)
+    threads = numba.get_num_threads()
+    kept = int((np.abs(a) > thr).sum())
+    if kept * (x.shape[1] * glu + d_out) < SPLIT_MIN_WORK or threads == 1:
+        _serial(*args, y)
+    elif x.shape[0] < threads:
+        _split(*args, y, np.empty((threads, d_out), dtype=np.float32))
+    else:
+        _per_token(*args, y)
+    return torch.from_numpy(y).to(x.dtype)
