@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from dynsparse import activations
 from dynsparse.gating.baselines import CATSMLP
-from dynsparse.ops.mlp import MLPWeights, gate_skip_mlp, gate_skip_mlp_op
+from dynsparse.ops.mlp import GATE_SKIP_DENSE_TOKENS, MLPWeights, gate_skip_mlp, gate_skip_mlp_op
 
 CPU_BACKENDS = ("torch", "numba")
 
@@ -59,8 +59,9 @@ def test_reference_is_the_masked_dense_block():
 @pytest.mark.parametrize("glu", [False, True])
 @pytest.mark.parametrize("offset", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 3, 40])
+@pytest.mark.parametrize("m", [1, 3, 15, 40])  # 40 >= GATE_SKIP_DENSE_TOKENS: masked dense matmuls
 def test_every_backend_equals_the_reference(glu, offset, dtype, m):
+    assert 15 < GATE_SKIP_DENSE_TOKENS <= 40  # both sides of the switch are covered
     w = _weights(glu, offset, dtype=dtype, seed=m)
     x = torch.randn(m, w.d_model, generator=torch.Generator().manual_seed(m))
     for activation in activations.NAMES:

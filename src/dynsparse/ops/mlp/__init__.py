@@ -15,6 +15,7 @@ Two registered torch ops, each with the backends of ``dynsparse.ops.backend`` si
 * ``dynsparse::gate_skip_mlp``: the CATS form: the gate projection dense, a = act(gate), neurons with
   |a| <= threshold skipped, the kept ones' w1 (GLU: h = a * (w1_j.x + b1_j)) and w2_t rows read once;
   h - offset as in ``sparse_mlp``. (Through ``sparse_mlp`` a kept neuron would read its gate row again.)
+  From ``GATE_SKIP_DENSE_TOKENS`` tokens on (a prefill) it runs as masked dense matmuls.
 
 All compute in float32 and return x's dtype. ``reference.py`` holds the definition, ``torch_impl.py``
 the sparse algorithm in torch ops, ``numba_impl.py`` the CPU kernels and ``triton.py`` the CUDA
@@ -43,6 +44,9 @@ SPARSE_MLP_BACKENDS = ("reference", "torch", "numba", "triton")
 # add "triton" once triton.py has relu_skip_mlp_triton(x, w1, b1, w2_t, b2) / gate_skip_mlp_triton(...)
 RELU_SKIP_BACKENDS = ("reference", "torch", "numba")
 GATE_SKIP_BACKENDS = ("reference", "torch", "numba")
+# From this many tokens gate_skip_mlp runs masked dense matmuls (its reference) on every backend: in a
+# prefill nearly every neuron is kept by some token, and BLAS over all rows beats gathering them.
+GATE_SKIP_DENSE_TOKENS = 16
 
 
 def _triton(name: str):
@@ -195,6 +199,8 @@ def _gate_skip_mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2_t: Tensor, b2: T
     _check_threshold(threshold, x.device)
     if backend == "triton":
         raise ValueError(f"gate_skip_mlp has no triton backend; use one of {list(GATE_SKIP_BACKENDS)}")
+    if x.shape[0] >= GATE_SKIP_DENSE_TOKENS:
+        backend = "reference"
     return _impl(backend, "gate_skip_mlp")(x, w1, b1, w2_t, b2, wg, bg, offset, threshold, act_code).to(x.dtype)
 
 
@@ -225,5 +231,5 @@ def gate_skip_mlp(x: Tensor, weights: MLPWeights, threshold: Tensor, *, activati
 __all__ = [
     "MLPWeights", "sparse_mlp", "relu_skip_mlp", "gate_skip_mlp", "sparse_mlp_op", "relu_skip_mlp_op",
     "gate_skip_mlp_op", "choose_strategy", "STRATEGIES", "SPARSE_MLP_BACKENDS", "RELU_SKIP_BACKENDS",
-    "GATE_SKIP_BACKENDS", "UNION_SPEEDUP", "UNION_MIN_TOKENS",
+    "GATE_SKIP_BACKENDS", "GATE_SKIP_DENSE_TOKENS", "UNION_SPEEDUP", "UNION_MIN_TOKENS",
 ]
