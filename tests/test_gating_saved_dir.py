@@ -167,3 +167,39 @@ def test_bad_input_is_one_line(tmp_path, saved):
             CATSConfig(target_sparsity=bad)
     with pytest.raises(ValueError, match="not a sparsified model directory"):
         load_sparsified(tmp_path)
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_scores_a_sparsified_llama(tmp_path):
+    """The stock ``lm_eval`` CLI, in a fresh process, scores a sparsified directory (CATS on a tiny Llama with a
+    real tokenizer) through its auto_map; every scored document gets responses."""
+    import os
+
+    from test_lm_remote import TEXT
+
+    from dynsparse.data.tokenizer import train_bpe
+    from dynsparse.eval.harness import SPEAKER_TASK, build_speaker_task
+
+    tok = train_bpe(TEXT, 300)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg).eval()
+    dense_dir = tmp_path / "dense"
+    model.save_pretrained(dense_dir)
+    tok.save_pretrained(dense_dir)
+    batches = [{"input_ids": tok(text, return_tensors="pt")["input_ids"]} for text in TEXT[:16]]
+    gates = sparsify_(model, CONFIGS["cats"], batches, progress=False)
+    save_sparsified_dir(gates, tmp_path / "cats", dense_dir)
+    tasks = build_speaker_task(tmp_path / "task", per_play=8)
+    out = tmp_path / "results"
+    lm_eval = os.path.join(os.path.dirname(sys.executable), "lm_eval")
+    cmd = [lm_eval, "--model", "hf", "--model_args", f"pretrained={tmp_path / 'cats'},trust_remote_code=True",
+           "--tasks", SPEAKER_TASK, "--include_path", str(tasks), "--limit", "4", "--device", "cpu",
+           "--batch_size", "4", "--output_path", str(out), "--log_samples"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=fresh_env(tmp_path), timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    results = [json.loads(p.read_text()) for p in out.rglob("results*.json")]
+    assert results and 0.0 <= results[0]["results"][SPEAKER_TASK]["acc,none"] <= 1.0
+    samples = [json.loads(line) for p in out.rglob("samples*.jsonl") for line in p.read_text().splitlines()]
+    assert len(samples) == 4 and all(s["resps"] for s in samples)
