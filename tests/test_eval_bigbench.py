@@ -117,6 +117,13 @@ def test_fetch_writes_tasks_lm_eval_reads_as_written(sdist, tmp_path, monkeypatc
     assert not {d["context"] for d in scored} & {d["context"] for d in pool}
     info = json.loads((cache / "tasks" / "bigbench_fixture_mc.info.json").read_text())
     assert info["chance"] == pytest.approx(sum(len(d["gold"]) / len(d["choices"]) for d in scored) / 24)
+    sets = {frozenset(d["choices"]) for d in scored}
+    if len(sets) == 1:
+        best = max(sum(c in [d["choices"][k] for k in d["gold"]] for d in scored) for c in sets.pop()) / 24
+        assert info["majority"] == pytest.approx(best) and f"majority answer {best:.2%}" in out
+    else:
+        assert info["majority"] is None and "majority answer" not in out.split("bigbench_fixture_mc:")[1].split("\n")[0]
+
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
     name = "bigbench_fixture_mc"
@@ -254,3 +261,12 @@ def test_eval_runs_a_bigbench_task_and_lm_eval_passes_through(sdist, tmp_path, m
         value = res[f"{metric},none"]
         assert 0 <= value <= 1 and 6 * value == pytest.approx(round(6 * value))  # a share of the 6 questions
         assert f"{metric}_stderr,none" in res
+
+
+def test_majority_baseline_is_the_best_constant_answer():
+    docs = [{"choices": ["True", "False", "Neither"], "gold": [g]} for g in (0, 0, 0, 1, 2)]
+    assert bigbench.majority_baseline(docs) == pytest.approx(0.6)
+    # the same set of choices in another order still counts as one fixed list
+    docs.append({"choices": ["False", "True", "Neither"], "gold": [1]})
+    assert bigbench.majority_baseline(docs) == pytest.approx(4 / 6)
+    assert bigbench.majority_baseline([{"choices": ["a", "b"], "gold": [0]}, {"choices": ["c", "d"], "gold": [1]}]) is None

@@ -39,6 +39,8 @@ def fetch(args) -> int:
         raise CLIError(str(e)) from None
     for info in infos:
         print(f"{info['lm_eval_task']}: {info['scored']} scored + {info['fewshot_pool']} few-shot examples, "
-              f"chance {info['chance']:.2%}" + (f", {info['dropped']} non-multiple-choice left out" if info["dropped"] else ""))
+              f"chance {info['chance']:.2%}"
+              + (f", majority answer {info['majority']:.2%}" if info.get("majority") is not None else "")
+              + (f", {info['dropped']} non-multiple-choice left out" if info["dropped"] else ""))
     print(f"include path: {cache / 'tasks'}")
     return 0

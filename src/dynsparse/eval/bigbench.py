@@ -212,10 +212,25 @@ def task_documents(raw: bytes | str, task: str, seed: int = SEED) -> tuple[list[
     return docs, info
 
 
+def majority_baseline(docs: list[dict]) -> float | None:
+    """Accuracy of always giving the most often correct answer, where every document offers the same set
+    of choices (True/False/Neither, a fixed list of intents); None where the choices differ per document.
+    A skewed label mix puts this above ``chance``, and a model that always answers one way scores it."""
+    sets = {frozenset(d["choices"]) for d in docs}
+    if len(sets) != 1:
+        return None
+    wins: dict[str, int] = {}
+    for d in docs:
+        for k in d["gold"]:
+            wins[d["choices"][k]] = wins.get(d["choices"][k], 0) + 1
+    return max(wins.values()) / len(docs)
+
+
 # ---------------------------------------------------------------- the lm-eval task
 def write_task(docs: list[dict], info: dict, tasks_dir: str | Path) -> str:
     """JSONL (scored + few-shot pool), YAML and an info file for one task in ``tasks_dir``; returns the
-    lm-eval task name. The info's ``chance`` is recomputed over the scored documents alone."""
+    lm-eval task name. The info's ``chance`` and ``majority`` (``majority_baseline``) are computed over the
+    scored documents alone."""
     tasks_dir = Path(tasks_dir)
     name = lm_eval_name(info["task"])
     pool_n = min(MAX_POOL, len(docs) // 5)
@@ -226,7 +241,7 @@ def write_task(docs: list[dict], info: dict, tasks_dir: str | Path) -> str:
     splits = {"test": files["test"]} | ({"train": files["train"]} if pool else {})
     info = {**info, "lm_eval_task": name, "scored": len(scored), "fewshot_pool": len(pool),
             "chance": sum(len(d["gold"]) / len(d["choices"]) for d in scored) / len(scored),
-            "source": f"{SDIST} sha256:{SDIST_SHA256}"}
+            "majority": majority_baseline(scored), "source": f"{SDIST} sha256:{SDIST_SHA256}"}
     atomic_write_text(tasks_dir / f"{name}.info.json", json.dumps(info, indent=1) + "\n")
     yaml_text = (
         f"task: {name}\n"
