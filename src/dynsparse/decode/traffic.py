@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..gating.baselines import CATSMLP
 from ..gating.modules import GatedMLP, ReLUSkipMLP, SlicedMLP
 from ..mlps import find_mlps
 from ..tree import TreeFF
@@ -114,10 +115,6 @@ def _tree_bytes(m: TreeFF) -> float:
 def weight_traffic(model: nn.Module, densities: dict[str, float] | None = None) -> Traffic:
     """Weight bytes one decode step of ``model`` reads (see the module doc); ``densities``: block name ->
     share of its neurons one token computes."""
-    try:
-        from ..gating.baselines import CATSMLP
-    except ImportError:  # pragma: no cover - older trees without the CATS baseline
-        CATSMLP = ()
     densities = densities or {}
     count = _Counter()
     mlp = 0.0
@@ -128,7 +125,7 @@ def weight_traffic(model: nn.Module, densities: dict[str, float] | None = None) 
             continue  # inside a module counted already (a GatedMLP's gate)
         if isinstance(m, GatedMLP):
             mlp += _gated_bytes(m, densities.get(name))
-        elif CATSMLP and isinstance(m, CATSMLP):
+        elif isinstance(m, CATSMLP):
             mlp += _cats_bytes(m, densities.get(name))
         elif isinstance(m, ReLUSkipMLP):
             mlp += _relu_skip_bytes(m, densities.get(name))

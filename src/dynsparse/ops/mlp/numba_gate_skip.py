@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .._numba import NUMBA, as_f32, sync_threads, weight_table
-from .numba_impl import check_cpu
+from .numba_impl import check_cpu, optional_view
 
 if NUMBA:
     import numba
@@ -128,18 +128,9 @@ if NUMBA:
                     yi[q] += parts[t, q]
 
 
-def _table(t: torch.Tensor) -> np.ndarray:
-    """A weight matrix as the kernels read it: float32, or bfloat16 bits; no copy when contiguous."""
-    return weight_table(t)
-
-
 # Below this many multiply-adds the kept neurons run on one thread. Lower than the per-token sparse
 # MLP's bound: a decode step's kept rows (about a million multiply-adds) ran twice as fast split in two.
 SPLIT_MIN_WORK = 1 << 18
-
-
-def _vector(t, n: int) -> np.ndarray:
-    return as_f32(t) if t is not None else np.zeros(n, dtype=np.float32)
 
 
 def gate_activations(x, w, b, act_code: int) -> np.ndarray:
@@ -151,7 +142,7 @@ def gate_activations(x, w, b, act_code: int) -> np.ndarray:
         z = torch.nn.functional.linear(x.float(), w, None if b is None else b.float())
         return as_f32(activations.by_code(act_code).fn(z))
     a = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
-    _gate(as_f32(x), _table(w), _vector(b, w.shape[0]), act_code, a, 4 * numba.get_num_threads())
+    _gate(as_f32(x), weight_table(w), optional_view(b, w.shape[0]), act_code, a, 4 * numba.get_num_threads())
     return a
 
 
@@ -162,8 +153,8 @@ def gate_skip_mlp_numba(x, w1, b1, w2_t, b2, wg, bg, offset, threshold, act_code
     glu = wg is not None
     a = gate_activations(x, wg, bg, act_code) if glu else gate_activations(x, w1, b1, act_code)
     thr = np.float32(float(threshold))
-    args = (as_f32(x), a, glu, _table(w1), _vector(b1, d_ff), _vector(offset, d_ff), _table(w2_t),
-            _vector(b2, d_out), thr)
+    args = (as_f32(x), a, glu, weight_table(w1), optional_view(b1, d_ff), optional_view(offset, d_ff),
+            weight_table(w2_t), optional_view(b2, d_out), thr)
     y = np.empty((x.shape[0], d_out), dtype=np.float32)
     threads = numba.get_num_threads()
     kept = int((np.abs(a) > thr).sum())

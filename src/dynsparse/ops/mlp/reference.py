@@ -11,17 +11,34 @@ from ... import activations
 from .csr import mask_from_csr
 
 
+def _f32(t):
+    return None if t is None else t.float()
+
+
+def gate_and_hidden(x, w1, b1, wg, bg, offset, act_code: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, d_ff) float32 each: the gate's activation a (act(x wg^T + bg), or a plain block's act(x w1^T + b1))
+    and the hidden value h (a * (x w1^T + b1) for a GLU, a itself otherwise), minus offset."""
+    act = activations.by_code(act_code).fn
+    x = x.float()
+    z = F.linear(x, w1.float(), _f32(b1))
+    if wg is None:
+        a = h = act(z)
+    else:
+        a = act(F.linear(x, wg.float(), _f32(bg)))
+        h = a * z
+    return a, (h if offset is None else h - offset.float())
+
+
 def hidden(x, w1, b1, wg, bg, offset, act_code: int) -> torch.Tensor:
     """(M, d_ff) float32: act(x w1^T + b1), or act(x wg^T + bg) * (x w1^T + b1) for a GLU, minus offset."""
-    act = activations.by_code(act_code).fn
+    return gate_and_hidden(x, w1, b1, wg, bg, offset, act_code)[1]
 
-    def f32(t):
-        return None if t is None else t.float()
 
-    x = x.float()
-    z = F.linear(x, w1.float(), f32(b1))
-    h = act(z) if wg is None else act(F.linear(x, wg.float(), f32(bg))) * z
-    return h if offset is None else h - offset.float()
+def _masked_out(h, mask, w2_t, b2, dtype) -> torch.Tensor:
+    y = (h * mask) @ w2_t.float()
+    if b2 is not None:
+        y = y + b2.float()
+    return y.to(dtype)
 
 
 def neuron_mask(indptr, indices, strategy: str, group_size: int, d_ff: int) -> torch.Tensor:
@@ -34,10 +51,7 @@ def neuron_mask(indptr, indices, strategy: str, group_size: int, d_ff: int) -> t
 def sparse_mlp_reference(x, w1, b1, w2_t, b2, wg, bg, offset, indptr, indices, strategy: str, group_size: int,
                          act_code: int) -> torch.Tensor:
     mask = neuron_mask(indptr, indices, strategy, group_size, w1.shape[0])
-    y = (hidden(x, w1, b1, wg, bg, offset, act_code) * mask) @ w2_t.float()
-    if b2 is not None:
-        y = y + b2.float()
-    return y.to(x.dtype)
+    return _masked_out(hidden(x, w1, b1, wg, bg, offset, act_code), mask, w2_t, b2, x.dtype)
 
 
 def relu_skip_mlp_reference(x, w1, b1, w2_t, b2) -> torch.Tensor:
@@ -49,17 +63,8 @@ def relu_skip_mlp_reference(x, w1, b1, w2_t, b2) -> torch.Tensor:
     return y.to(x.dtype)
 
 
-def gate_mask(x, w1, b1, wg, bg, threshold, act_code: int) -> torch.Tensor:
-    """(M, d_ff) bool: |act(gate pre-activation)| > threshold (a plain block's gate is fc1 itself)."""
-    act = activations.by_code(act_code).fn
-    w, b = (w1, b1) if wg is None else (wg, bg)
-    return act(F.linear(x.float(), w.float(), None if b is None else b.float())).abs() > threshold
-
-
 def gate_skip_mlp_reference(x, w1, b1, w2_t, b2, wg, bg, offset, threshold, act_code: int) -> torch.Tensor:
-    """Every neuron computed, those whose |act(gate)| is at most the threshold zeroed, one matmul."""
-    mask = gate_mask(x, w1, b1, wg, bg, threshold, act_code)
-    y = (hidden(x, w1, b1, wg, bg, offset, act_code) * mask) @ w2_t.float()
-    if b2 is not None:
-        y = y + b2.float()
-    return y.to(x.dtype)
+    """Every neuron computed, those whose |act(gate)| is at most the threshold zeroed, one matmul (also the
+    op's prefill path, so the gate is computed once)."""
+    a, h = gate_and_hidden(x, w1, b1, wg, bg, offset, act_code)
+    return _masked_out(h, a.abs() > threshold, w2_t, b2, x.dtype)

@@ -14,27 +14,33 @@ from .csr import expand_groups, token_of_entry
 from .reference import hidden
 
 
+def _gathered_dots(w, b, xf, rows, cols) -> torch.Tensor:
+    """w[cols[p]] . xf[rows[p]] (+ b[cols[p]]) for every listed (token, neuron) pair p."""
+    z = (w.float()[cols] * xf[rows]).sum(-1)
+    return z if b is None else z + b.float()[cols]
+
+
+def _scatter_out(x, rows, cols, h, w2_t, b2) -> torch.Tensor:
+    """y[i] = b2 + sum over the pairs p of token i of h[p] * w2_t[cols[p]], in x's dtype."""
+    y = torch.zeros(x.shape[0], w2_t.shape[1], dtype=torch.float32, device=x.device)
+    y.index_add_(0, rows, h.unsqueeze(1) * w2_t.float()[cols])
+    if b2 is not None:
+        y += b2.float()
+    return y.to(x.dtype)
+
+
 def per_token(x, w1, b1, w2_t, b2, wg, bg, offset, indptr, indices, act_code: int) -> torch.Tensor:
     """Gather the (token, neuron) pairs, one dot (two for a GLU) each, scatter-add their fc2 rows back."""
     act = activations.by_code(act_code).fn
     xf = x.float()
     rows = token_of_entry(indptr)
     cols = indices.long()
-
-    def pre_activation(w, b):
-        z = (w.float()[cols] * xf[rows]).sum(-1)
-        return z if b is None else z + b.float()[cols]
-
-    h = act(pre_activation(w1, b1) if wg is None else pre_activation(wg, bg))
+    h = act(_gathered_dots(w1, b1, xf, rows, cols) if wg is None else _gathered_dots(wg, bg, xf, rows, cols))
     if wg is not None:
-        h = h * pre_activation(w1, b1)
+        h = h * _gathered_dots(w1, b1, xf, rows, cols)
     if offset is not None:
         h = h - offset.float()[cols]
-    y = torch.zeros(x.shape[0], w2_t.shape[1], dtype=torch.float32, device=x.device)
-    y.index_add_(0, rows, h.unsqueeze(1) * w2_t.float()[cols])
-    if b2 is not None:
-        y += b2.float()
-    return y.to(x.dtype)
+    return _scatter_out(x, rows, cols, h, w2_t, b2)
 
 
 def union_and_mask(indptr, indices) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,11 +76,7 @@ def relu_skip_mlp_torch(x, w1, b1, w2_t, b2) -> torch.Tensor:
     """Dense fc1 + ReLU, then fc2 over each token's non-zeros only (gathered rows, scatter-add)."""
     h = F.relu(F.linear(x.float(), w1.float(), None if b1 is None else b1.float()))
     rows, cols = h.nonzero(as_tuple=True)
-    y = torch.zeros(x.shape[0], w2_t.shape[1], dtype=torch.float32, device=x.device)
-    y.index_add_(0, rows, h[rows, cols].unsqueeze(1) * w2_t.float()[cols])
-    if b2 is not None:
-        y += b2.float()
-    return y.to(x.dtype)
+    return _scatter_out(x, rows, cols, h[rows, cols], w2_t, b2)
 
 
 def gate_skip_mlp_torch(x, w1, b1, w2_t, b2, wg, bg, offset, threshold, act_code: int) -> torch.Tensor:
@@ -86,12 +88,7 @@ def gate_skip_mlp_torch(x, w1, b1, w2_t, b2, wg, bg, offset, threshold, act_code
     rows, cols = (a.abs() > threshold).nonzero(as_tuple=True)
     h = a[rows, cols]
     if wg is not None:
-        z = (w1.float()[cols] * xf[rows]).sum(-1)
-        h = h * (z if b1 is None else z + b1.float()[cols])
+        h = h * _gathered_dots(w1, b1, xf, rows, cols)
     if offset is not None:
         h = h - offset.float()[cols]
-    y = torch.zeros(x.shape[0], w2_t.shape[1], dtype=torch.float32, device=x.device)
-    y.index_add_(0, rows, h.unsqueeze(1) * w2_t.float()[cols])
-    if b2 is not None:
-        y += b2.float()
-    return y.to(x.dtype)
+    return _scatter_out(x, rows, cols, h, w2_t, b2)
