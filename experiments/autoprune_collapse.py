@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynsparse.dynamics.probe import probe
+from dynsparse.dynamics.probe import hooked, probe
 from dynsparse.dynamics.study import VARIANTS, StudySpec, heldout_set, run_name
 from dynsparse.train.loop import train
 from dynsparse.train.telemetry import append_jsonl, read_jsonl, tree_layers
@@ -107,24 +107,14 @@ def explain(model, x: torch.Tensor, counts: np.ndarray, batch: int) -> dict:
     identity (ids seen >= 10 times) and position explain, and its correlation with the token's log training
     frequency. The same for the token embeddings over the vocabulary."""
     caps, layers = {}, tree_layers(model)
-    tracking = {n: l.tracking for n, l in layers.items()}
-    hooks = [l.register_forward_hook(lambda m, a, o, n=n: caps.setdefault(n, []).append(
-        a[0].detach().reshape(-1, a[0].shape[-1]))) for n, l in layers.items()]
-    was_training = model.training
-    model.eval()
-    for layer in layers.values():
-        layer.track_usage(False)
-    try:
-        with torch.no_grad():
-            rows = (len(x) // batch) * batch
-            for i in range(0, rows, batch):
-                model(input_ids=x[i : i + batch], use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-        for name, layer in layers.items():
-            layer.track_usage(tracking[name])
-        model.train(was_training)
+
+    def hook_for(name):
+        return lambda m, a, o: caps.setdefault(name, []).append(a[0].detach().reshape(-1, a[0].shape[-1]))
+
+    rows = (len(x) // batch) * batch
+    with hooked(model, layers, hook_for), torch.no_grad():
+        for i in range(0, rows, batch):
+            model(input_ids=x[i : i + batch], use_cache=False)
     ids = x[:rows].reshape(-1).numpy()
     pos = np.tile(np.arange(x.shape[1]), rows)
     logf = np.log(counts[ids] + 1.0)

@@ -5,23 +5,11 @@ import numba
 import pytest
 import torch
 import torch.nn.functional as F
+from test_ops_mlp_backends import CPU_BACKENDS, _close, _weights
 
 from dynsparse import activations
 from dynsparse.gating.baselines import CATSMLP
-from dynsparse.ops.mlp import GATE_SKIP_DENSE_TOKENS, MLPWeights, gate_skip_mlp, gate_skip_mlp_op
-
-CPU_BACKENDS = ("torch", "numba")
-
-
-def _weights(glu, offset, d=16, d_ff=64, d_out=12, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = {"w1": torch.randn(d_ff, d, generator=g) / d**0.5, "b1": torch.randn(d_ff, generator=g) * 0.1,
-         "w2_t": torch.randn(d_ff, d_out, generator=g) / d_ff**0.5, "b2": torch.randn(d_out, generator=g) * 0.1}
-    if glu:
-        w["wg"], w["bg"] = torch.randn(d_ff, d, generator=g) / d**0.5, torch.randn(d_ff, generator=g) * 0.1
-    if offset:
-        w["offset"] = torch.randn(d_ff, generator=g) * 0.2
-    return MLPWeights(**{k: v.to(dtype) if v.dim() == 2 else v for k, v in w.items()})
+from dynsparse.ops.mlp import GATE_SKIP_DENSE_TOKENS, gate_skip_mlp, gate_skip_mlp_op
 
 
 def _gate_act(x, w, activation):
@@ -38,11 +26,6 @@ def _threshold(a, share=0.5):
     k = lo + int(gaps.argmax())
     assert gaps.max() > 1e-5
     return torch.tensor(float((v[k] + v[k + 1]) / 2))
-
-
-def _close(a, b):
-    scale = b.abs().max().clamp_min(1e-6)
-    assert (a - b).abs().max() / scale < 1e-4, float((a - b).abs().max() / scale)
 
 
 def test_reference_is_the_masked_dense_block():

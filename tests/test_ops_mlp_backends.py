@@ -20,7 +20,8 @@ from dynsparse.ops.mlp.csr import csr_from_mask
 CPU_BACKENDS = ("torch", "numba")
 
 
-def _weights(glu: bool, offset: bool, d=16, d_ff=64, d_out=12, seed=0):
+def _weights(glu: bool, offset: bool, d=16, d_ff=64, d_out=12, seed=0, dtype=torch.float32):
+    """Random MLP tensors; ``dtype`` applies to the weight matrices (vectors stay float32)."""
     g = torch.Generator().manual_seed(seed)
     w = {"w1": torch.randn(d_ff, d, generator=g) / d**0.5, "b1": torch.randn(d_ff, generator=g) * 0.1,
          "w2_t": torch.randn(d_ff, d_out, generator=g) / d_ff**0.5, "b2": torch.randn(d_out, generator=g) * 0.1}
@@ -28,7 +29,7 @@ def _weights(glu: bool, offset: bool, d=16, d_ff=64, d_out=12, seed=0):
         w["wg"], w["bg"] = torch.randn(d_ff, d, generator=g) / d**0.5, torch.randn(d_ff, generator=g) * 0.1
     if offset:
         w["offset"] = torch.randn(d_ff, generator=g) * 0.2
-    return MLPWeights(**w)
+    return MLPWeights(**{k: v.to(dtype) if v.dim() == 2 else v for k, v in w.items()})
 
 
 def _lists(m, n, density, seed=1):

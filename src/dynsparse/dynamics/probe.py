@@ -30,6 +30,7 @@ tokens (mean mu, covariance S), per internal node n with z = w.x + b:
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -174,6 +175,27 @@ class _Accumulator:
         }
 
 
+@contextmanager
+def hooked(model: torch.nn.Module, layers: dict, hook_for):
+    """Forward hooks ``hook_for(name)`` on the tree ``layers``, the model in eval mode and their usage
+    counting off; hooks removed and mode and counting restored on the way out, so a measurement leaves
+    the model as it found it."""
+    was_training = model.training
+    tracking = {name: layer.tracking for name, layer in layers.items()}
+    handles = [layer.register_forward_hook(hook_for(name)) for name, layer in layers.items()]
+    model.eval()
+    for layer in layers.values():
+        layer.track_usage(False)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for name, layer in layers.items():
+            layer.track_usage(tracking[name])
+        model.train(was_training)
+
+
 def probe(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> dict[str, dict]:
     """Per tree layer (by module name): routing health and mechanism on the rows (x, y), in ``batch`` rows
     at a time. The model's mode, telemetry counters and gradients are left as they were."""
@@ -186,8 +208,6 @@ def probe(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) 
     if len(x) < batch:
         raise ValueError(f"the held-out set has {len(x)} rows, fewer than one batch ({batch})")
     acc = {name: _Accumulator(layer) for name, layer in layers.items()}
-    was_training = model.training
-    tracking = {name: layer.tracking for name, layer in layers.items()}
     captured: dict[str, tuple] = {}
 
     def hook_for(name):
@@ -202,11 +222,7 @@ def probe(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) 
             return y_path.reshape(output.shape)
         return hook
 
-    handles = [layer.register_forward_hook(hook_for(name)) for name, layer in layers.items()]
-    model.eval()
-    for layer in layers.values():
-        layer.track_usage(False)
-    try:
+    with hooked(model, layers, hook_for):
         for i in range(0, len(x) - batch + 1, batch):  # whole batches only: every probe sees the same rows
             captured.clear()
             with torch.enable_grad():
@@ -216,10 +232,4 @@ def probe(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) 
             for name, g in zip(names, grads):
                 z, path = captured[name]
                 acc[name].add(z, path, g)
-    finally:
-        for h in handles:
-            h.remove()
-        for name, layer in layers.items():
-            layer.track_usage(tracking[name])
-        model.train(was_training)
     return {name: a.summary() for name, a in acc.items()}
