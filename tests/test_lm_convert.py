@@ -1,7 +1,10 @@
 """dynsparse convert: GPT-2, OPT and our dense LM from tiny local configs -> tree FF, reload, train --init-from."""
+import json
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig,
+                          OPTForCausalLM)
 
 import dynsparse.lm as lm
 from dynsparse.cli import main
@@ -58,6 +61,37 @@ def test_train_init_from_converted_gpt2(tmp_path, capsys):
     assert type(final).__name__ == "GPT2LMHeadModel"
     assert sum(isinstance(m, TreeFF) for m in final.modules()) == 2
     assert (tmp_path / "run" / "telemetry.jsonl").read_text().count("transformer.h.0.mlp") == 2
+
+
+def llama():
+    return LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64))
+
+
+@pytest.mark.parametrize("make,tree", [(llama, False), (gpt2, True)])
+def test_train_only_the_ff_blocks(make, tree, tmp_path, capsys):
+    """--trainable ff: the FF blocks (dense gate/up/down or trees) move, attention, embeddings and norms do not."""
+    torch.manual_seed(0)
+    make().save_pretrained(tmp_path / "src")
+    start = tmp_path / "src"
+    if tree:
+        assert main(["convert", "--model", str(start), "--depth", "2", "--out", str(tmp_path / "tree")]) == 0
+        start = tmp_path / "tree"
+    (tmp_path / "c.txt").write_text(CORPUS)
+    code = main(["train", "--init-from", str(start), "--trainable", "ff", "--data", str(tmp_path / "c.txt"),
+                 "--vocab-size", "300", "--seq-len", "16", "--batch-size", "2", "--max-steps", "3", "--lr", "1e-2",
+                 "--warmup-steps", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
+                 "--no-progress", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    source = load_model(start)
+    before = dict(source.named_parameters())
+    after = dict(load_model(tmp_path / "run" / "final").named_parameters())
+    ff = {k for k in before if ".mlp." in k}
+    assert ff and all(not torch.equal(before[k], after[k]) for k in ff if k.endswith("weight") or ".w_" in k)
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in ff)
+    metrics = json.loads(out.strip().splitlines()[-1])
+    assert metrics["trainable_params"] == sum(before[k].numel() for k in ff) < metrics["params"]
 
 
 def test_convert_bad_input(tmp_path, capsys):

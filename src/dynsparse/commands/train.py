@@ -42,6 +42,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-balance-rate", type=float,
                    help="after each step move node biases by this against their left/right imbalance (0: off)")
     p.add_argument("--ff-weight-decay", type=float, help="weight decay of the FF weight matrices/tables (default: --weight-decay)")
+    p.add_argument("--trainable", choices=["all", "ff"],
+                   help="what trains: everything (default), or only the FF blocks (trees or dense MLPs), with "
+                   "attention, embeddings and norms frozen")
     p.add_argument("--grad-clip", type=float)
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="bf16 = bfloat16 autocast")
     p.add_argument("--seed", type=int)
@@ -53,7 +56,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 MODEL_FLAGS = ("depth", "trees", "activation", "act_position", "tree_out_init", "position_embedding", "d_model", "n_layer",
                "n_head", "data", "vocab_size", "tokenizer", "cache_dir", "seq_len", "batch_size", "grad_accum",
-               "max_steps", "lr", "warmup_steps", "weight_decay", "ff_lr_scale", "ff_weight_decay", "tree_balance_rate", "grad_clip", "dtype", "seed", "backend",
+               "max_steps", "lr", "warmup_steps", "weight_decay", "ff_lr_scale", "ff_weight_decay", "tree_balance_rate", "trainable", "grad_clip", "dtype", "seed", "backend",
                "eval_every", "eval_batches", "telemetry_every")
 
 

@@ -17,6 +17,7 @@ from ..ops.backend import BACKENDS
 from ..presets import TRAIN_PRESETS
 
 DTYPES = ("fp32", "bf16")
+TRAINABLE = ("all", "ff")  # ff: only the FF blocks train (attention, embeddings and norms frozen)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class TrainConfig:
     ff_lr_scale: float = 1.0
     ff_weight_decay: float | None = None
     tree_balance_rate: float = 0.0  # > 0: loss-free routing balance of the node biases (train/balance.py)
+    trainable: str = "all"  # "ff": freeze all but the FF blocks (the fine-tuning protocol's trees-only option)
     grad_clip: float = 1.0
     dtype: str = "fp32"
     seed: int = 0
@@ -82,6 +84,8 @@ class TrainConfig:
             raise ValueError(f"tree_out_init must be one of {TREE_OUT_INITS}, got {self.tree_out_init!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",

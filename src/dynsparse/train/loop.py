@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..atomic import recover
 from ..data import eval_windows, prepare_tokens, sample_windows, text_source
 from ..lm import DynSparseLMForCausalLM
-from ..lm.model import MLP
+from ..mlps import find_mlps
 from ..sparse_ff import ff_usage
 from ..tree import TreeFF
 from . import distributed, telemetry
@@ -132,16 +132,39 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 def _ff_parameters(model: torch.nn.Module) -> tuple[list, list]:
-    """(weights, biases) of every FF block: tree w_in/w_out and b_in, dense fc1/fc2 weights and biases."""
+    """(weights, biases) of every FF block that trains: tree w_in/w_out and b_in, and the linear layers of
+    every MLP block ``find_mlps`` finds (dense fc1/fc2, GPT-2 c_fc/c_proj, Llama gate/up/down)."""
     weights, biases = [], []
     for module in model.modules():
         if isinstance(module, TreeFF):
             weights += [module.w_in, module.w_out]
             biases += [module.b_in] if module.b_in is not None else []
-        elif isinstance(module, MLP):
-            weights += [module.fc1.weight, module.fc2.weight]
-            biases += [b for b in (module.fc1.bias, module.fc2.bias) if b is not None]
-    return [p for p in weights if p.requires_grad], [p for p in biases if p.requires_grad]
+    for block in find_mlps(model).values():
+        for layer in (block.fc1, block.fc2, block.gate_proj):
+            if layer is not None:
+                weights.append(layer.weight)
+                biases += [layer.bias] if layer.bias is not None else []
+    return _unique(weights), _unique(biases)
+
+
+def _unique(params: list) -> list:
+    seen, out = set(), []
+    for p in params:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def freeze_all_but_ff(model: torch.nn.Module) -> int:
+    """Only the FF blocks keep ``requires_grad`` (``--trainable ff``); returns how many parameters train."""
+    weights, biases = _ff_parameters(model)
+    keep = {id(p) for p in weights + biases}
+    if not keep:
+        raise ValueError("--trainable ff: the model has no FF blocks (trees or MLPs) to train")
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    return sum(p.numel() for p in weights + biases)
 
 
 def lm_loss(model, x, y) -> torch.Tensor:
@@ -239,6 +262,8 @@ def _train(cfg: TrainConfig, run: Path, d, resume: bool, progress: bool, on_step
     # ---- model and optimizer
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, vocab_size).to(d.device)
+    if cfg.trainable == "ff":
+        freeze_all_but_ff(model)
     if model.config.max_position_embeddings < cfg.seq_len:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's context ({model.config.max_position_embeddings})")
     for layer in telemetry.tree_layers(model).values():
@@ -371,6 +396,7 @@ def _train(cfg: TrainConfig, run: Path, d, resume: bool, progress: bool, on_step
                                 else resumed.get("tokens_per_s", 0.0)),
                "train_seconds": train_time, "telemetry_seconds": telemetry_time,
                "params": sum(p.numel() for p in distributed.unwrap(model).parameters()),
+               "trainable_params": sum(p.numel() for p in distributed.unwrap(model).parameters() if p.requires_grad),
                "world_size": d.world, **ff_summary(model)}
     metrics.update({f"tree_{k}": v for k, v in telemetry.summarize(telemetry.read_jsonl(run / "telemetry.jsonl")).items()})
     model_sd, _ = distributed.full_state(model, optimizer)
