@@ -38,7 +38,8 @@ def test_recorded_inputs_and_dense_outputs_are_the_blocks_own():
         h.remove()
     rec = record_inputs(model, blocks, ids, batch=2)  # two batches, concatenated in order
     for name, block in blocks.items():
-        torch.testing.assert_close(rec[name], seen[name][0], rtol=0, atol=0)
+        # batches of 2 vs one of 3: BLAS may pick other kernels by shape (seen: 3e-8 apart on an AVX-512 CPU)
+        torch.testing.assert_close(rec[name], seen[name][0], rtol=1e-6, atol=1e-6)
         with torch.no_grad():
             torch.testing.assert_close(dense_forward(block, rec[name]), seen[name][1])
 
