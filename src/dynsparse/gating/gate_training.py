@@ -70,7 +70,7 @@ def train_gates(jobs: list[GateJob], steps: int, lr: float, batch_size: int, see
         params = {p: torch.stack([getattr(j.gate, p).detach() for j in group]).clone().requires_grad_(True)
                   for p in names}
         params["c"] = params["c"].unsqueeze(1).detach().requires_grad_(True)  # (L, 1, n_logits): broadcasts over rows
-        opt = torch.optim.Adam(list(params.values()), lr=lr)
+        opt = torch.optim.Adam(list(params.values()), lr=lr, fused=True)
         pw = torch.tensor([j.pos_weight for j in group]).reshape(-1, 1, 1)
         train = group[0].train
         g = torch.Generator().manual_seed(seed)

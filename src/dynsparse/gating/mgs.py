@@ -235,7 +235,7 @@ def train_gate(block: MLPBlock, stats: LayerStats, cfg: MGSConfig, perm: torch.T
     gate, x, active, hold, train, labels, pw = _prepare(block, stats, cfg, perm)
     y_all = labels.float()
     g = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.Adam(gate.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(gate.parameters(), lr=cfg.lr, fused=True)
     for _ in range(cfg.steps):
         idx = train[torch.randint(len(train), (min(cfg.batch_size, len(train)),), generator=g)]
         loss = F.binary_cross_entropy_with_logits(gate(x[idx]), y_all[idx], pos_weight=torch.tensor(pw))

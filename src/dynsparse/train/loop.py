@@ -128,7 +128,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
         ff_wd = cfg.weight_decay if cfg.ff_weight_decay is None else cfg.ff_weight_decay
         groups += [{"params": weights, "weight_decay": ff_wd, "lr_scale": cfg.ff_lr_scale},
                    {"params": biases, "weight_decay": 0.0, "lr_scale": cfg.ff_lr_scale}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95))
+    # The fused kernel is several times faster than foreach on CPU; FSDP2's sharded DTensors keep foreach.
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95), fused=not cfg.fsdp)
 
 
 def _ff_parameters(model: torch.nn.Module) -> tuple[list, list]:
