@@ -66,7 +66,8 @@ def register(subparsers) -> None:
     add_model_flags(p)
     p.add_argument("--ff", choices=["dense", "tree"], help="feed-forward block (default: dense)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--init-from", help="an HF model directory to continue training (see dynsparse convert)")
+    p.add_argument("--init-from", help="a model to continue training: an HF model directory (e.g. dynsparse convert "
+                   "output), a .gguf file, a hub id or a built-in name (smollm2-135m)")
     p.add_argument("--qa", metavar="FILE.jsonl",
                    help="fine-tune on question answering (records: context, question, answer; loss on answers)")
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints (the last 2 are kept)")
@@ -98,6 +99,14 @@ def config_from_args(args, **extra):
 def run(args) -> int:
     from ..train import CheckpointError, RunDirError, train
     from ..train.distributed import finish_worker
+
+    if args.init_from is not None:  # as every --model: a directory, a .gguf, a hub id or a built-in name
+        from ..lm.pretrained import resolve_model
+
+        try:
+            args.init_from = str(resolve_model(args.init_from))
+        except ValueError as e:
+            raise CLIError(f"--init-from: {e}") from None
 
     cfg = config_from_args(
         args, ff=args.ff, init_from=args.init_from, qa=args.qa, ckpt_every=args.ckpt_every, log_every=args.log_every,
