@@ -319,6 +319,25 @@ def test_bench_generate_json_on_a_tiny_model(tiny_dirs):
     assert len(table) == 2 + len(rows) + 2 and table[2].startswith("| dense | fp32 | eager |")
 
 
+def test_bench_generate_a_converted_tree_model(tiny_dirs, tmp_path):
+    """--converted: the same model with trees for MLPs, through the same loop, its speed-up and byte ratio
+    against the dense row."""
+    from dynsparse.lm.convert import convert_model, load_model, save_converted
+    from dynsparse.tree import TreeConfig
+
+    model_dir, _ = tiny_dirs
+    tree = load_model(model_dir)
+    convert_model(tree, TreeConfig(depth=3, trees=2))
+    save_converted(tree, tmp_path / "tree")
+    report = _bench(model_dir, "--dtype", "fp32", "--no-compile", "--no-hf", "--converted", str(tmp_path / "tree"))
+    rows = {r["kind"]: r for r in report["rows"]}
+    assert set(rows) == {"dense", "no_mlp", "converted"}
+    dense, conv = rows["dense"], rows["converted"]
+    assert conv["variant"] == "converted: tree" and conv["mlp_active_fraction"] == pytest.approx(4 / 15)
+    assert conv["allowed_speedup"] == pytest.approx(dense["weight_bytes_per_token"] / conv["weight_bytes_per_token"])
+    assert conv["speedup_vs_dense"] == pytest.approx(dense["decode_s_per_token"] / conv["decode_s_per_token"])
+
+
 @pytest.mark.slow
 def test_bench_generate_compiled_bf16(tiny_dirs):
     model_dir, sparse_dir = tiny_dirs
@@ -331,7 +350,8 @@ def test_bench_generate_bad_input_is_one_line(tmp_path):
     for argv, words in ([["bench", "generate"], "--model"],
                         [["bench", "generate", "--model", str(tmp_path), "--dtype", "fp16"], "--dtype"],
                         [["bench", "generate", "--model", str(tmp_path), "--tokens", "1,2"], "--tokens"],
-                        [["bench", "generate", "--model", str(tmp_path), "--sparsify", str(tmp_path)], "gates.safetensors"]):
+                        [["bench", "generate", "--model", str(tmp_path), "--sparsify", str(tmp_path)], "gates.safetensors"],
+                        [["bench", "generate", "--model", str(tmp_path), "--converted", str(tmp_path)], "--converted"]):
         outcome = run_cli(argv)
         assert outcome.kind == "clear", (argv, outcome.err)
         assert words in outcome.error_lines[0]

@@ -3,8 +3,9 @@ through the same compiled loop (``dynsparse.decode.FastDecoder``), beside HF's e
 
 Everything runs in one process at one thread count. For each dtype the model is loaded fresh per
 variant: dense, the dense model with its MLP blocks replaced by a no-op (the time of everything but the
-MLPs; MLP time = dense - no-op, so no timer sits inside a compiled graph), and one variant per
-``--sparsify`` directory. Each decode figure sits beside its physical limit: the weight bytes one step
+MLPs; MLP time = dense - no-op, so no timer sits inside a compiled graph), one variant per
+``--sparsify`` directory (gates on the model) and one per ``--converted`` directory (the model with its
+MLPs replaced, e.g. by trees). Each decode figure sits beside its physical limit: the weight bytes one step
 reads (``dynsparse.decode.weight_traffic``) over the copy bandwidth measured just before it.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ SPARSE_TARGET = 0.85  # sparse decode reaches >= 85 % of the speed-up its weight
 class GenerateSettings:
     model: str  # a local model directory (``resolve_model`` output)
     sparsify: tuple[str, ...] = ()  # sparsified directories (``dynsparse sparsify --out``)
+    converted: tuple[str, ...] = ()  # the model with other FF blocks (``dynsparse convert`` / ``train`` output)
     dtypes: tuple[str, ...] = ("fp32", "bf16")
     new_tokens: int = 64  # tokens each timed decode generates
     prompt_tokens: int = 16  # prompt of the decode runs
@@ -170,21 +172,21 @@ def _agree(a: torch.Tensor, b: torch.Tensor) -> int:
 class _Variant:
     """One model to measure: its name, how to build it, and whether HF's generate runs it as reference."""
 
-    def __init__(self, name: str, kind: str, sparsify: str | None = None):
-        self.name, self.kind, self.sparsify = name, kind, sparsify
+    def __init__(self, name: str, kind: str, path: str | None = None):
+        self.name, self.kind, self.path = name, kind, path  # path: the gates (sparse) or the model (converted)
 
 
 def _build(settings: GenerateSettings, variant: _Variant, dtype: str) -> nn.Module:
     from ..decode import cast_weights_
     from ..lm.convert import load_model
 
-    model = load_model(settings.model).eval()
+    model = load_model(variant.path if variant.kind == "converted" else settings.model).eval()
     if variant.kind == "no_mlp":
         without_mlps_(model)
     elif variant.kind == "sparse":  # the gates on --model itself (they are checked to fit it)
         from ..gating import load_gates
 
-        load_gates(model, variant.sparsify)
+        load_gates(model, variant.path)
     return cast_weights_(model, dtype)
 
 
@@ -271,7 +273,7 @@ def _derive(rows: list[dict]) -> None:
         if r["_kind"] == "dense" and "weight_bytes_per_token" in r:
             r["target"] = f"copy bandwidth fraction >= {DENSE_TARGET}"
             r["met"] = r["copy_bandwidth_fraction"] >= DENSE_TARGET
-        if r["_kind"] == "sparse" and dense is not None:
+        if r["_kind"] in ("sparse", "converted") and dense is not None:
             r["speedup_vs_dense"] = dense["decode_s_per_token"] / r["decode_s_per_token"]
             r["allowed_speedup"] = dense["weight_bytes_per_token"] / r["weight_bytes_per_token"]
             r["share_of_allowed_speedup"] = r["speedup_vs_dense"] / r["allowed_speedup"]
@@ -301,6 +303,8 @@ def run_generate(settings: GenerateSettings, log=print) -> dict:
     for path in settings.sparsify:
         gates_name = Path(path).name
         variants.append(_Variant(f"sparse: {gates_name}", "sparse", path))
+    for path in settings.converted:
+        variants.append(_Variant(f"converted: {Path(path).name}", "converted", path))
     from ..lm.convert import load_model
 
     probe = load_model(settings.model)

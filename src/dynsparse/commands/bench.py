@@ -10,7 +10,7 @@ import torch
 from ..cli import CLIError
 
 SUITE_NAMES = ("tree", "train", "mgs", "lm")
-GENERATE_ONLY = {"--model": "model", "--sparsify": "sparsify", "--dtype": "dtype", "--prefill": "prefill",
+GENERATE_ONLY = {"--model": "model", "--sparsify": "sparsify", "--converted": "converted", "--dtype": "dtype", "--prefill": "prefill",
                  "--no-compile": "no_compile", "--no-hf": "no_hf", "--copy-megabytes": "copy_megabytes"}
 
 
@@ -46,6 +46,9 @@ def register(subparsers) -> None:
                    "(smollm2-135m)")
     g.add_argument("--sparsify", action="append", default=[], metavar="DIR",
                    help="generate: a sparsified directory (dynsparse sparsify --out) to decode too; repeatable")
+    g.add_argument("--converted", action="append", default=[], metavar="DIR",
+                   help="generate: --model with its MLPs replaced (dynsparse convert or train output, same tokenizer) "
+                   "to decode too; repeatable")
     g.add_argument("--dtype", default=None, help="generate: fp32, bf16 or both, comma-separated (default fp32,bf16)")
     g.add_argument("--prefill", default=None, help="generate: prompt lengths of the prefill timings (default 128,512)")
     g.add_argument("--no-compile", action="store_true", help="generate: run the fast path eagerly (no torch.compile)")
@@ -139,12 +142,15 @@ def _run_generate(args) -> int:
     for d in args.sparsify:
         if not (Path(d) / "gates.safetensors").is_file():
             raise CLIError(f"--sparsify {d}: not a sparsified directory (no gates.safetensors)")
+    for d in args.converted:
+        if not (Path(d) / "config.json").is_file():
+            raise CLIError(f"--converted {d}: not a saved model directory (no config.json)")
     try:
         model = str(resolve_model(args.model))
     except ValueError as e:
         raise CLIError(str(e)) from None
     settings = GenerateSettings(
-        model=model, sparsify=tuple(args.sparsify), dtypes=dtypes, new_tokens=new_tokens[0], prefill=prefill,
+        model=model, sparsify=tuple(args.sparsify), converted=tuple(args.converted), dtypes=dtypes, new_tokens=new_tokens[0], prefill=prefill,
         repeats=_positive("repeats", args.repeats), compile=not args.no_compile, hf_reference=not args.no_hf,
         copy_megabytes=_positive("copy-megabytes", args.copy_megabytes or 1024), threads=args.threads or 2,
     )
