@@ -61,6 +61,14 @@ def test_train_init_from_converted_gpt2(tmp_path, capsys):
     assert type(final).__name__ == "GPT2LMHeadModel"
     assert sum(isinstance(m, TreeFF) for m in final.modules()) == 2
     assert (tmp_path / "run" / "telemetry.jsonl").read_text().count("transformer.h.0.mlp") == 2
+    # dynsparse eval measures the trees (it once loaded the plain family, random MLPs in their place)
+    for extra in ([], ["--reference", str(tmp_path / "src")]):
+        assert main(["eval", str(tmp_path / "run" / "final"), "--data", str(tmp_path / "c.txt"), "--seq-len", "16",
+                     "--max-windows", "4", "--cache-dir", str(tmp_path / "cache"), "--json", *extra]) == 0
+        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert res["ff_active_fraction"] == pytest.approx(3 / 7)  # depth 2: 3 of 7 nodes per token
+        if not extra:
+            assert set(res["tree_layers"]) == {"transformer.h.0.mlp", "transformer.h.1.mlp"}
 
 
 def llama():

@@ -69,8 +69,12 @@ def run(args) -> int:
         raise CLIError(f"--include-path {args.include_path} is not a folder of task YAMLs")
     manager = _task_manager(args, tasks, default_cache_dir()) if tasks else None  # unknown names: before any work
     from ..gating.api import is_sparsified_dir, load_sparsified
+    from ..lm.convert import load_model
+    from ..lm.remote import has_own_modeling_file
+    from ..remote_code import TREE_MARKER
 
     sparsified = is_sparsified_dir(model_dir)
+    converted = (model_dir / TREE_MARKER).is_file()
     if args.no_kl and args.reference:
         raise CLIError("--no-kl and --reference contradict each other")
     if args.no_perplexity and (args.reference or args.no_kl):
@@ -86,8 +90,8 @@ def run(args) -> int:
         try:
             if sparsified:  # dynsparse builds it (family class + gates); the folder's own file never runs
                 model = load_sparsified(model_dir)
-            else:
-                model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=trust)
+            else:  # plain HF, dynsparse's LM, or a converted family (trees), which load_model rebuilds itself
+                model = load_model(model_dir, trust_remote_code=trust)
         except (OSError, ValueError) as e:
             raise CLIError(f"cannot load {model_dir}: {e}") from None
         except Exception as e:  # noqa: BLE001 - the folder's own code (trusted by the user) failed
@@ -112,9 +116,15 @@ def run(args) -> int:
     if args.tasks:
         from ..eval.harness import run_harness
 
-        try:  # a sparsified folder loads through its own (dynsparse's, checked) file, or lm-eval gets the dense model
-            result["tasks"] = run_harness(model_dir, tasks, None, args.num_fewshot, args.limit,
-                                          trust_remote_code=trust or sparsified, manager=manager)
+        # A sparsified or converted folder loads in lm-eval through its modeling file, which must be dynsparse's
+        # own (checked); without it lm-eval would build the plain family and drop the gates or trees.
+        own_file = (sparsified or converted) and has_own_modeling_file(model_dir)
+        if converted and not (trust or own_file):
+            raise CLIError(f"{model_dir}: a converted model whose modeling_dynsparse.py is not the one dynsparse "
+                           "writes; lm-eval could only load it without its trees (re-save it with dynsparse convert)")
+        try:
+            result["tasks"] = run_harness(model_dir, tasks, None, args.num_fewshot, args.limit, batch_size=args.batch_size,
+                                          trust_remote_code=trust or sparsified or own_file, manager=manager)
         except (KeyError, ValueError) as e:
             raise CLIError(f"lm-eval failed: {e}") from None
     if args.json:
@@ -130,11 +140,12 @@ def _compare(model, reference_dir: Path, tokens, seq_len: int, args, sparsified:
     from transformers import AutoModelForCausalLM
 
     from ..eval.divergence import compare_models
+    from ..lm.convert import load_model
 
     own = sparsified and reference_dir == Path(args.model)
     try:  # a sparsified folder's reference is its dense files: the family's own class, no remote code
-        reference = AutoModelForCausalLM.from_pretrained(str(reference_dir), dtype=torch.float32,
-                                                         trust_remote_code=False if own else args.trust_remote_code)
+        reference = (AutoModelForCausalLM.from_pretrained(str(reference_dir), dtype=torch.float32) if own
+                     else load_model(reference_dir, trust_remote_code=args.trust_remote_code))
     except (OSError, ValueError) as e:
         raise CLIError(f"cannot load the reference {reference_dir}: {e}") from None
     out_vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
