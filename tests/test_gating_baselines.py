@@ -189,6 +189,7 @@ def test_evaluation_reports_the_measured_usage():
     ref = dense_reference(dense, tokens, 16, batch_size=4, max_windows=12)
     same = evaluate_against(dense, ref)
     assert same["kl_to_dense"] == pytest.approx(0, abs=1e-6) and same["perplexity_increase"] == pytest.approx(0, abs=1e-6)
+    assert same["ff_active_fraction"] == 1.0  # a dense model's MLPs count at full cost (they were NaN)
     gates = fit_gates(sparse, CATSConfig(target_sparsity=0.5), [{"input_ids": torch.from_numpy(tokens[:320]).reshape(20, 16)}],
                       progress=False)
     apply_gates(sparse, gates, backend="reference")

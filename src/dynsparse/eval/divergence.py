@@ -78,7 +78,7 @@ def _usage_start(model):
 
 
 def _usage_end(model, blocks) -> dict:
-    usage = ff_usage(model) if blocks else {}
+    usage = ff_usage(model)  # dense MLP blocks count at full cost, as in evaluate_lm
     for m in blocks.values():
         m.track_usage(False)
     return usage
