@@ -1,0 +1,51 @@
+"""Usage: python table.py WORK_DIR OUT_DIR
+Collect run.sh's outputs into OUT_DIR/results.json and print the markdown table of the README."""
+import json, sys
+from pathlib import Path
+
+work, out = Path(sys.argv[1]), Path(sys.argv[2])
+ROWS = [("original dense", "smollm2-135m", None), ("dense fine-tuned", "dense_ft", "dense_ft.json"),
+        ("tree 8x7, converted (published init)", "tree8x7_random", None),
+        ("tree 8x7, distilled", "tree8x7", None), ("tree 8x7, distilled + fine-tuned", "tree8x7_ft", "tree8x7_ft.json")]
+
+
+def load(path):
+    return json.loads(path.read_text()) if path.is_file() and path.stat().st_size else None
+
+
+results = []
+for label, tag, train in ROWS:
+    row = {"model": label, "tag": tag}
+    for corpus in ("macbeth", "narratives"):
+        ev = load(work / f"eval_{tag}.{corpus}.json")
+        if ev:
+            row[corpus] = {k: ev.get(k) for k in ("perplexity", "loss", "tokens", "ff_active_fraction",
+                                                  "ff_flops_per_token", "reference_perplexity", "kl_to_dense")}
+    if train and load(work / train):
+        t = load(work / train)
+        row["fine_tune"] = {k: t.get(k) for k in ("steps", "tokens", "train_loss", "val_loss", "tokens_per_s",
+                                                  "train_seconds", "params", "trainable_params")}
+    results.append(row)
+out.mkdir(parents=True, exist_ok=True)
+(out / "results.json").write_text(json.dumps(results, indent=1))
+
+base = {c: (results[0].get(c) or {}).get("perplexity") for c in ("macbeth", "narratives")}
+ft = {c: (results[1].get(c) or {}).get("perplexity") for c in ("macbeth", "narratives")}
+print("| model | Macbeth ppl | vs fine-tuned dense | KL to original | narratives ppl | vs fine-tuned dense | "
+      "FF active (measured) | FF FLOPs/token/block |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
+for r in results:
+    cells = [r["model"]]
+    for c in ("macbeth", "narratives"):
+        ev = r.get(c) or {}
+        p = ev.get("perplexity")
+        cells.append("" if p is None else f"{p:.3g}" if p >= 1e5 else f"{p:.2f}")
+        r_ = None if p is None or not ft[c] else p / ft[c]
+        cells.append("" if r_ is None else f"{r_:.3g}x" if r_ >= 2 else f"{r_ - 1:+.1%}")
+        if c == "macbeth":
+            kl = ev.get("kl_to_dense")
+            cells.append("" if kl is None else f"{kl:.3f}")
+    ev = r.get("macbeth") or {}
+    cells.append("" if ev.get("ff_active_fraction") is None else f"{ev['ff_active_fraction']:.2%}")
+    cells.append("" if ev.get("ff_flops_per_token") is None else f"{ev['ff_flops_per_token']:,.0f}")
+    print("| " + " | ".join(cells) + " |")
