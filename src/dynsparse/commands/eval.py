@@ -41,9 +41,6 @@ def run(args) -> int:
     if args.model:  # a directory, a .gguf file, a hub id or a built-in name -> a local HF directory
         args.model = str(resolve_model(args.model))
 
-    import torch
-    from transformers import AutoModelForCausalLM
-
     import dynsparse.lm  # noqa: F401  registers the auto classes
 
     from ..data import prepare_tokens, text_source
@@ -136,16 +133,12 @@ def run(args) -> int:
 
 def _compare(model, reference_dir: Path, tokens, seq_len: int, args, sparsified: bool) -> dict:
     """Perplexity, the reference's perplexity and the mean KL(reference || model) on the same windows."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from ..eval.divergence import compare_models
     from ..lm.convert import load_model
 
     own = sparsified and reference_dir == Path(args.model)
     try:  # a sparsified folder's reference is its dense files: the family's own class, no remote code
-        reference = (AutoModelForCausalLM.from_pretrained(str(reference_dir), dtype=torch.float32) if own
-                     else load_model(reference_dir, trust_remote_code=args.trust_remote_code))
+        reference = load_model(reference_dir, trust_remote_code=False if own else args.trust_remote_code)
     except (OSError, ValueError) as e:
         raise CLIError(f"cannot load the reference {reference_dir}: {e}") from None
     out_vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None

@@ -157,15 +157,14 @@ def _unique(params: list) -> list:
     return out
 
 
-def freeze_all_but_ff(model: torch.nn.Module) -> int:
-    """Only the FF blocks keep ``requires_grad`` (``--trainable ff``); returns how many parameters train."""
+def freeze_all_but_ff(model: torch.nn.Module) -> None:
+    """Only the FF blocks keep ``requires_grad`` (``--trainable ff``)."""
     weights, biases = _ff_parameters(model)
     keep = {id(p) for p in weights + biases}
     if not keep:
         raise ValueError("--trainable ff: the model has no FF blocks (trees or MLPs) to train")
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
-    return sum(p.numel() for p in weights + biases)
 
 
 def lm_loss(model, x, y) -> torch.Tensor:
