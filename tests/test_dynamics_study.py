@@ -182,8 +182,32 @@ def test_study_grid_report_reuse_prune_and_refusals(corpus, capsys):
     assert (run / "final" / "metrics.json").stat().st_mtime == mtime
 
 
+def test_a_folder_filled_by_two_invocations_reports_both_with_whitened_variants(corpus, capsys):
+    """Shapes of another grid added to a folder by a second invocation (whitened variants here): the report
+    covers every finished cell and prune, one trajectory figure per shape, and pruning a whitened tree
+    (its whitening folded into the pruned tables) keeps the loss."""
+    out = corpus / "two"
+    base = ["study", "autoprune", "--quick", "--lrs", "1e-3", "--max-steps", "10", "--data", str(corpus / "corpus.txt"),
+            "--out", str(out), "--no-progress", "--threads", "1", "--prune"]
+    assert main(base + ["--variants", "node-gelu,path-gelu", "--depths", "3", "--trees", "2"]) == 0
+    assert main(base + ["--variants", "node-gelu+whiten,path-gelu+whiten", "--depths", "4", "--trees", "1"]) == 0
+    capsys.readouterr()
+    data = json.loads((out / "study.json").read_text())
+    assert {(c["variant"], c["depth"]) for c in data["cells"]} == {
+        ("node-gelu", 3), ("path-gelu", 3), ("node-gelu+whiten", 4), ("path-gelu+whiten", 4)}
+    assert sorted(p["variant"] for p in data["prune"]) == ["node-gelu", "node-gelu+whiten", "path-gelu",
+                                                            "path-gelu+whiten"]
+    for p in data["prune"]:
+        assert p["calib_loss_after"] == pytest.approx(p["calib_loss_before"], abs=1e-4)
+    assert (out / "trajectories_d3_t2.png").exists() and (out / "trajectories_d4_t1.png").exists()
+    assert "depth 3, 2 trees" in data["verdict"] and "depth 4, 1 trees, whiten" in data["verdict"]
+    run = json.loads((out / "node-gelu+whiten-lr0.001-d4-t1-s0" / "config.json").read_text())
+    assert run["whiten"] is True
+
+
 @pytest.mark.parametrize("extra, match", [
     (["--variants", "node-swish"], "unknown variant"),
+    (["--variants", "node-gelu+centre"], "unknown variant"),
     (["--lrs", "1e-3,-1e-3"], "--lrs must be positive"),
     (["--lrs", "fast"], "comma-separated list of floats"),
     (["--heldout-windows", "2"], "smaller than one batch"),

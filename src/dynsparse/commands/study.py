@@ -11,7 +11,8 @@ def register(sub) -> None:
                            "held-out tokens, the sign/gradient mechanism, static pruning")
     a.add_argument("--out", default="runs/autoprune", help="study folder (one run per cell; default runs/autoprune)")
     a.add_argument("--quick", action="store_true", help="a tiny budget (a smoke test)")
-    a.add_argument("--variants", help="comma-separated subset of node-gelu,node-relu,node-tanh,node-identity,path-gelu")
+    a.add_argument("--variants", help="comma-separated subset of node-gelu,node-relu,node-tanh,node-identity,path-gelu, "
+                   "each optionally with +whiten (the tree input whitened while training, e.g. node-gelu+whiten)")
     a.add_argument("--lrs", help="comma-separated peak learning rates (default 3e-4,1e-3,3e-3)")
     a.add_argument("--warmup-frac", type=float, help="warm-up as a fraction of the run (default 0.05)")
     a.add_argument("--depths", help="comma-separated tree depths (default 7)")

@@ -19,6 +19,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trees", type=int, help="number of trees per FF block")
     p.add_argument("--activation", choices=["gelu", "relu", "silu", "tanh", "identity"])
     p.add_argument("--act-position", choices=["node", "path"])
+    p.add_argument("--whiten", action="store_true", default=None,
+                   help="whiten each tree's input with the previous batch's mean and covariance while training "
+                   "(keeps early training from starving most nodes; folded into the weights by dynsparse prune)")
     p.add_argument("--tree-out-init", choices=["published", "residual"],
                    help="tree w_out init: the published uniform, or N(0, 0.02/sqrt(2 layers)) like dense fc2")
     p.add_argument("--position-embedding", choices=["learned", "rope"])
@@ -54,7 +57,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--telemetry-every", type=int, help="steps between routing snapshots (telemetry.jsonl)")
 
 
-MODEL_FLAGS = ("depth", "trees", "activation", "act_position", "tree_out_init", "position_embedding", "d_model", "n_layer",
+MODEL_FLAGS = ("depth", "trees", "activation", "act_position", "whiten", "tree_out_init", "position_embedding", "d_model", "n_layer",
                "n_head", "data", "vocab_size", "tokenizer", "cache_dir", "seq_len", "batch_size", "grad_accum",
                "max_steps", "lr", "warmup_steps", "weight_decay", "ff_lr_scale", "ff_weight_decay", "tree_balance_rate", "trainable", "grad_clip", "dtype", "seed", "backend",
                "eval_every", "eval_batches", "telemetry_every")

@@ -212,8 +212,7 @@ def probe(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) 
 
     def hook_for(name):
         def hook(layer, inputs, output):
-            x_in = inputs[0]
-            x2 = x_in.reshape(-1, layer.d_model)
+            x2 = layer.routing_input(inputs[0].reshape(-1, layer.d_model))  # what the nodes read
             acc[name].add_input(x2)
             y_path, z, path = _path_forward(layer, x2)
             acc[name].max_diff = max(acc[name].max_diff, float((y_path.detach() - output.detach().reshape(

@@ -100,7 +100,8 @@ def prune_run(run: str | Path, out: str | Path, calib_windows: int = 64, val_win
     result = PruneResult(len(trees), nodes_before, nodes_after, params_before, params_after, calib[1].numel(),
                          calib_before, _loss(model, calib), val_before, _loss(model, val))
 
-    config = PrunedDynSparseLMConfig(**{**model.config.to_dict(), "pruned_layers": specs})
+    tree = {**model.config.tree, "whiten": False}  # prune_static folded any whitening into the pruned tables
+    config = PrunedDynSparseLMConfig(**{**model.config.to_dict(), "tree": tree, "pruned_layers": specs})
     config.architectures = [PrunedDynSparseLMForCausalLM.__name__]
     pruned_model = PrunedDynSparseLMForCausalLM(config)
     pruned_model.load_state_dict(model.state_dict())

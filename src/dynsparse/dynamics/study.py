@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..atomic import atomic_write_text
-from ..train.config import TrainConfig
+from ..train.config import TrainConfig, diff_configs
 from ..tree.layer import MAX_DEPTH
 
 VARIANTS = {
@@ -25,6 +25,8 @@ VARIANTS = {
     "node-identity": dict(activation="identity", act_position="node"),
     "path-gelu": dict(activation="gelu", act_position="path"),
 }
+# Architectural choices a variant may add: "node-gelu+whiten" is node-GELU with a whitened tree input.
+MODIFIERS = {"whiten": dict(whiten=True)}
 SPEC_FILE = "study_spec.json"
 PROBE_FILE = "probe.jsonl"
 
@@ -71,9 +73,10 @@ class StudySpec:
         for axis in self.AXES[:-1]:
             if not getattr(self, axis):
                 raise ValueError(f"--{axis} names nothing")
-        unknown = [v for v in self.variants if v not in VARIANTS]
+        unknown = [v for v in self.variants if not is_variant(v)]
         if unknown:
-            raise ValueError(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
+            raise ValueError(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}, each optionally with "
+                             f"{', '.join('+' + m for m in MODIFIERS)} (e.g. node-gelu+whiten)")
         bad = [lr for lr in self.lrs if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0)]
         if bad:
             raise ValueError(f"--lrs must be positive finite numbers, got {bad}")
@@ -108,11 +111,27 @@ class StudySpec:
             max_steps=self.max_steps, d_model=self.d_model, n_layer=self.n_layer, n_head=self.n_head,
             seq_len=self.seq_len, batch_size=self.batch_size, telemetry_every=self.probe_every,
             eval_every=self.probe_every, eval_batches=self.eval_batches, ckpt_every=max(self.probe_every,
-            self.max_steps // 4), keep_checkpoints=1, **VARIANTS[variant], **self.extra)
+            self.max_steps // 4), keep_checkpoints=1, **variant_settings(variant), **self.extra)
 
     def cells(self, lrs=None, seeds=None) -> list[tuple]:
         return [(v, lr, d, t, s) for v in self.variants for lr in (lrs or self.lrs) for d in self.depths
                 for t in self.trees for s in (seeds or self.seeds)]
+
+
+def is_variant(name: str) -> bool:
+    base, *mods = name.split("+")
+    return base in VARIANTS and all(m in MODIFIERS for m in mods) and len(set(mods)) == len(mods)
+
+
+def variant_settings(name: str) -> dict:
+    """The TrainConfig fields of a variant name: its base's activation and position, plus its modifiers."""
+    if not is_variant(name):
+        raise ValueError(f"unknown variant {name!r}")
+    base, *mods = name.split("+")
+    settings = dict(VARIANTS[base])
+    for m in mods:
+        settings.update(MODIFIERS[m])
+    return settings
 
 
 def run_name(variant: str, lr: float, depth: int, trees: int, seed: int) -> str:
@@ -162,7 +181,7 @@ def run_cell(out: Path, spec: StudySpec, cell: tuple, heldout, progress: bool = 
     run = out / run_name(*cell)
     metrics_file = run / "final" / "metrics.json"
     saved = _saved_config(run)
-    if saved is not None and saved != cfg.to_dict():
+    if saved is not None and diff_configs(saved, cfg.to_dict(), ignore=()):
         raise ValueError(f"{run} holds a run of another configuration: use another --out")
     if saved is not None and metrics_file.exists():
         return json.loads(metrics_file.read_text())

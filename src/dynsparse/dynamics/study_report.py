@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 
 from ..atomic import atomic_write_text  # noqa: E402
 from ..train.telemetry import read_jsonl  # noqa: E402
-from .study import PROBE_FILE, VARIANTS  # noqa: E402
+from .study import MODIFIERS, PROBE_FILE, VARIANTS  # noqa: E402
 
 KEYS = ("dead_fraction", "static_fraction", "path_entropy", "effective_leaves", "majority_share",
         "positive_share", "grad_ratio_rms")
@@ -28,10 +28,18 @@ PLOTTED = ("dead_fraction", "static_fraction", "path_entropy", "majority_share",
 
 
 def variant_of(cfg: dict) -> str | None:
+    """The variant name of a run's config (its base, then the modifiers it has on)."""
+    mods = "".join(f"+{m}" for m, on in MODIFIERS.items() if all(cfg.get(k, False) == v for k, v in on.items()))
     for name, v in VARIANTS.items():
         if cfg["activation"] == v["activation"] and cfg["act_position"] == v["act_position"]:
-            return name
+            return name + mods
     return None
+
+
+def variant_order(name: str) -> tuple:
+    """Modifier set first, then the base variants in their table order."""
+    base, _, mods = name.partition("+")
+    return (mods, list(VARIANTS).index(base))
 
 
 def _layer_mean(layers: dict, key: str) -> float:
@@ -88,8 +96,7 @@ def cells(runs: list[dict]) -> dict[tuple, list[dict]]:
     grouped = defaultdict(list)
     for r in runs:
         grouped[(r["variant"], r["lr"], r["depth"], r["trees"])].append(r)
-    order = {v: i for i, v in enumerate(VARIANTS)}
-    return dict(sorted(grouped.items(), key=lambda kv: (kv[0][2], kv[0][3], order[kv[0][0]], kv[0][1])))
+    return dict(sorted(grouped.items(), key=lambda kv: (kv[0][2], kv[0][3], variant_order(kv[0][0]), kv[0][1])))
 
 
 def cell_rows(runs: list[dict]) -> list[dict]:
@@ -112,7 +119,8 @@ def plot_cells(runs: list[dict], path: Path, title: str) -> None:
             for ax, key in zip(axes.flat, PLOTTED):
                 vals = np.array([r["series"][key][: len(steps)] for r in group if len(r["series"][key]) >= len(steps)])
                 mean = np.exp(np.nanmean(np.log(vals), 0)) if key in LOG_KEYS else np.nanmean(vals, 0)
-                line, = ax.plot(steps, mean, label=f"{variant} (n={len(vals)})")
+                style = "--" if "+" in variant else "-"  # modified variants dashed beside their base
+                line, = ax.plot(steps, mean, style, label=f"{variant} (n={len(vals)})")
                 if len(vals) > 1:
                     ax.fill_between(steps, np.nanmin(vals, 0), np.nanmax(vals, 0), color=line.get_color(), alpha=0.2)
     for ax, key in zip(axes.flat, PLOTTED):
@@ -162,16 +170,23 @@ def plot_depth_profile(runs: list[dict], path: Path) -> None:
 
 
 def verdict(final_rows: list[dict]) -> str:
-    """Whether node-GELU ends with clearly more dead held-out nodes than GELU after the path (beyond seed spread)."""
-    by = {r["variant"]: r for r in final_rows}
-    if "node-gelu" not in by or "path-gelu" not in by:
-        return "Run both node-gelu and path-gelu to compare the auto-pruning form with its remedy."
-    g, p = by["node-gelu"]["dead_fraction"], by["path-gelu"]["dead_fraction"]
-    gap = g["mean"] - p["mean"]
-    clear = g["min"] > p["max"] and gap > 0.05
-    text = (f"node-GELU ends with {g['mean']:.1%} dead held-out nodes (seeds {g['min']:.1%}-{g['max']:.1%}), "
-            f"GELU after the path with {p['mean']:.1%} ({p['min']:.1%}-{p['max']:.1%})")
-    return ("Auto-pruning shows: " if clear else "Auto-pruning does not clearly show: ") + text + "."
+    """Whether node-GELU ends with clearly more dead held-out nodes than GELU after the path (beyond seed
+    spread), per shape and per modifier set (plain, +whiten, ...) that holds both."""
+    by = {(r["variant"], r["depth"], r["trees"]): r for r in final_rows}
+    sentences = []
+    for (variant, depth, trees), g_row in by.items():
+        base, plus, mods = variant.partition("+")
+        other = ("path-gelu" + plus + mods, depth, trees)
+        if base != "node-gelu" or other not in by:
+            continue
+        g, p = g_row["dead_fraction"], by[other]["dead_fraction"]
+        clear = g["min"] > p["max"] and g["mean"] - p["mean"] > 0.05
+        sentences.append(
+            ("Auto-pruning shows" if clear else "Auto-pruning does not clearly show") +
+            f" (depth {depth}, {trees} trees{', ' + mods if mods else ''}): node-GELU ends with {g['mean']:.1%} dead "
+            f"held-out nodes (seeds {g['min']:.1%}-{g['max']:.1%}), GELU after the path with {p['mean']:.1%} "
+            f"({p['min']:.1%}-{p['max']:.1%}).")
+    return " ".join(sentences) or "Run both node-gelu and path-gelu to compare the auto-pruning form with its remedy."
 
 
 def write_report(out: str | Path, best_lr: float | None = None, prune_rows: list[dict] | None = None) -> Path:
@@ -197,10 +212,17 @@ def write_report(out: str | Path, best_lr: float | None = None, prune_rows: list
     if best_lr is not None:
         final_runs = [r for r in runs if r["lr"] == best_lr]
         final_rows = [r for r in rows if r["lr"] == best_lr]
-        plot_cells(final_runs, out / "trajectories.png", f"held-out probe at lr {best_lr:g} (band: min-max over seeds)")
-        plot_depth_profile(final_runs, out / "depth_profile.png")
-        lines += [f"## Comparison at the best learning rate ({best_lr:g})", "", verdict(final_rows), "",
-                  "![trajectories](trajectories.png)", "", "![depth profile](depth_profile.png)", ""]
+        lines += [f"## Comparison at the best learning rate ({best_lr:g})", "", verdict(final_rows), ""]
+        shapes = sorted({(r["depth"], r["trees"]) for r in final_runs})
+        for depth, trees in shapes:  # one figure per tree shape: a shape's curves are not comparable to another's
+            suffix = "" if len(shapes) == 1 else f"_d{depth}_t{trees}"
+            shape_runs = [r for r in final_runs if (r["depth"], r["trees"]) == (depth, trees)]
+            plot_cells(shape_runs, out / f"trajectories{suffix}.png",
+                       f"held-out probe at lr {best_lr:g}, depth {depth}, {trees} tree(s) (band: min-max over seeds)")
+            plot_depth_profile(shape_runs, out / f"depth_profile{suffix}.png")
+            lines += [f"![trajectories, depth {depth}, {trees} trees](trajectories{suffix}.png)", "",
+                      f"![depth profile, depth {depth}, {trees} trees](depth_profile{suffix}.png)", ""]
+    prune_rows = folder_prune_rows(out, runs) or prune_rows
     if prune_rows:
         lines += ["## Static conversion (`dynsparse prune`) of the final models", "",
                   "| run | nodes before → after | params removed | tree FLOPs/token before → after (held-out) | "
@@ -215,6 +237,19 @@ def write_report(out: str | Path, best_lr: float | None = None, prune_rows: list
         {"best_lr": best_lr, "cells": rows, "prune": prune_rows or [], "verdict": verdict(final_rows),
          "runs": [{k: v for k, v in r.items() if k != "series"} for r in runs]}, indent=1, default=float))
     return out / "study.md"
+
+
+def folder_prune_rows(out: Path, runs: list[dict]) -> list[dict]:
+    """Every `dynsparse prune` report in the folder's pruned/, for the finished runs it holds: a folder
+    filled by several invocations reports all of them."""
+    by_name = {r["run"]: r for r in runs}
+    rows = []
+    for report in sorted((out / "pruned").glob("*/prune_report.json")):
+        run = by_name.get(report.parent.name)
+        result = json.loads(report.read_text())
+        if run is not None and "flops_per_token_after" in result:
+            rows.append({"run": run["run"], "variant": run["variant"], "seed": run["seed"], **result})
+    return rows
 
 
 def _save(fig, path: Path) -> None:

@@ -10,13 +10,13 @@ from ..tree.convert import TreeConfig
 FF_KINDS = ("dense", "tree")
 TREE_OUT_INITS = ("published", "residual")
 POSITIONS = ("learned", "rope")
-TREE_DEFAULTS = {"depth": 7, "trees": 8, "activation": "gelu", "act_position": "node"}
+TREE_DEFAULTS = {"depth": 7, "trees": 8, "activation": "gelu", "act_position": "node", "whiten": False}
 
 
 class DynSparseLMConfig(PretrainedConfig):
     """A GPT-style decoder. ``ff="dense"``: GELU MLP of width ``intermediate_size``;
     ``ff="tree"``: a ``TreeFF`` in each block instead, built from ``tree`` (the ``TreeConfig`` fields depth,
-    trees, activation, act_position: one name per setting from ``--depth`` to ``TreeFF.depth``).
+    trees, activation, act_position, whiten: one name per setting from ``--depth`` to ``TreeFF.depth``).
 
     Field names follow HF conventions (hidden_size, num_hidden_layers, ...) so HF utilities and
     lm-evaluation-harness find the context length and sizes without help.

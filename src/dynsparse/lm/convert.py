@@ -67,7 +67,7 @@ def convert_model(model: torch.nn.Module, tree: TreeConfig) -> list[str]:
     if isinstance(model.config, DynSparseLMConfig):
         model.config.ff = "tree"
         model.config.tree = {"depth": tree.depth, "trees": tree.trees, "activation": tree.activation,
-                             "act_position": tree.act_position}
+                             "act_position": tree.act_position, "whiten": tree.whiten}
         if not tree.bias and model.config.bias:
             raise ValueError("our LM ties the tree bias to config.bias; convert with bias=True")
     else:

@@ -29,6 +29,7 @@ class TrainConfig:
     trees: int | None = None
     activation: str = "gelu"
     act_position: str = "node"
+    whiten: bool = False  # whiten each tree's input with earlier batches' statistics (tree/whiten.py)
     tree_out_init: str = "published"  # see DynSparseLMConfig.tree_out_init
     position_embedding: str = "learned"
     d_model: int | None = None
@@ -82,6 +83,11 @@ class TrainConfig:
             raise ValueError(f"ff must be one of {FF_KINDS}, got {self.ff!r}")
         if self.tree_out_init not in TREE_OUT_INITS:
             raise ValueError(f"tree_out_init must be one of {TREE_OUT_INITS}, got {self.tree_out_init!r}")
+        if not isinstance(self.whiten, bool):
+            raise ValueError(f"whiten must be true or false, got {self.whiten!r}")
+        if self.whiten and (self.ff != "tree" or self.init_from):
+            raise ValueError("whiten builds new tree blocks: it needs ff tree and no init_from (a loaded model "
+                             "keeps its own blocks)")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.trainable not in TRAINABLE:
@@ -127,7 +133,7 @@ class TrainConfig:
         base = PRESETS[self.preset]["tree"]
         tree = {"depth": base["depth"] if self.depth is None else self.depth,
                 "trees": base["trees"] if self.trees is None else self.trees,
-                "activation": self.activation, "act_position": self.act_position}
+                "activation": self.activation, "act_position": self.act_position, "whiten": self.whiten}
         over = dict(ff=self.ff, tree=tree, tree_out_init=self.tree_out_init,
                     position_embedding=self.position_embedding, dropout=self.dropout, vocab_size=vocab_size,
                     max_position_embeddings=max(self.seq_len, PRESETS[self.preset]["max_position_embeddings"]))
@@ -182,5 +188,8 @@ class TrainConfig:
 
 
 def diff_configs(a: dict, b: dict, ignore=("max_steps",)) -> list[str]:
-    """Fields that differ between two saved run configs (those in ``ignore`` may change on resume)."""
-    return sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k))
+    """Fields that differ between two saved run configs (those in ``ignore`` may change on resume). A field
+    one of them lacks (saved before it existed) counts as its default."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    return sorted(k for k in set(a) | set(b)
+                  if k not in ignore and a.get(k, defaults.get(k)) != b.get(k, defaults.get(k)))

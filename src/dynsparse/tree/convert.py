@@ -18,6 +18,7 @@ class TreeConfig:
     activation: str = "gelu"
     act_position: str = "node"
     bias: bool = True
+    whiten: bool = False  # whiten the input with earlier batches' statistics while training (tree/whiten.py)
     backend: str = "auto"
 
     def build(self, d_model: int, d_out: int | None = None, **factory) -> TreeFF:

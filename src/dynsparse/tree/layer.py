@@ -14,6 +14,7 @@ from ..ops.tree import tree_infer, tree_train
 from ..ops.tree.reference import tree_ff_masked
 from ..sparse_ff import FFUsage
 from .telemetry import TreeUsage, usage_from_leaf_visits
+from .whiten import InputWhitening
 
 MAX_DEPTH = 24
 _NUMBA = backends.numba_available()
@@ -42,6 +43,8 @@ class TreeFF(nn.Module):
       ``y = sum_trees act(sum_path z_n * w_out[n])``; z then enters linearly, so both branches of a
       node receive gradients of the same form (the variant that keeps trees balanced).
     * Input (..., d_model) -> output (..., d_out).
+    * ``whiten=True``: x is first whitened with statistics of earlier training batches
+      (``InputWhitening``); ``fold_whitening_`` moves that linear map into ``w_in``/``b_in``.
 
     Execution: ``backend`` is one of ``dynsparse.ops.BACKENDS``. ``"reference"`` computes every node and
     masks the path (the definition, plain autograd); every other backend runs the registered tree ops,
@@ -59,6 +62,7 @@ class TreeFF(nn.Module):
         activation: str = "gelu",
         act_position: str = "node",
         bias: bool = True,
+        whiten: bool = False,
         backend: str = "auto",
         check_finite: bool = False,
         device=None,
@@ -82,6 +86,7 @@ class TreeFF(nn.Module):
         self.w_in = nn.Parameter(torch.empty(trees, self.nodes, d_model, **kw))
         self.b_in = nn.Parameter(torch.empty(trees, self.nodes, **kw)) if bias else None
         self.w_out = nn.Parameter(torch.empty(trees, self.nodes, d_out, **kw))
+        self.whitening = InputWhitening(d_model, **kw) if whiten else None
         # Routing telemetry: per-leaf visit counts (they determine every node's visits and turns).
         self.register_buffer("leaf_visits", torch.zeros(trees, 2**depth, dtype=torch.int64, device=device))
         self._tracking = False
@@ -110,8 +115,34 @@ class TreeFF(nn.Module):
         return (
             f"d_model={self.d_model}, depth={self.depth}, trees={self.trees}, d_out={self.d_out}, "
             f"activation={self.activation!r}, act_position={self.act_position!r}, "
-            f"bias={self.b_in is not None}, active={self.active_fraction:.2%}"
+            f"bias={self.b_in is not None}, whiten={self.whitening is not None}, active={self.active_fraction:.2%}"
         )
+
+    # ------------------------------------------------------------------ whitening
+    def routing_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the nodes read: x, or x whitened when the layer whitens its input."""
+        return x if self.whitening is None else self.whitening(x)
+
+    def routing_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``w_in`` and ``b_in`` as they act on the raw input (whitening folded in, when there is one)."""
+        if self.whitening is None:
+            return self.w_in, self.b_in
+        return self.whitening.fold(self.w_in, self.b_in)
+
+    @torch.no_grad()
+    def fold_whitening_(self) -> TreeFF:
+        """Move the whitening into ``w_in``/``b_in`` (a bias is added if there was none) and drop it: the
+        same function, at no extra cost per token."""
+        if self.whitening is None:
+            return self
+        w, b = self.routing_weights()
+        self.w_in.copy_(w)
+        if self.b_in is None:
+            self.b_in = nn.Parameter(b)
+        else:
+            self.b_in.copy_(b)
+        self.whitening = None
+        return self
 
     # ------------------------------------------------------------------ telemetry
     def track_usage(self, enabled: bool = True) -> TreeFF:
@@ -162,6 +193,9 @@ class TreeFF(nn.Module):
         return tuple(None if p is None else p.to(x.dtype) for p in params)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.whitening is not None:
+            self._check_input(x)
+            x = self.whitening(x)
         if self._fast_path_applies(x):
             return self._forward_fast(x)
         self._check_input(x)

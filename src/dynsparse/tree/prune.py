@@ -201,9 +201,10 @@ def prune_static(layer: TreeFF, min_visits: int = 1, leaf_visits: torch.Tensor |
                 left.append(lp), right.append(rp)
 
     idx = torch.tensor(old_index, dtype=torch.long, device=layer.w_in.device)
-    flat_in = layer.w_in.reshape(-1, layer.d_model)
+    w_in, b_in = layer.routing_weights()  # a whitened layer's map folded in
+    flat_in = w_in.reshape(-1, layer.d_model)
     flat_out = layer.w_out.reshape(-1, layer.d_out)
-    b_in = layer.b_in.reshape(-1)[idx].clone() if layer.b_in is not None else None
+    b_in = b_in.reshape(-1)[idx].clone() if b_in is not None else None
     as_long = lambda v: torch.tensor(v, dtype=torch.long, device=layer.w_in.device)  # noqa: E731
     pruned = PrunedTreeFF(
         flat_in[idx].clone(),
