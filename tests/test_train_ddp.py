@@ -64,6 +64,15 @@ def test_ddp_two_processes_equal_single(runs):
     _compare(_train(tmp, "ddp", 2), single)
 
 
+def test_ddp_with_whitened_trees_equals_single(runs):
+    """The whitening statistics are all-reduced: each process whitens by the global batch, as one process does."""
+    tmp, _ = runs
+    single = tmp / "single-whiten"
+    assert main(["train", *ARGS, "--whiten", "--data", str(tmp / "c.txt"), "--cache-dir", str(tmp / "cache"),
+                 "--out", str(single)]) == 0
+    _compare(_train(tmp, "ddp-whiten", 2, ["--whiten"]), single)
+
+
 @pytest.mark.parametrize("backend", ["numba", "torch"])
 def test_fsdp2_two_processes_equal_single(runs, backend):
     """FSDP2 (fully_shard per block + root) trains trees through the sparse tree ops (an explicit backend

@@ -9,6 +9,7 @@ spread while routing is learnt. The map is linear, so it folds into ``w_in`` and
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -20,7 +21,8 @@ class InputWhitening(nn.Module):
     and evaluation never changes them. ``momentum`` 0 uses the previous batch alone; otherwise
     mean and covariance are exponential moving averages. C's eigenvalues are floored at ``floor`` times
     their mean so that the directions the tokens hardly differ in are not blown up to full size. Until
-    the first update the map is the identity. It holds no parameters: gradients pass through to x.
+    the first update the map is the identity. It holds no parameters: gradients pass through to x. Under
+    DDP or FSDP the statistics are those of the whole step's batch over all processes.
     """
 
     def __init__(self, d_model: int, momentum: float = 0.0, floor: float = 1e-2, eps: float = 1e-5,
@@ -43,29 +45,37 @@ class InputWhitening(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.d_model:
             raise ValueError(f"whitening input's last dimension must be d_model={self.d_model}, got {tuple(x.shape)}")
-        y = (x - self.mean.to(x.dtype)) @ self.transform.to(x.dtype)
+        mean, transform = self.mean, self.transform
         if self.training and torch.is_grad_enabled():
+            # this step's graph keeps its own copies: update() changes the buffers in place (so that
+            # DDP's buffer broadcast, which holds references to them, still sees the current ones)
+            mean, transform = mean.clone(), transform.clone()
             self.update(x.detach())
-        return y
+        return (x - mean.to(x.dtype)) @ transform.to(x.dtype)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         """Fold the rows of x (..., d_model) into the statistics and recompute the transform."""
         flat = x.reshape(-1, self.d_model).double()
-        if flat.shape[0] < 2:  # one row has no spread to whiten by
+        # the first two moments, summed over every process of a DDP/FSDP run: each whitens by the global batch
+        n = torch.tensor([float(flat.shape[0])], dtype=torch.float64, device=flat.device)
+        s, ss = flat.sum(0), flat.T @ flat
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for t in (n, s, ss):
+                dist.all_reduce(t)
+        if float(n) < 2:  # one row has no spread to whiten by
             return
-        m = flat.mean(0)
-        c = (flat - m).T @ (flat - m) / flat.shape[0]
+        m = s / n
+        c = ss / n - torch.outer(m, m)
         if self.momentum > 0 and int(self.updates) > 0:
             m = self.mean.double().lerp(m, 1.0 - self.momentum)
             c = self.cov.double().lerp(c, 1.0 - self.momentum)
         lam, vec = torch.linalg.eigh(c)
         lam = lam.clamp_min(self.floor * lam.mean().clamp_min(0.0) + self.eps)
-        # new tensors, not in-place copies: this step's autograd graph saved the old transform
-        dtype = self.transform.dtype
-        self.mean, self.cov = m.to(dtype), c.to(dtype)
-        self.transform = ((vec * lam.rsqrt()) @ vec.T).to(dtype)
-        self.updates = self.updates + 1
+        self.mean.copy_(m)
+        self.cov.copy_(c)
+        self.transform.copy_((vec * lam.rsqrt()) @ vec.T)
+        self.updates += 1
 
     def fold(self, w_in: torch.Tensor, b_in: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Node weights (..., d_model) and biases (...) that give the same pre-activations on raw inputs:
