@@ -8,7 +8,9 @@ Sections, in priority order (a global time budget skips what no longer fits, so 
 in time): the machine's own yardsticks (cuBLAS bf16 / fp32 / tf32 matmul peak, device copy bandwidth);
 tree inference (1x11 and 16x7 trees, d_model 768) against the dense 768-3072-768 GELU MLP at 1, 16, 256
 and 2048 tokens in bf16 and fp32; the sparse MLP with per-token lists at 50 % and 90 % sparsity against
-the same dense MLP; tree training forward+backward at 4096 tokens against the dense MLP's; and launch-plan
+the same dense MLP; tree training forward+backward at 4096 tokens against the dense MLP's; the exact ReLU
+skip (dense fc1, fc2 over the non-zeros) and the CATS gate skip (dense gate, the kept neurons' rows) against
+the dense MLP; and launch-plan
 variants (lookahead depth, fused/tiled output, token blocks, in-block reduction of the backward's
 atomics, list splitting) for tuning the launch choices.
 
@@ -36,7 +38,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-SECTIONS = ("peak", "tree_infer", "mlp", "tree_train", "variants")
+SECTIONS = ("peak", "tree_infer", "mlp", "tree_train", "skip", "variants")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GELU = 0  # dynsparse.activations code
 
@@ -132,6 +134,12 @@ def plan_cases(a) -> list[dict]:
             for trees, depth in sorted(a.trees, key=lambda t: -t[0]):  # the many-tree shape first
                 cases.append({"section": "tree_train", "dtype": dt, "trees": trees, "depth": depth,
                               "m": a.train_tokens})
+    if "skip" in a.sections:
+        for dt in a.dtypes:
+            for m in a.tokens:
+                cases.append({"section": "skip", "op": "relu_skip", "dtype": dt, "m": m})
+                for s in a.sparsities:
+                    cases.append({"section": "skip", "op": "gate_skip", "dtype": dt, "m": m, "sparsity": s})
     if "variants" in a.sections:
         dt = a.dtypes[0]
         few, many = min(a.tokens), max(a.tokens)
@@ -357,6 +365,40 @@ class Runner:
             out["dense"] = self.dense(c["dtype"], m)
         return out
 
+    # the skip ops: a dense projection, then only the rows of the neurons it keeps
+    def _skip_case(self, c, call, ref, kept):
+        y = call()
+        out = {"max_err": (y.float() - ref.float()).abs().max().item(), "ref_scale": ref.float().abs().max().item(),
+               "kept": kept}
+        out.update(self.clock.measure(call, graph=False))  # the lists' length is read back: no graph capture
+        out["dense"] = self.dense(c["dtype"], c["m"])
+        return out
+
+    def _relu_skip(self, c):
+        from dynsparse.ops.mlp.reference import relu_skip_mlp_reference
+        from dynsparse.ops.mlp.triton import relu_skip_mlp_triton
+
+        w1, b1, w2, b2 = dense_mlp(self.a, self.device, DTYPES[c["dtype"]])
+        w2_t = w2.t().contiguous()
+        x = tokens(self.a, self.device, DTYPES[c["dtype"]], c["m"])
+        kept = (F.linear(x.float(), w1.float(), b1.float()) > 0).float().mean().item()
+        return self._skip_case(c, lambda: relu_skip_mlp_triton(x, w1, b1, w2_t, b2),
+                               relu_skip_mlp_reference(x, w1, b1, w2_t, b2), kept)
+
+    def _gate_skip(self, c):
+        from dynsparse.ops.mlp.reference import gate_skip_mlp_reference
+        from dynsparse.ops.mlp.triton import gate_skip_mlp_triton
+
+        w1, b1, w2, b2 = dense_mlp(self.a, self.device, DTYPES[c["dtype"]])
+        w2_t = w2.t().contiguous()
+        x = tokens(self.a, self.device, DTYPES[c["dtype"]], c["m"])
+        a = F.gelu(F.linear(x.float(), w1.float(), b1.float())).abs().flatten()
+        t = torch.quantile(a[: 1 << 24], c["sparsity"])  # the threshold that skips that share of this batch
+        kept = (a > t).float().mean().item()
+        ref = gate_skip_mlp_reference(x, w1, b1, w2_t, b2, None, None, None, t, GELU)
+        return self._skip_case(c, lambda: gate_skip_mlp_triton(x, w1, b1, w2_t, b2, None, None, None, t, GELU),
+                               ref, kept)
+
     # tree training
     def _tree_train(self, c):
         from dynsparse.ops.tree.reference import tree_ff_masked
@@ -455,6 +497,8 @@ def markdown(meta, records) -> str:
 
     speed_table("Tree inference vs dense MLP", [r for r in ok if r["section"] == "tree_infer"], "trees x depth")
     speed_table("Sparse MLP (per-token lists) vs dense MLP", [r for r in ok if r["section"] == "mlp"], "sparsity")
+    speed_table("Skip ops (dense projection, then the kept rows) vs dense MLP",
+                [r for r in ok if r["section"] == "skip"], "op (kept share)")
     train = [r for r in ok if r["section"] == "tree_train"]
     if train:
         lines += ["## Tree training (forward + backward) vs dense MLP forward + backward", "",
@@ -486,6 +530,9 @@ def markdown(meta, records) -> str:
 
 
 def _label(r):
+    if r["section"] == "skip":
+        return f"{r['op']}" + (f" at {r['sparsity']:.0%}" if "sparsity" in r else "") + (
+            f" ({r['result']['kept']:.0%} kept)" if "result" in r else "")
     if "trees" in r:
         return f"{r['trees']}x{r['depth']}"
     return f"{r['sparsity']:.0%} {r['strategy']}" + (f" g{r['group']}" if r["group"] > 1 else "")

@@ -293,6 +293,77 @@ def test_sparse_mlp_refuses_bad_input():
         MLP.sparse_mlp_triton(x, w1, None, w2_t, None, None, None, x.new_zeros(7), indptr, indices, "token", 1, 0)
 
 
+def _skip_weights(dtype, glu, bias, offset, seed=11, m=5, d=10, d_ff=20, d_out=7):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(dtype)
+
+    x = rnd(m, d)
+    w1, w2_t = rnd(d_ff, d, scale=d**-0.5), rnd(d_ff, d_out, scale=d_ff**-0.5)
+    b1, b2 = (rnd(d_ff), rnd(d_out)) if bias else (None, None)
+    wg, bg = (rnd(d_ff, d, scale=d**-0.5), rnd(d_ff) if bias else None) if glu else (None, None)
+    return x, w1, b1, w2_t, b2, wg, bg, rnd(d_ff, scale=0.1) if offset else None
+
+
+@kernels
+@pytest.mark.parametrize("bias,dtype", [(True, F32), (False, F32), (True, BF16)])
+def test_relu_skip_matches_the_dense_relu_mlp(bias, dtype):
+    from dynsparse.ops.mlp.reference import relu_skip_mlp_reference
+
+    x, w1, b1, w2_t, b2, *_ = _skip_weights(dtype, False, bias, False)
+    want = relu_skip_mlp_reference(x, w1, b1, w2_t, b2)
+    for plan in (None, {"block_j": 4, "parts_out": 3, "block_n": 4}):
+        y = MLP.relu_skip_mlp_triton(*_on(x, w1, b1, w2_t, b2), plan=plan).cpu()
+        assert y.dtype == dtype and y.shape == want.shape
+        _close(y, want, dtype, f"relu skip with plan {plan}")
+    if bias:  # no neuron on: exactly b2
+        assert torch.equal(MLP.relu_skip_mlp_triton(*_on(x, w1, b1 - 100, w2_t, b2)).cpu(), b2.expand(5, 7))
+
+
+@kernels
+@pytest.mark.parametrize("glu,offset,act,bias,dtype", [
+    (True, False, "silu", True, F32), (True, True, "gelu", False, F32), (False, False, "relu", True, F32),
+    (False, True, "tanh", True, F32), (True, True, "silu", True, BF16)])
+def test_gate_skip_matches_the_masked_reference(glu, offset, act, bias, dtype):
+    from dynsparse.ops.mlp.reference import gate_skip_mlp_reference
+
+    x, w1, b1, w2_t, b2, wg, bg, off = _skip_weights(dtype, glu, bias, offset, seed=5)
+    for t in (0.0, 0.2, 1e9):  # every neuron, some, none
+        threshold = torch.tensor(t)
+        want = gate_skip_mlp_reference(x, w1, b1, w2_t, b2, wg, bg, off, threshold, activations.code(act))
+        for plan in (None, {"block_j": 4, "parts_h": 2, "parts_out": 2, "block_d": 4, "block_n": 4}):
+            y = MLP.gate_skip_mlp_triton(*_on(x, w1, b1, w2_t, b2, wg, bg, off, threshold), activations.code(act),
+                                         plan=plan).cpu()
+            assert y.dtype == dtype and y.shape == want.shape
+            _close(y, want, dtype, f"gate skip at threshold {t} with plan {plan}")
+
+
+@kernels
+def test_skip_ops_run_on_triton_through_the_registered_ops():
+    from dynsparse.ops.mlp import MLPWeights, gate_skip_mlp, relu_skip_mlp
+    from dynsparse.ops.mlp.reference import gate_skip_mlp_reference, relu_skip_mlp_reference
+
+    x, w1, b1, w2_t, b2, wg, bg, _ = _on(*_skip_weights(F32, True, True, False))
+    plain = MLPWeights(w1=w1, b1=b1, w2_t=w2_t, b2=b2)
+    _close(relu_skip_mlp(x, plain, backend="triton").cpu(), relu_skip_mlp_reference(x, w1, b1, w2_t, b2).cpu(),
+           F32, "relu_skip_mlp op")
+    glu, t = MLPWeights(w1=w1, b1=b1, w2_t=w2_t, b2=b2, wg=wg, bg=bg), torch.tensor(0.2).to(DEVICE)
+    want = gate_skip_mlp_reference(x, w1, b1, w2_t, b2, wg, bg, None, t, activations.code("silu"))
+    _close(gate_skip_mlp(x, glu, t, activation="silu", backend="triton").cpu(), want.cpu(), F32, "gate_skip_mlp op")
+
+
+@kernels
+def test_skip_ops_refuse_bad_input():
+    x, w1, b1, w2_t, b2, *_ = _on(*_skip_weights(F32, False, True, False))
+    with pytest.raises(ValueError, match="do not chain"):
+        MLP.relu_skip_mlp_triton(x, w1, b1, w2_t[:3], b2)
+    with pytest.raises(ValueError, match="b1"):
+        MLP.gate_skip_mlp_triton(x, w1, b1[:3], w2_t, b2, None, None, None, torch.tensor(0.1).to(DEVICE), 0)
+    with pytest.raises(ValueError, match="plan keys"):
+        MLP.relu_skip_mlp_triton(x, w1, b1, w2_t, b2, plan={"blockj": 4})
+
+
 # ---------------------------------------------------------------------------------------------- GPU benchmark
 def test_gpu_bench_case_list(capsys):
     """The benchmark's arguments and case list (what a GPU session will run), without running anything."""
@@ -309,6 +380,10 @@ def test_gpu_bench_case_list(capsys):
     assert {(c["trees"], c["depth"]) for c in cases if c["section"] == "tree_infer"} == {(1, 11), (16, 7)}
     assert {c["m"] for c in cases if c["section"] == "mlp"} == {1, 16, 256, 2048}
     assert "cases; budget 420 s" in capsys.readouterr().out
+    skip = bench.main(["--dry-run", "--sections", "skip", "--dtypes", "fp32", "--tokens", "1,16"])
+    assert [(c["op"], c["m"], c.get("sparsity")) for c in skip] == [
+        ("relu_skip", 1, None), ("gate_skip", 1, 0.5), ("gate_skip", 1, 0.9),
+        ("relu_skip", 16, None), ("gate_skip", 16, 0.5), ("gate_skip", 16, 0.9)]
     variants = bench.main(["--dry-run", "--sections", "variants", "--trees", "2x1", "--tokens", "1,8"])
     # no lookahead deeper than the tree
     assert {c["plan"]["sub"] for c in variants if c["op"] == "tree_infer"} == {1, 2}

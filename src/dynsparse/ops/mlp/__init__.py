@@ -41,9 +41,8 @@ from .weights import MLPWeights, check_weights
 
 STRATEGIES = ("token", "union", "grouped")
 SPARSE_MLP_BACKENDS = ("reference", "torch", "numba", "triton")
-# add "triton" once triton.py has relu_skip_mlp_triton(x, w1, b1, w2_t, b2) / gate_skip_mlp_triton(...)
-RELU_SKIP_BACKENDS = ("reference", "torch", "numba")
-GATE_SKIP_BACKENDS = ("reference", "torch", "numba")
+RELU_SKIP_BACKENDS = ("reference", "torch", "numba", "triton")
+GATE_SKIP_BACKENDS = ("reference", "torch", "numba", "triton")
 # From this many tokens gate_skip_mlp runs masked dense matmuls (its reference) on every backend: in a
 # prefill nearly every neuron is kept by some token, and BLAS over all rows beats gathering them.
 GATE_SKIP_DENSE_TOKENS = 16
@@ -197,8 +196,6 @@ def _gate_skip_mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2_t: Tensor, b2: T
     """The body of ``dynsparse::gate_skip_mlp``."""
     _check_common(x, w1, b1, w2_t, b2, wg, bg, offset, act_code, backend)
     _check_threshold(threshold, x.device)
-    if backend == "triton":
-        raise ValueError(f"gate_skip_mlp has no triton backend; use one of {list(GATE_SKIP_BACKENDS)}")
     if x.shape[0] >= GATE_SKIP_DENSE_TOKENS:
         backend = "reference"
     return _impl(backend, "gate_skip_mlp")(x, w1, b1, w2_t, b2, wg, bg, offset, threshold, act_code).to(x.dtype)

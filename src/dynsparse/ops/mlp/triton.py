@@ -1,4 +1,4 @@
-"""The sparse MLP's ``triton`` backend: CUDA kernels for per-token neuron lists (CSR) and group lists.
+"""The sparse MLP ops' ``triton`` backend: CUDA kernels for per-token neuron lists (CSR) and group lists.
 
 Two kernels. The first computes the hidden value of every listed neuron of every token (one dot
 product per neuron, or two for a GLU) into a flat scratch array laid out like the lists; programs
@@ -10,13 +10,19 @@ are deterministic (no atomics).
 
 List entries are not range-checked here (that would cost a device synchronisation); callers
 build them from the layer's own width.
+
+``relu_skip_mlp`` and ``gate_skip_mlp`` compute their dense projection (fc1, or the gate) with cuBLAS,
+list each token's non-zero (kept) neurons from it, and run the same second kernel over those lists;
+for a GLU gate skip the first kernel computes the kept neurons' up projections.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ... import activations
 from .._triton import act, check_act, check_device, check_float, pow2
 
 STRATEGIES = ("token", "union", "grouped")
@@ -180,16 +186,90 @@ def sparse_mlp_triton(x, w1, b1, w2_t, b2, wg, bg, offset, indptr, indices, stra
         dummy if offset is None else offset, indptr, indices, h, d, x.stride(0), parts_h,
         G=g, GLU=wg is not None, HAS_B1=b1 is not None, HAS_BG=bg is not None, HAS_OFF=offset is not None,
         ACT=act_code, BLOCK_J=block_j, BLOCK_D=block_d, num_warps=warps)
+    return _down(h, w2_t, b2, indptr, indices, m, x.dtype, g, block_j, block_n, parts_out, warps)
+
+
+def _down(h, w2_t, b2, indptr, indices, m, dtype, g, block_j, block_n, parts_out, warps):
+    """y (m, d_out) in ``dtype``: b2 + sum over each token's listed slots of h[slot] w2_t[j] (the second kernel)."""
+    d_out = w2_t.shape[1]
     if parts_out == 1:
-        y = torch.empty(m, d_out, dtype=x.dtype, device=dev)
+        y = torch.empty(m, d_out, dtype=dtype, device=h.device)
     else:
-        y = torch.empty(parts_out, m, d_out, dtype=torch.float32, device=dev)
+        y = torch.empty(parts_out, m, d_out, dtype=torch.float32, device=h.device)
     _out_kernel[(m, triton.cdiv(d_out, block_n), parts_out)](
-        h, w2_t, dummy if b2 is None or parts_out > 1 else b2, indptr, indices, y, m, d_out, parts_out,
+        h, w2_t, h if b2 is None or parts_out > 1 else b2, indptr, indices, y, m, d_out, parts_out,
         G=g, HAS_B2=b2 is not None and parts_out == 1, BLOCK_J=block_j, BLOCK_N=block_n, num_warps=warps)
     if parts_out > 1:
         y = y.sum(0)
         if b2 is not None:
             y += b2.float()
-        y = y.to(x.dtype)
+        y = y.to(dtype)
     return y
+
+
+def _kept_lists(keep: torch.Tensor):
+    """CSR lists (indptr int64, indices int32) of a (M, d_ff) bool mask, and its (rows, cols) in list order."""
+    rows, cols = keep.nonzero(as_tuple=True)  # row-major: the lists' order
+    indptr = torch.zeros(keep.shape[0] + 1, dtype=torch.int64, device=keep.device)
+    indptr[1:] = keep.sum(1).cumsum(0)
+    return indptr, cols.to(torch.int32), rows, cols
+
+
+def _skip_checks(x, w1, b1, w2_t, b2, wg=None, bg=None, offset=None):
+    for name, t in (("x", x), ("w1", w1), ("w2_t", w2_t), ("wg", wg)):
+        check_float(name, t, 2)
+    d_ff, d = w1.shape
+    if x.shape[1] != d or w2_t.shape[0] != d_ff or (wg is not None and tuple(wg.shape) != tuple(w1.shape)):
+        raise ValueError(f"shapes do not chain: x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2_t {tuple(w2_t.shape)}"
+                         + ("" if wg is None else f", wg {tuple(wg.shape)}"))
+    for name, t, n in (("b1", b1, d_ff), ("bg", bg, d_ff), ("offset", offset, d_ff), ("b2", b2, w2_t.shape[1])):
+        _check_vec(name, t, n)
+    check_device(_out_kernel, x, w1=w1, b1=b1, w2_t=w2_t, b2=b2, wg=wg, bg=bg, offset=offset)
+
+
+def _down_plan(m, d_ff, d_out, nnz, plan):
+    unknown = set(plan or {}) - _PLAN_KEYS
+    if unknown:
+        raise ValueError(f"plan keys must be among {sorted(_PLAN_KEYS)}, got {sorted(unknown)}")
+    return dict(launch_plan(m, d_ff, d_out, min(d_ff, max(nnz, 1))), **(plan or {}))
+
+
+def relu_skip_mlp_triton(x, w1, b1, w2_t, b2, *, plan=None):
+    """fc2(relu(fc1(x))) exactly: fc1 dense (cuBLAS), fc2 over each token's non-zero activations only."""
+    _skip_checks(x, w1, b1, w2_t, b2)
+    a = F.relu(F.linear(x.float(), w1.float(), None if b1 is None else b1.float()))
+    indptr, indices, rows, cols = _kept_lists(a > 0)
+    p = _down_plan(x.shape[0], w1.shape[0], w2_t.shape[1], indices.numel(), plan)
+    return _down(a[rows, cols].contiguous(), w2_t.contiguous(), None if b2 is None else b2.contiguous(), indptr,
+                 indices, x.shape[0], x.dtype, 1, int(p["block_j"]), int(p["block_n"]), int(p["parts_out"]),
+                 int(p.get("num_warps", 4)))
+
+
+def gate_skip_mlp_triton(x, w1, b1, w2_t, b2, wg, bg, offset, threshold, act_code, *, plan=None):
+    """The CATS form: the gate dense (cuBLAS), a = act(gate), neurons with |a| <= threshold skipped; for a
+    GLU the kept neurons' up projections come from the first kernel, h = a * (w1_j.x + b1_j); then
+    h - offset through the second kernel."""
+    act_code = check_act(act_code)
+    _skip_checks(x, w1, b1, w2_t, b2, wg, bg, offset)
+    m, d = x.shape
+    xf = x.float()
+    gate, gate_bias = (w1, b1) if wg is None else (wg, bg)
+    a = activations.by_code(act_code).fn(F.linear(xf, gate.float(), None if gate_bias is None else gate_bias.float()))
+    indptr, indices, rows, cols = _kept_lists(a.abs() > threshold)
+    p = _down_plan(m, w1.shape[0], w2_t.shape[1], indices.numel(), plan)
+    block_j = int(p["block_j"])
+    h = a[rows, cols].contiguous()
+    if wg is not None and h.numel():
+        x = x if x.stride(1) == 1 else x.contiguous()
+        up = torch.empty_like(h)
+        b1c = None if b1 is None else b1.contiguous()
+        _hidden_kernel[(m, int(p["parts_h"]))](
+            x, w1.contiguous(), up if b1c is None else b1c, up, up, up, indptr, indices, up, d, x.stride(0),
+            int(p["parts_h"]), G=1, GLU=False, HAS_B1=b1c is not None, HAS_BG=False, HAS_OFF=False,
+            ACT=activations.code("identity"), BLOCK_J=block_j,
+            BLOCK_D=int(p.get("block_d") or pow2(4096 // block_j, 16, pow2(d, 16))), num_warps=int(p.get("num_warps", 4)))
+        h = h * up
+    if offset is not None:
+        h = h - offset.float()[cols]
+    return _down(h, w2_t.contiguous(), None if b2 is None else b2.contiguous(), indptr, indices, m, x.dtype, 1,
+                 block_j, int(p["block_n"]), int(p["parts_out"]), int(p.get("num_warps", 4)))
