@@ -19,7 +19,7 @@ from .whiten import InputWhitening
 MAX_DEPTH = 24
 _NUMBA = backends.numba_available()
 if _NUMBA:
-    from ..ops._numba import array, as_f32, weight_table
+    from ..ops._numba import as_f32, weight_table
     from ..ops.tree.numba_infer import run_tree_kernel
 ACT_POSITIONS = ("node", "path")
 # Per-layer numpy views of the weights for the inference fast path, outside the module so that
@@ -261,7 +261,8 @@ class TreeFF(nn.Module):
         y = np.empty((m, self.d_out), dtype=np.float32)
         leaves = np.empty((m, self.trees), dtype=np.int64)
         w_in, b_in, w_out = self._kernel_views()
-        run_tree_kernel(array(x2), w_in, b_in, w_out, self.depth, activations.code(self.activation),
+        # x2 is an activation here, never a parameter FSDP resizes: Tensor.numpy() costs a third of array()
+        run_tree_kernel(x2.numpy(), w_in, b_in, w_out, self.depth, activations.code(self.activation),
                         self.act_position == "path", y, leaves)
         if self._tracking:
             self._count(torch.from_numpy(leaves))
