@@ -200,7 +200,7 @@ def test_a_folder_filled_by_two_invocations_reports_both_with_whitened_variants(
     for p in data["prune"]:
         assert p["calib_loss_after"] == pytest.approx(p["calib_loss_before"], abs=1e-4)
     assert (out / "trajectories_d3_t2.png").exists() and (out / "trajectories_d4_t1.png").exists()
-    assert "depth 3, 2 trees" in data["verdict"] and "depth 4, 1 trees, whiten" in data["verdict"]
+    assert "depth 3, 2 trees" in data["verdict"] and "depth 4, 1 tree, whiten" in data["verdict"]
     run = json.loads((out / "node-gelu+whiten-lr0.001-d4-t1-s0" / "config.json").read_text())
     assert run["whiten"] is True
 

@@ -183,7 +183,7 @@ def verdict(final_rows: list[dict]) -> str:
         clear = g["min"] > p["max"] and g["mean"] - p["mean"] > 0.05
         sentences.append(
             ("Auto-pruning shows" if clear else "Auto-pruning does not clearly show") +
-            f" (depth {depth}, {trees} trees{', ' + mods if mods else ''}): node-GELU ends with {g['mean']:.1%} dead "
+            f" (depth {depth}, {trees} tree{'s' if trees != 1 else ''}{', ' + mods if mods else ''}): node-GELU ends with {g['mean']:.1%} dead "
             f"held-out nodes (seeds {g['min']:.1%}-{g['max']:.1%}), GELU after the path with {p['mean']:.1%} "
             f"({p['min']:.1%}-{p['max']:.1%}).")
     return " ".join(sentences) or "Run both node-gelu and path-gelu to compare the auto-pruning form with its remedy."
@@ -218,10 +218,12 @@ def write_report(out: str | Path, best_lr: float | None = None, prune_rows: list
             suffix = "" if len(shapes) == 1 else f"_d{depth}_t{trees}"
             shape_runs = [r for r in final_runs if (r["depth"], r["trees"]) == (depth, trees)]
             plot_cells(shape_runs, out / f"trajectories{suffix}.png",
-                       f"held-out probe at lr {best_lr:g}, depth {depth}, {trees} tree(s) (band: min-max over seeds)")
+                       f"held-out probe at lr {best_lr:g}, depth {depth}, {trees} tree{'s' if trees != 1 else ''} "
+                       "(band: min-max over seeds)")
             plot_depth_profile(shape_runs, out / f"depth_profile{suffix}.png")
-            lines += [f"![trajectories, depth {depth}, {trees} trees](trajectories{suffix}.png)", "",
-                      f"![depth profile, depth {depth}, {trees} trees](depth_profile{suffix}.png)", ""]
+            shape = f"depth {depth}, {trees} tree{'s' if trees != 1 else ''}"
+            lines += [f"![trajectories, {shape}](trajectories{suffix}.png)", "",
+                      f"![depth profile, {shape}](depth_profile{suffix}.png)", ""]
     prune_rows = folder_prune_rows(out, runs) or prune_rows
     if prune_rows:
         lines += ["## Static conversion (`dynsparse prune`) of the final models", "",
