@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
-
-import numpy as np
 
 from dynsparse.atomic import atomic_write_text
 from dynsparse.data import eval_windows, prepare_tokens, text_source
 from dynsparse.dynamics.probe import probe
+from dynsparse.dynamics.study_report import layer_mean
 from dynsparse.train import TrainConfig, train
 from dynsparse.train.telemetry import append_jsonl, read_jsonl
 
@@ -43,13 +41,6 @@ def heldout(cfg: TrainConfig, windows: int):
     if len(x) < windows:
         raise SystemExit(f"the test split holds only {len(x)} windows of {cfg.seq_len} tokens")
     return x, y
-
-
-def layer_mean(layers: dict, key: str) -> float:
-    vals = [v[key] for v in layers.values() if v[key] is not None and math.isfinite(v[key])]
-    if not vals:
-        return math.nan
-    return float(np.exp(np.mean(np.log(vals)))) if key == "grad_ratio_rms" else float(np.mean(vals))
 
 
 def summarise(out: Path, names: list[str]) -> dict:

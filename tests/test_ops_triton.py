@@ -220,6 +220,18 @@ def _mlp_reference(x, w1, b1, w2_t, b2, wg, bg, offset, mask, act):
     return (h * mask) @ w2_t.float() + f32(b2)
 
 
+def _mlp_weights(g, dtype, glu, bias, offset, m, d, d_ff, d_out):
+    """x, w1, b1, w2_t, b2, wg, bg, offset of a random block, drawn from generator g in that order."""
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(dtype)
+
+    x = rnd(m, d)
+    w1, w2_t = rnd(d_ff, d, scale=d**-0.5), rnd(d_ff, d_out, scale=d_ff**-0.5)
+    b1, b2 = (rnd(d_ff), rnd(d_out)) if bias else (None, None)
+    wg, bg = (rnd(d_ff, d, scale=d**-0.5), rnd(d_ff) if bias else None) if glu else (None, None)
+    return x, w1, b1, w2_t, b2, wg, bg, rnd(d_ff, scale=0.1) if offset else None
+
+
 def _mlp_cases():
     cases = []
     for i, (strategy, glu, offset) in enumerate(itertools.product(("token", "union", "grouped"), (False, True),
@@ -237,15 +249,7 @@ def test_sparse_mlp_matches_dense_masked(strategy, glu, offset, act, bias, dtype
     m, d, d_ff, d_out = 6, 11, 24, 9
     group = 4 if strategy == "grouped" else 1
     n_lists = d_ff // group
-
-    def rnd(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=g)).to(dtype)
-
-    x = rnd(m, d)
-    w1, w2_t = rnd(d_ff, d, scale=d**-0.5), rnd(d_ff, d_out, scale=d_ff**-0.5)
-    b1, b2 = (rnd(d_ff), rnd(d_out)) if bias else (None, None)
-    wg, bg = (rnd(d_ff, d, scale=d**-0.5), rnd(d_ff) if bias else None) if glu else (None, None)
-    off = rnd(d_ff, scale=0.1) if offset else None
+    x, w1, b1, w2_t, b2, wg, bg, off = _mlp_weights(g, dtype, glu, bias, offset, m, d, d_ff, d_out)
     lengths = [0, 1, n_lists, 3, 0, n_lists // 2]  # empty lists, a full one, partial ones
     lists = [torch.randperm(n_lists, generator=g)[:k] for k in lengths]
     if strategy == "union":
@@ -293,17 +297,8 @@ def test_sparse_mlp_refuses_bad_input():
         MLP.sparse_mlp_triton(x, w1, None, w2_t, None, None, None, x.new_zeros(7), indptr, indices, "token", 1, 0)
 
 
-def _skip_weights(dtype, glu, bias, offset, seed=11, m=5, d=10, d_ff=20, d_out=7):
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=g)).to(dtype)
-
-    x = rnd(m, d)
-    w1, w2_t = rnd(d_ff, d, scale=d**-0.5), rnd(d_ff, d_out, scale=d_ff**-0.5)
-    b1, b2 = (rnd(d_ff), rnd(d_out)) if bias else (None, None)
-    wg, bg = (rnd(d_ff, d, scale=d**-0.5), rnd(d_ff) if bias else None) if glu else (None, None)
-    return x, w1, b1, w2_t, b2, wg, bg, rnd(d_ff, scale=0.1) if offset else None
+def _skip_weights(dtype, glu, bias, offset, seed=11):
+    return _mlp_weights(torch.Generator().manual_seed(seed), dtype, glu, bias, offset, 5, 10, 20, 7)
 
 
 @kernels

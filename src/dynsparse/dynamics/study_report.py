@@ -42,7 +42,8 @@ def variant_order(name: str) -> tuple:
     return (mods, list(VARIANTS).index(base))
 
 
-def _layer_mean(layers: dict, key: str) -> float:
+def layer_mean(layers: dict, key: str) -> float:
+    """One probe snapshot's value of ``key`` averaged over tree layers (a geometric mean for the gradient ratio)."""
     vals = [l[key] for l in layers.values() if l[key] is not None and not math.isnan(l[key])]
     if not vals:
         return math.nan
@@ -57,7 +58,7 @@ def load_run(run: Path) -> dict | None:
     metrics = json.loads((run / "final" / "metrics.json").read_text())
     by_step = {r["step"]: r["layers"] for r in read_jsonl(run / PROBE_FILE)}  # a resumed run's repeat wins
     steps = sorted(s for s in by_step if s <= cfg["max_steps"])
-    series = {k: [_layer_mean(by_step[s], k) for s in steps] for k in KEYS}
+    series = {k: [layer_mean(by_step[s], k) for s in steps] for k in KEYS}
     val = {r["step"]: r["val_loss"] for r in read_jsonl(run / "metrics.jsonl") if "val_loss" in r}
     series["val_loss"] = [val.get(s, math.nan) for s in steps]
     last = by_step[steps[-1]]

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from ... import activations
 from .._triton import act, check_act, check_device, check_float, pow2
+from .csr import csr_from_mask
 
 STRATEGIES = ("token", "union", "grouped")
 # enough programs to fill an H200's 132 SMs a few times over
@@ -168,17 +169,8 @@ def sparse_mlp_triton(x, w1, b1, w2_t, b2, wg, bg, offset, indptr, indices, stra
     dev = x.device
     nnz = indices.numel() * g
     if m == 0 or nnz == 0:
-        y = torch.zeros(m, d_out, dtype=torch.float32, device=dev)
-        return (y if b2 is None else y + b2.float()).to(x.dtype)
-    # per-token slots: no list is longer than the layer (bounded without reading indptr back)
-    unknown = set(plan or {}) - _PLAN_KEYS
-    if unknown:
-        raise ValueError(f"plan keys must be among {sorted(_PLAN_KEYS)}, got {sorted(unknown)}")
-    p = dict(launch_plan(m, d_ff, d_out, min(d_ff, nnz)), **(plan or {}))
-    block_j, block_n = int(p["block_j"]), int(p["block_n"])
-    block_d = int(p.get("block_d") or pow2(4096 // block_j, 16, pow2(d, 16)))
-    parts_h, parts_out = int(p["parts_h"]), int(p["parts_out"])
-    warps = int(p.get("num_warps", 4))
+        return _only_b2(m, d_out, b2, x)
+    block_j, block_d, block_n, parts_h, parts_out, warps = _plan(m, d_ff, d_out, d, nnz, plan)
     h = torch.empty(nnz, dtype=torch.float32, device=dev)
     dummy = h
     _hidden_kernel[(m, parts_h)](
@@ -207,12 +199,22 @@ def _down(h, w2_t, b2, indptr, indices, m, dtype, g, block_j, block_n, parts_out
     return y
 
 
-def _kept_lists(keep: torch.Tensor):
-    """CSR lists (indptr int64, indices int32) of a (M, d_ff) bool mask, and its (rows, cols) in list order."""
-    rows, cols = keep.nonzero(as_tuple=True)  # row-major: the lists' order
-    indptr = torch.zeros(keep.shape[0] + 1, dtype=torch.int64, device=keep.device)
-    indptr[1:] = keep.sum(1).cumsum(0)
-    return indptr, cols.to(torch.int32), rows, cols
+def _only_b2(m, d_out, b2, x):
+    """The output of empty lists (or of no tokens): b2, or zeros, in x's dtype."""
+    y = torch.zeros(m, d_out, dtype=torch.float32, device=x.device)
+    return (y if b2 is None else y + b2.float()).to(x.dtype)
+
+
+def _plan(m, d_ff, d_out, d, nnz, plan):
+    """(block_j, block_d, block_n, parts_h, parts_out, num_warps): ``launch_plan`` for nnz list slots (no
+    token's list is longer than the layer, a bound that needs no read-back of indptr), overridden by ``plan``."""
+    unknown = set(plan or {}) - _PLAN_KEYS
+    if unknown:
+        raise ValueError(f"plan keys must be among {sorted(_PLAN_KEYS)}, got {sorted(unknown)}")
+    p = dict(launch_plan(m, d_ff, d_out, min(d_ff, max(nnz, 1))), **(plan or {}))
+    block_j = int(p["block_j"])
+    block_d = int(p.get("block_d") or pow2(4096 // block_j, 16, pow2(d, 16)))
+    return block_j, block_d, int(p["block_n"]), int(p["parts_h"]), int(p["parts_out"]), int(p.get("num_warps", 4))
 
 
 def _skip_checks(x, w1, b1, w2_t, b2, wg=None, bg=None, offset=None):
@@ -227,22 +229,18 @@ def _skip_checks(x, w1, b1, w2_t, b2, wg=None, bg=None, offset=None):
     check_device(_out_kernel, x, w1=w1, b1=b1, w2_t=w2_t, b2=b2, wg=wg, bg=bg, offset=offset)
 
 
-def _down_plan(m, d_ff, d_out, nnz, plan):
-    unknown = set(plan or {}) - _PLAN_KEYS
-    if unknown:
-        raise ValueError(f"plan keys must be among {sorted(_PLAN_KEYS)}, got {sorted(unknown)}")
-    return dict(launch_plan(m, d_ff, d_out, min(d_ff, max(nnz, 1))), **(plan or {}))
-
-
 def relu_skip_mlp_triton(x, w1, b1, w2_t, b2, *, plan=None):
     """fc2(relu(fc1(x))) exactly: fc1 dense (cuBLAS), fc2 over each token's non-zero activations only."""
     _skip_checks(x, w1, b1, w2_t, b2)
+    m, d = x.shape
+    if m == 0:
+        return _only_b2(m, w2_t.shape[1], b2, x)
     a = F.relu(F.linear(x.float(), w1.float(), None if b1 is None else b1.float()))
-    indptr, indices, rows, cols = _kept_lists(a > 0)
-    p = _down_plan(x.shape[0], w1.shape[0], w2_t.shape[1], indices.numel(), plan)
-    return _down(a[rows, cols].contiguous(), w2_t.contiguous(), None if b2 is None else b2.contiguous(), indptr,
-                 indices, x.shape[0], x.dtype, 1, int(p["block_j"]), int(p["block_n"]), int(p["parts_out"]),
-                 int(p.get("num_warps", 4)))
+    keep = a > 0
+    indptr, indices = csr_from_mask(keep)
+    block_j, _, block_n, _, parts_out, warps = _plan(m, w1.shape[0], w2_t.shape[1], d, indices.numel(), plan)
+    return _down(a[keep], w2_t.contiguous(), None if b2 is None else b2.contiguous(), indptr, indices, m, x.dtype,
+                 1, block_j, block_n, parts_out, warps)
 
 
 def gate_skip_mlp_triton(x, w1, b1, w2_t, b2, wg, bg, offset, threshold, act_code, *, plan=None):
@@ -252,24 +250,26 @@ def gate_skip_mlp_triton(x, w1, b1, w2_t, b2, wg, bg, offset, threshold, act_cod
     act_code = check_act(act_code)
     _skip_checks(x, w1, b1, w2_t, b2, wg, bg, offset)
     m, d = x.shape
-    xf = x.float()
+    if m == 0:
+        return _only_b2(m, w2_t.shape[1], b2, x)
     gate, gate_bias = (w1, b1) if wg is None else (wg, bg)
-    a = activations.by_code(act_code).fn(F.linear(xf, gate.float(), None if gate_bias is None else gate_bias.float()))
-    indptr, indices, rows, cols = _kept_lists(a.abs() > threshold)
-    p = _down_plan(m, w1.shape[0], w2_t.shape[1], indices.numel(), plan)
-    block_j = int(p["block_j"])
-    h = a[rows, cols].contiguous()
+    a = activations.by_code(act_code).fn(F.linear(x.float(), gate.float(),
+                                                  None if gate_bias is None else gate_bias.float()))
+    keep = a.abs() > threshold
+    indptr, indices = csr_from_mask(keep)
+    block_j, block_d, block_n, parts_h, parts_out, warps = _plan(m, w1.shape[0], w2_t.shape[1], d, indices.numel(),
+                                                                 plan)
+    h = a[keep]
     if wg is not None and h.numel():
         x = x if x.stride(1) == 1 else x.contiguous()
         up = torch.empty_like(h)
         b1c = None if b1 is None else b1.contiguous()
-        _hidden_kernel[(m, int(p["parts_h"]))](
-            x, w1.contiguous(), up if b1c is None else b1c, up, up, up, indptr, indices, up, d, x.stride(0),
-            int(p["parts_h"]), G=1, GLU=False, HAS_B1=b1c is not None, HAS_BG=False, HAS_OFF=False,
-            ACT=activations.code("identity"), BLOCK_J=block_j,
-            BLOCK_D=int(p.get("block_d") or pow2(4096 // block_j, 16, pow2(d, 16))), num_warps=int(p.get("num_warps", 4)))
+        _hidden_kernel[(m, parts_h)](
+            x, w1.contiguous(), up if b1c is None else b1c, up, up, up, indptr, indices, up, d, x.stride(0), parts_h,
+            G=1, GLU=False, HAS_B1=b1c is not None, HAS_BG=False, HAS_OFF=False, ACT=activations.code("identity"),
+            BLOCK_J=block_j, BLOCK_D=block_d, num_warps=warps)
         h = h * up
     if offset is not None:
-        h = h - offset.float()[cols]
+        h = h - offset.float()[indices.long()]
     return _down(h, w2_t.contiguous(), None if b2 is None else b2.contiguous(), indptr, indices, m, x.dtype, 1,
-                 block_j, int(p["block_n"]), int(p["parts_out"]), int(p.get("num_warps", 4)))
+                 block_j, block_n, parts_out, warps)
