@@ -28,6 +28,20 @@ def ours():
                                                           num_attention_heads=2, max_position_embeddings=64))
 
 
+def test_saving_prints_no_transformers_bar(tmp_path, capfd):
+    """transformers draws a shard-writing bar on every save_pretrained; a study saving dozens of runs
+    must not print one each (its own lines, or --no-progress, say what happens)."""
+    from transformers.utils import logging as hf_logging
+
+    from dynsparse.lm.convert import save_converted
+
+    assert hf_logging.is_progress_bar_enabled()
+    save_converted(ours(), tmp_path / "m")
+    assert "shards" not in capfd.readouterr().err and hf_logging.is_progress_bar_enabled()
+    ours().save_pretrained(tmp_path / "plain")  # what the check would catch
+    assert "shards" in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("make", [gpt2, opt, ours])
 def test_convert_keeps_attention_and_reloads(make, tmp_path):
     torch.manual_seed(0)

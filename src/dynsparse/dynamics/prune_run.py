@@ -16,6 +16,7 @@ import torch
 from ..atomic import atomic_dir
 from ..data import eval_windows, prepare_tokens, text_source
 from ..lm import DynSparseLMForCausalLM
+from ..lm.quiet import hf_bars_off
 from ..lm.remote import write_remote_code
 from ..train.config import TrainConfig
 from ..train.loop import lm_loss
@@ -110,7 +111,7 @@ def prune_run(run: str | Path, out: str | Path, calib_windows: int = 64, val_win
 
 
 def _save(model, tokenizer, out: Path, result: PruneResult) -> None:
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp, hf_bars_off():
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / "prune_report.json").write_text(json.dumps(result.to_dict(), indent=1))

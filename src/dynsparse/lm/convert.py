@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from ..atomic import atomic_dir
 from ..tree import TreeConfig, treeify_
 from .config import DynSparseLMConfig
+from .quiet import hf_bars_off
 from .remote import write_remote_code
 
 MARKER = "dynsparse_tree.json"
@@ -78,7 +79,7 @@ def convert_model(model: torch.nn.Module, tree: TreeConfig) -> list[str]:
 def save_converted(model: torch.nn.Module, out: Path, tokenizer=None, state_dict: dict | None = None,
                    extra: dict[str, str] | None = None) -> None:
     """save_pretrained (+ tokenizer, + marker for foreign families) into a temp dir, renamed into place."""
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp, hf_bars_off():
         model.save_pretrained(str(tmp), state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

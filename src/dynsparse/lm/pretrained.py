@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..atomic import atomic_dir
+from .quiet import hf_bars_off
 
 try:  # POSIX advisory locks; without them (Windows) concurrent conversions are not serialised
     import fcntl
@@ -165,20 +166,14 @@ def load_gguf(path: str | os.PathLike):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from transformers.utils import logging as hf_logging
-
     path = Path(path).resolve()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # the caller's status line says what is happening
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        with hf_bars_off():  # the caller's status line says what is happening
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # the tokenizer builders raise bare Exception on a broken vocabulary
         raise ValueError(f"{path}: transformers cannot load this GGUF file ({type(e).__name__}: "
                          f"{(str(e).splitlines() or [''])[0]})") from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     return model.eval(), tokenizer
 
 
@@ -197,8 +192,9 @@ def write_plain_dir(model, tokenizer, out: str | os.PathLike) -> None:
     plain.load_state_dict(model.state_dict(), assign=True)
     plain.tie_weights()
     plain.generation_config = model.generation_config
-    plain.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+    with hf_bars_off():
+        plain.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
 
 
 def file_sha256(path: Path) -> str:
