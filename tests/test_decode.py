@@ -285,10 +285,15 @@ def _check_rows(report, dtypes, compiled):
     rows = report["rows"]
     assert report["machine"]["threads"] == 2 and len(report["machine"]["load_average_start"]) == 3
     for dtype in dtypes:
-        mine = {(r["kind"], r["path"].startswith("hf")): r for r in rows if r["dtype"] == dtype}
-        assert set(mine) == {("dense", False), ("no_mlp", False), ("sparse", False), ("dense", True), ("no_mlp", True)}
-        dense, sparse = mine[("dense", False)], mine[("sparse", False)]
+        mine = {(r["kind"], r["path"].startswith("hf"), r.get("linears")): r for r in rows if r["dtype"] == dtype}
+        assert set(mine) == {("dense", False, "gemv"), ("dense", False, "torch"), ("no_mlp", False, "gemv"),
+                             ("sparse", False, "gemv"), ("dense", True, None), ("no_mlp", True, None)}
+        dense, sparse = mine[("dense", False, "gemv")], mine[("sparse", False, "gemv")]
+        plain = mine.pop(("dense", False, "torch"))  # the same model on torch's linears
         assert dense["path"] == ("compiled" if compiled else "eager")
+        assert plain["path"] == dense["path"] + ", torch linears" and "decode_mlp_s_per_token" not in plain
+        assert plain["weight_bytes_per_token"] == dense["weight_bytes_per_token"]
+        mine = {k[:2]: r for k, r in mine.items()}
         for r in mine.values():
             assert r["decode_tokens_per_s"] > 0 and set(r["prefill_tokens_per_s"]) == {"8", "16"}
         for r in (dense, sparse, mine[("dense", True)]):
@@ -306,6 +311,7 @@ def _check_rows(report, dtypes, compiled):
         assert sparse["share_of_allowed_speedup"] == pytest.approx(sparse["speedup_vs_dense"] / sparse["allowed_speedup"])
         if dtype == "fp32":
             assert dense["agrees_with_hf_tokens"] == 4  # the fast path's greedy tokens are HF generate's
+            assert plain["agrees_with_hf_tokens"] == 4
     return rows
 
 
@@ -330,7 +336,7 @@ def test_bench_generate_a_converted_tree_model(tiny_dirs, tmp_path):
     convert_model(tree, TreeConfig(depth=3, trees=2))
     save_converted(tree, tmp_path / "tree")
     report = _bench(model_dir, "--dtype", "fp32", "--no-compile", "--no-hf", "--converted", str(tmp_path / "tree"))
-    rows = {r["kind"]: r for r in report["rows"]}
+    rows = {r["kind"]: r for r in report["rows"] if r["linears"] == "gemv"}  # (the dense one also on "torch")
     assert set(rows) == {"dense", "no_mlp", "converted"}
     dense, conv = rows["dense"], rows["converted"]
     assert conv["variant"] == "converted: tree" and conv["mlp_active_fraction"] == pytest.approx(4 / 15)

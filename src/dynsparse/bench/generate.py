@@ -5,7 +5,9 @@ Everything runs in one process at one thread count. For each dtype the model is 
 variant: dense, the dense model with its MLP blocks replaced by a no-op (the time of everything but the
 MLPs; MLP time = dense - no-op, so no timer sits inside a compiled graph), one variant per
 ``--sparsify`` directory (gates on the model) and one per ``--converted`` directory (the model with its
-MLPs replaced, e.g. by trees). Each decode figure sits beside its physical limit: the weight bytes one step
+MLPs replaced, e.g. by trees). The fast path routes every linear layer through ``dynsparse::gemv``
+(``FastDecoder(linears="gemv")``); the dense model also runs with torch's own linears ("torch
+linears"), the path without dynsparse kernels. Each decode figure sits beside its physical limit: the weight bytes one step
 reads (``dynsparse.decode.weight_traffic``) over the copy bandwidth measured just before it.
 """
 from __future__ import annotations
@@ -39,6 +41,7 @@ class GenerateSettings:
     hf_reference: bool = True
     copy_megabytes: int = 1024  # bandwidth buffer; far beyond the caches
     threads: int = 2
+    torch_linears: bool = True  # also time the dense model with linears="torch"
 
 
 class NoMLP(nn.Module):
@@ -190,16 +193,17 @@ def _build(settings: GenerateSettings, variant: _Variant, dtype: str) -> nn.Modu
     return cast_weights_(model, dtype)
 
 
-def _fast_row(settings, variant, dtype, model, prompt, prefill_prompts, log) -> dict:
+def _fast_row(settings, variant, dtype, model, prompt, prefill_prompts, log, linears="gemv") -> dict:
     from ..decode import FastDecoder, weight_traffic
 
     density = measured_densities(model, prompt, settings.new_tokens)
     traffic = weight_traffic(model, density)
     # two decoders, each with the cache it needs: attention reads every slot of it at every step
     dec = FastDecoder(model, settings.prompt_tokens + settings.new_tokens, compile=settings.compile,
-                      compile_prefill=False, warn=log)
+                      compile_prefill=False, linears=linears, warn=log)
     dec.warm_up(settings.prompt_tokens)
-    pre = FastDecoder(model, max(settings.prefill), compile=settings.compile, compile_decode=False, warn=log)
+    pre = FastDecoder(model, max(settings.prefill), compile=settings.compile, compile_decode=False,
+                      linears=linears, warn=log)
     for ids in prefill_prompts.values():
         pre.prefill(ids)  # each prompt length compiles its graph here, outside the timings
     n = settings.new_tokens
@@ -216,10 +220,11 @@ def _fast_row(settings, variant, dtype, model, prompt, prefill_prompts, log) -> 
     for p, ids in prefill_prompts.items():
         prefill[p] = _median(lambda ids=ids: _timed(lambda: pre.prefill(ids)), settings.repeats)
     compiled = (dec.compiled["decode"], pre.compiled["prefill"])
+    path = {(True, True): "compiled", (False, False): "eager", (True, False): "compiled decode, eager prefill",
+            (False, True): "eager decode, compiled prefill"}[compiled]
     return {
-        "variant": variant.name, "dtype": dtype, "path": {(True, True): "compiled", (False, False): "eager",
-                                                          (True, False): "compiled decode, eager prefill",
-                                                          (False, True): "eager decode, compiled prefill"}[compiled],
+        "variant": variant.name, "dtype": dtype, "path": path + (", torch linears" if linears == "torch" else ""),
+        "linears": linears,
         "decode_s_per_token": per_token, "prefill_s": prefill, "tokens": out,
         "compile_s": {"decode": dec.compile_seconds["decode"], "prefill": pre.compile_seconds["prefill"],
                       "prefill_per_length": {str(k): v for k, v in pre.prefill_graphs.items()}},
@@ -321,6 +326,13 @@ def run_generate(settings: GenerateSettings, log=print) -> dict:
             row = _fast_row(settings, v, dtype, model, prompt, prefill_prompts, log)
             rows.append(row | {"_kind": v.kind, "_new": settings.new_tokens})
             torch._dynamo.reset()  # the next variant compiles afresh (and the recompile limit never binds)
+            if settings.torch_linears and v.kind == "dense":
+                log(f"{dtype} {v.name}: the same with torch's linears")
+                plain = _build(settings, v, dtype)
+                rows.append(_fast_row(settings, v, dtype, plain, prompt, prefill_prompts, log, linears="torch")
+                            | {"_kind": v.kind, "_new": settings.new_tokens})
+                torch._dynamo.reset()
+                del plain
             if settings.hf_reference and v.kind in ("dense", "no_mlp"):
                 log(f"{dtype} {v.name}: HF generate (eager)")
                 rows.append(_hf_row(settings, v, dtype, model, prompt, prefill_prompts)

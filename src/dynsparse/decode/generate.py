@@ -11,6 +11,7 @@ on and ``fallback`` says why.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -18,9 +19,11 @@ import torch
 from torch import nn
 
 from .adapters import static_model
+from .linears import gemv_active, route_linears_
 
 _MODEL_DEFAULT = object()
 PREFILL_GRAPHS = 4  # prompt lengths that get a compiled prefill graph (dynamo's recompile limit is 8)
+LINEARS = ("gemv", "torch")
 
 
 def _decode_step(static, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -43,12 +46,19 @@ class FastDecoder:
     ``torch.compile`` (``mode``: None, the default, keeps compile time short; "max-autotune-no-cudagraphs"
     searches kernels). Attention reads all ``max_len`` cache slots at every step, so a tight ``max_len``
     is a faster decoder.
+    ``linears``: "gemv" (default) runs the model's ``nn.Linear`` layers through ``dynsparse::gemv`` while
+    decoding (``decode.linears``; the model is otherwise unchanged), "torch" leaves them on ``F.linear``.
     ``warn``: where the one-line fallback message goes (default: stderr).
     """
 
     def __init__(self, model: nn.Module, max_len: int, *, compile: bool = True, compile_decode: bool = True,
-                 compile_prefill: bool = True, mode: str | None = None, warn=None):
+                 compile_prefill: bool = True, mode: str | None = None, linears: str = "gemv", warn=None):
+        if linears not in LINEARS:
+            raise ValueError(f"linears must be one of {list(LINEARS)}, got {linears!r}")
         self.model = model.eval()
+        self.linears = linears
+        if linears == "gemv":
+            route_linears_(model)
         self.static = static_model(model, max_len)
         self.max_len = max_len
         self.device = next(model.parameters()).device
@@ -76,7 +86,7 @@ class FastDecoder:
         before = config.allow_unspec_int_on_nn_module
         config.allow_unspec_int_on_nn_module = True
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._linears():
                 return self._fns[kind](self.static, ids, positions)
         finally:
             config.allow_unspec_int_on_nn_module = before
@@ -128,7 +138,7 @@ class FastDecoder:
         if not self.compiled["prefill"] or n in self.prefill_graphs:
             return self._run("prefill", input_ids, positions)
         if len(self.prefill_graphs) >= PREFILL_GRAPHS:  # no more graphs: this length runs eagerly
-            with torch.no_grad():
+            with torch.no_grad(), self._linears():
                 return _prefill_step(self.static, input_ids, positions)
         out, seconds = self._first_call("prefill", input_ids, positions)
         if self.compiled["prefill"]:
@@ -167,6 +177,9 @@ class FastDecoder:
         t2 = time.perf_counter()
         self.timing = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_tokens": len(out) - 1}
         return torch.cat([input_ids, torch.stack(out, dim=1).to(input_ids.dtype)], dim=1)
+
+    def _linears(self):
+        return gemv_active() if self.linears == "gemv" else contextlib.nullcontext()
 
     def _check_ids(self, input_ids) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] != 1 \

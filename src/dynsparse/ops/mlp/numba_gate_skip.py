@@ -1,6 +1,6 @@
 """``gate_skip_mlp``'s CPU kernels (numba): the gate read whole, each kept neuron's rows read once.
 
-First the gate, densely: a = act(g) for every neuron (BLAS for float32 weights, a row-parallel pass for
+First the gate, densely: a = act(g) for every neuron (``gemv``'s row-parallel pass, float32 or
 bfloat16). Then per token a neuron with |a| <= threshold is skipped and a kept one reads its w1 row
 (GLU: h = a * (w1 . x + b1)) and its w2_t row (the axpy), four neurons at a time. bf16 weights are read
 as stored and widened in registers (half the bytes). Few tokens split the kept neurons over the
@@ -19,27 +19,6 @@ if NUMBA:
     from numba import njit, prange
 
     from .._numba import FAST, act as _act, load
-
-    @njit(fastmath=FAST, cache=True)
-    def _gate_rows(x, wg, bg, act_code, a, start, end):
-        """a[:, start:end] = act(x wg[start:end]^T + bg): each row read once for all tokens. (A separate,
-        serial function: numba vectorizes its loops, which it does not inside a prange body.)"""
-        m, d = x.shape
-        for j in range(start, end):
-            r = wg[j]
-            for i in range(m):
-                xi = x[i]
-                z = np.float32(0.0)
-                for k in range(d):
-                    z += load(r, k) * xi[k]
-                a[i, j] = _act(z + bg[j], act_code)
-
-    @njit(parallel=True, cache=True)
-    def _gate(x, wg, bg, act_code, a, chunks):
-        n = bg.shape[0]
-        step = (n + chunks - 1) // chunks
-        for c in prange(chunks):
-            _gate_rows(x, wg, bg, act_code, a, c * step, min(n, (c + 1) * step))
 
     @njit(inline="always", fastmath=FAST, cache=True)
     def _kept(ai, thr, kept):
@@ -134,16 +113,11 @@ SPLIT_MIN_WORK = 1 << 18
 
 
 def gate_activations(x, w, b, act_code: int) -> np.ndarray:
-    """act(x w^T + b) as float32 (M, d_ff): BLAS for float32 weights; bfloat16 ones are read as stored
-    (torch's bf16 GEMV widens nothing faster here, and a float32 copy would cost more than the pass)."""
-    from ... import activations
+    """act(x w^T + b) as float32 (M, d_ff), by ``gemv``'s kernel: each row read once, at memory speed
+    (torch's BLAS call was half as fast at one token, and has no bfloat16 path that reads less)."""
+    from ..dense.numba_impl import gemv_numba
 
-    if w.dtype == torch.float32:
-        z = torch.nn.functional.linear(x.float(), w, None if b is None else b.float())
-        return as_f32(activations.by_code(act_code).fn(z))
-    a = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
-    _gate(as_f32(x), weight_table(w), optional_view(b, w.shape[0]), act_code, a, 4 * numba.get_num_threads())
-    return a
+    return gemv_numba(x, w, b, act_code)
 
 
 def gate_skip_mlp_numba(x, w1, b1, w2_t, b2, wg, bg, offset, threshold, act_code: int) -> torch.Tensor:
