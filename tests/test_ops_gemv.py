@@ -93,12 +93,12 @@ def test_decoder_routes_linears_and_can_leave_them():
     model = tiny_llama()
     ids = prompt()
     want = hf_tokens(model, ids)
-    dec = FastDecoder(model, 32, compile=False)
+    dec = FastDecoder(model, 32, compile=False, linears="gemv")
     assert any(isinstance(m, GemvLinear) for m in model.modules())
     assert torch.equal(dec.generate(ids, NEW), want)
     assert torch.equal(hf_tokens(model, ids), want)  # HF's generate on the routed model: unchanged
     other = tiny_llama()
-    FastDecoder(other, 32, compile=False, linears="torch")
+    FastDecoder(other, 32, compile=False)  # linears="torch", the default
     assert not any(isinstance(m, GemvLinear) for m in other.modules())
     with pytest.raises(ValueError, match="linears must be one of"):
         FastDecoder(tiny_llama(), 32, compile=False, linears="blas")
@@ -114,5 +114,5 @@ def test_compiled_decode_step_is_one_graph_with_gemv():
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     assert "gemv" in code
     ids = prompt()
-    dec = FastDecoder(model, 32, compile_prefill=False)
+    dec = FastDecoder(model, 32, compile_prefill=False, linears="gemv")
     assert torch.equal(dec.generate(ids, NEW), hf_tokens(model, ids)) and dec.fallback == {}

@@ -23,7 +23,7 @@ from .linears import gemv_active, route_linears_
 
 _MODEL_DEFAULT = object()
 PREFILL_GRAPHS = 4  # prompt lengths that get a compiled prefill graph (dynamo's recompile limit is 8)
-LINEARS = ("gemv", "torch")
+LINEARS = ("torch", "gemv")
 
 
 def _decode_step(static, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -46,13 +46,14 @@ class FastDecoder:
     ``torch.compile`` (``mode``: None, the default, keeps compile time short; "max-autotune-no-cudagraphs"
     searches kernels). Attention reads all ``max_len`` cache slots at every step, so a tight ``max_len``
     is a faster decoder.
-    ``linears``: "gemv" (default) runs the model's ``nn.Linear`` layers through ``dynsparse::gemv`` while
-    decoding (``decode.linears``; the model is otherwise unchanged), "torch" leaves them on ``F.linear``.
+    ``linears``: "torch" (default) leaves the model's ``nn.Linear`` layers on ``F.linear``; "gemv" runs them
+    through ``dynsparse::gemv`` while decoding (``decode.linears``; the model is otherwise unchanged).
+    Which is faster depends on the machine's BLAS: ``dynsparse bench generate`` times both.
     ``warn``: where the one-line fallback message goes (default: stderr).
     """
 
     def __init__(self, model: nn.Module, max_len: int, *, compile: bool = True, compile_decode: bool = True,
-                 compile_prefill: bool = True, mode: str | None = None, linears: str = "gemv", warn=None):
+                 compile_prefill: bool = True, mode: str | None = None, linears: str = "torch", warn=None):
         if linears not in LINEARS:
             raise ValueError(f"linears must be one of {list(LINEARS)}, got {linears!r}")
         self.model = model.eval()

@@ -1,11 +1,11 @@
-"""``dynsparse::gemv``: a dense linear layer over a few tokens (a decode step), read at memory speed.
+"""``dynsparse::gemv``: a dense linear layer over a few tokens (a decode step), bound by reading its weights.
 
 y = act(x w^T + b) for x (M, d), w (N, d), computed in float32 and returned in x's dtype. Backends:
 ``reference`` (F.linear in float32), ``torch`` (F.linear in x's dtype, BLAS), ``numba`` (each weight row
-read once for all tokens, bfloat16 tables read as stored). From ``GEMV_MAX_TOKENS`` tokens on (a prefill)
-every backend runs F.linear: BLAS wins once each row serves many tokens. ``FastDecoder`` routes a
-model's ``nn.Linear`` layers through it while decoding (``dynsparse.decode.linears``); the
-gate-skip MLP's dense gate projection uses its kernel.
+read once for all tokens, bfloat16 tables read as stored); from ``GEMV_MAX_TOKENS`` tokens on (a
+prefill) numba hands over to torch's F.linear: BLAS wins once each row serves many tokens.
+``FastDecoder(linears="gemv")`` routes a model's ``nn.Linear`` layers through it while decoding
+(``dynsparse.decode.linears``); the gate-skip MLP's dense gate projection uses its kernel.
 """
 from __future__ import annotations
 
