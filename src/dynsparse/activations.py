@@ -72,6 +72,13 @@ def by_code(code: int) -> Activation:
         raise ValueError(f"activation code must be one of {sorted(BY_CODE)} ({', '.join(NAMES)}), got {code!r}") from None
 
 
+def check_code(code) -> int:
+    """A kernel's activation code, refused in one line unless it names an entry (bools are not codes)."""
+    if isinstance(code, bool) or code not in BY_CODE:
+        raise ValueError(f"act_code must be one of {sorted(BY_CODE)} ({', '.join(NAMES)}), got {code!r}")
+    return code
+
+
 def code(name: str) -> int:
     return get(name).code
 

@@ -6,8 +6,9 @@ variant: dense, the dense model with its MLP blocks replaced by a no-op (the tim
 MLPs; MLP time = dense - no-op, so no timer sits inside a compiled graph), one variant per
 ``--sparsify`` directory (gates on the model) and one per ``--converted`` directory (the model with its
 MLPs replaced, e.g. by trees). The dense model also runs with every linear layer through
-``dynsparse::gemv`` (``FastDecoder(linears="gemv")``, "gemv linears"). Each decode figure sits beside its physical limit: the weight bytes one step
-reads (``dynsparse.decode.weight_traffic``) over the copy bandwidth measured just before it.
+``dynsparse::gemv`` (``FastDecoder(linears="gemv")``, "gemv linears"). Each decode figure sits beside
+its physical limit: the weight bytes one step reads (``dynsparse.decode.weight_traffic``) over the copy
+bandwidth measured just before it.
 """
 from __future__ import annotations
 

@@ -28,8 +28,7 @@ def _check(x: Tensor, w: Tensor, b: Tensor | None, act_code: int, backend: str) 
         raise ValueError(f"gemv's bias must have shape ({w.shape[0]},), got {tuple(b.shape)}")
     if x.device != w.device:
         raise ValueError(f"x is on {x.device}, w on {w.device}")
-    if isinstance(act_code, bool) or act_code not in activations.BY_CODE:
-        raise ValueError(f"act_code must be one of {sorted(activations.BY_CODE)}, got {act_code!r}")
+    activations.check_code(act_code)
     if backend not in CONCRETE:
         raise ValueError(f"backend must be a concrete one of {list(CONCRETE)}, got {backend!r}")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._numba import NUMBA, as_f32, sync_threads, weight_table
+from ..mlp.numba_impl import check_cpu, optional_view
 
 if NUMBA:
     import numba
@@ -37,11 +38,15 @@ if NUMBA:
 
 
 def gemv_numba(x, w, b, act_code: int) -> np.ndarray:
-    """act(x w^T + b) as float32 (M, N) for float32 x (M, d); ``w`` float32 or bfloat16 (N, d)."""
-    from ..mlp.numba_impl import check_cpu, optional_view
-
+    """act(x w^T + b) as float32 (M, N) for x (M, d); ``w`` float32 or bfloat16 (N, d)."""
     check_cpu(x, w, b)
     sync_threads()
-    y = np.empty((x.shape[0], w.shape[0]), dtype=np.float32)
-    _parallel(as_f32(x), weight_table(w), optional_view(b, w.shape[0]), act_code, y, 4 * numba.get_num_threads())
+    return gemv_rows(as_f32(x), w, b, act_code)
+
+
+def gemv_rows(x32: np.ndarray, w, b, act_code: int) -> np.ndarray:
+    """The kernel on a float32 array ``x32``, for callers that have already checked the tensors and synced
+    the threads (the gate-skip MLP, which reads the same x again)."""
+    y = np.empty((x32.shape[0], w.shape[0]), dtype=np.float32)
+    _parallel(x32, weight_table(w), optional_view(b, w.shape[0]), act_code, y, 4 * numba.get_num_threads())
     return y

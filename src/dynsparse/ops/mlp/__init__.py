@@ -85,9 +85,7 @@ def _check_common(x, w1, b1, w2_t, b2, wg, bg, offset, act_code, backend) -> Non
     check_x(x, w1.shape[1], "w1 (d_ff, d)")
     if x.device != w1.device:
         raise ValueError(f"x is on {x.device}, the weights on {w1.device}")
-    if isinstance(act_code, bool) or act_code not in activations.BY_CODE:
-        raise ValueError(f"act_code must be one of {sorted(activations.BY_CODE)} ({', '.join(activations.NAMES)}), "
-                         f"got {act_code!r}")
+    activations.check_code(act_code)
     if backend not in CONCRETE:
         raise ValueError(f"backend must be a concrete one of {list(CONCRETE)}, got {backend!r}")
 

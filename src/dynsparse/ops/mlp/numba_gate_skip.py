@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .._numba import NUMBA, as_f32, sync_threads, weight_table
+from ..dense.numba_impl import gemv_rows
 from .numba_impl import check_cpu, optional_view
 
 if NUMBA:
@@ -112,22 +113,16 @@ if NUMBA:
 SPLIT_MIN_WORK = 1 << 18
 
 
-def gate_activations(x, w, b, act_code: int) -> np.ndarray:
-    """act(x w^T + b) as float32 (M, d_ff), by ``gemv``'s kernel: each row read once, at memory speed
-    (torch's BLAS call was half as fast at one token, and has no bfloat16 path that reads less)."""
-    from ..dense.numba_impl import gemv_numba
-
-    return gemv_numba(x, w, b, act_code)
-
-
 def gate_skip_mlp_numba(x, w1, b1, w2_t, b2, wg, bg, offset, threshold, act_code: int) -> torch.Tensor:
     check_cpu(x, w1, w2_t, wg)
     sync_threads()
     d_ff, d_out = w2_t.shape
     glu = wg is not None
-    a = gate_activations(x, wg, bg, act_code) if glu else gate_activations(x, w1, b1, act_code)
+    x32 = as_f32(x)
+    # the gate by gemv's kernel (torch's BLAS call was half as fast at one token, and reads bf16 no cheaper)
+    a = gemv_rows(x32, wg, bg, act_code) if glu else gemv_rows(x32, w1, b1, act_code)
     thr = np.float32(float(threshold))
-    args = (as_f32(x), a, glu, weight_table(w1), optional_view(b1, d_ff), optional_view(offset, d_ff),
+    args = (x32, a, glu, weight_table(w1), optional_view(b1, d_ff), optional_view(offset, d_ff),
             weight_table(w2_t), optional_view(b2, d_out), thr)
     y = np.empty((x.shape[0], d_out), dtype=np.float32)
     threads = numba.get_num_threads()
