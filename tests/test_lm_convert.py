@@ -62,6 +62,20 @@ def test_convert_keeps_attention_and_reloads(make, tmp_path):
         assert AutoModelForCausalLM.from_pretrained(tmp_path / "tree").config.ff == "tree"
 
 
+def test_convert_seed_fixes_the_trees(tmp_path):
+    """The trees' initial weights come from --seed alone: equal seeds give equal models, another seed other trees
+    (the fine-tuning protocol's seed spread rests on this)."""
+    gpt2().save_pretrained(tmp_path / "src")
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        torch.manual_seed(len(name) * 7 + ord(name))  # the global generator's state must not matter
+        assert main(["convert", "--model", str(tmp_path / "src"), "--depth", "2", "--seed", seed,
+                     "--out", str(tmp_path / name)]) == 0
+    a, b, c = (dict(load_model(tmp_path / n).named_parameters()) for n in "abc")
+    trees = [k for k in a if ".mlp." in k]
+    assert trees and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(not torch.equal(a[k], c[k]) for k in trees if a[k].numel() > 1)
+
+
 def test_train_init_from_converted_gpt2(tmp_path, capsys):
     gpt2().save_pretrained(tmp_path / "src")
     assert main(["convert", "--model", str(tmp_path / "src"), "--depth", "2", "--out", str(tmp_path / "tree")]) == 0

@@ -11,6 +11,8 @@ from dynsparse import activations
 from dynsparse.gating.baselines import CATSMLP
 from dynsparse.ops.mlp import GATE_SKIP_DENSE_TOKENS, gate_skip_mlp, gate_skip_mlp_op
 
+BACKENDS = CPU_BACKENDS + ("cpp",)  # the C++ kernels build here (g++ and ninja); a failed build fails these
+
 
 def _gate_act(x, w, activation):
     gate, bias = (w.wg, w.bg) if w.glu else (w.w1, w.b1)
@@ -50,7 +52,7 @@ def test_every_backend_equals_the_reference(glu, offset, dtype, m):
     for activation in activations.NAMES:
         t = _threshold(_gate_act(x, w, activation))
         ref = gate_skip_mlp(x, w, t, activation=activation, backend="reference")
-        for backend in CPU_BACKENDS:
+        for backend in BACKENDS:
             _close(gate_skip_mlp(x, w, t, activation=activation, backend=backend), ref)
 
 
@@ -75,10 +77,28 @@ def test_numba_paths_at_decode_size(threads, m, dtype):
     assert gate_skip_mlp(x.bfloat16(), w, t, activation="silu", backend="numba").dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_at_decode_size(threads, m, dtype):
+    """Enough kept neurons to split them over torch's threads (their partial outputs summed after)."""
+    w = _weights(True, True, d=128, d_ff=2048, d_out=256, dtype=dtype)
+    x = torch.randn(m, 128, generator=torch.Generator().manual_seed(5))
+    t = _threshold(_gate_act(x, w, "silu"), 0.3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = gate_skip_mlp(x, w, t, activation="silu", backend="cpp")
+    finally:
+        torch.set_num_threads(before)
+    _close(got, gate_skip_mlp(x, w, t, activation="silu", backend="reference"))
+    assert gate_skip_mlp(x.bfloat16(), w, t, activation="silu", backend="cpp").dtype == torch.bfloat16
+
+
 def test_nothing_kept_gives_the_bias_and_all_kept_the_dense_block():
     w = _weights(True, False)
     x = torch.randn(3, 16)
-    for backend in ("reference",) + CPU_BACKENDS:
+    for backend in ("reference",) + BACKENDS:
         _close(gate_skip_mlp(x, w, torch.tensor(1e9), activation="silu", backend=backend), w.b2.expand(3, -1))
         dense = (F.silu(F.linear(x, w.wg, w.bg)) * F.linear(x, w.w1, w.b1)) @ w.w2_t + w.b2
         _close(gate_skip_mlp(x, w, torch.tensor(-1.0), activation="silu", backend=backend), dense)
@@ -88,9 +108,11 @@ def test_fake_implementation_passes_opcheck():
     w = _weights(True, True)
     x = torch.randn(4, 16)
     t = torch.tensor(0.1)
-    for backend in ("reference", "torch", "numba"):
+    for backend in ("reference", "torch", "numba", "cpp"):
         torch.library.opcheck(gate_skip_mlp_op, (x, w.w1, w.b1, w.w2_t, w.b2, w.wg, w.bg, w.offset, t,
                                                  activations.code("silu"), backend))
+    torch.library.opcheck(torch.ops.dynsparse_cpp.gate_skip_mlp.default,
+                          (x, w.w1, w.b1, w.w2_t, w.b2, w.wg, w.bg, w.offset, t, activations.code("silu")))
 
 
 def test_cats_block_compiles_as_one_graph_with_the_op():
@@ -104,6 +126,11 @@ def test_cats_block_compiles_as_one_graph_with_the_op():
         explanation = torch._dynamo.explain(block)(x)
         assert explanation.graph_break_count == 0 and explanation.graph_count == 1
         assert "gate_skip_mlp" in "\n".join(g.code for g in explanation.graphs)
+        _close(torch.compile(block, fullgraph=True)(x), want)
+        block.backend = "cpp"  # the C++ op is a graph node of its own
+        explanation = torch._dynamo.explain(block)(x)
+        assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+        assert "dynsparse_cpp.gate_skip_mlp" in "\n".join(g.code for g in explanation.graphs)
         _close(torch.compile(block, fullgraph=True)(x), want)
 
 

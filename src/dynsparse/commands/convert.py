@@ -31,6 +31,8 @@ def register(subparsers) -> None:
                              ("--distill-lr", float, "Adam learning rate (cosine-decayed to a tenth)"),
                              ("--distill-batch", int, "tokens per distillation step")):
         p.add_argument(flag, type=kind, help=f"--init distill: {text} (default {DISTILL_DEFAULTS[flag]})")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the trees' initial weights and the distillation's batches (default 0)")
     p.add_argument("--cache-dir", help="tokenized corpus cache (default ~/.cache/dynsparse)")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
@@ -44,6 +46,8 @@ def run(args) -> int:
 
     if args.model:  # a directory, a .gguf file, a hub id or a built-in name -> a local HF directory
         args.model = str(resolve_model(args.model))
+
+    import torch
 
     import dynsparse.lm  # noqa: F401  registers the auto classes
 
@@ -71,6 +75,7 @@ def run(args) -> int:
         if getattr(model, "_dynsparse_tree", None) or getattr(model.config, "ff", "dense") == "tree":
             raise ValueError(f"{args.model} already has tree FF blocks")
         blocks = check_convertible(model, tree)
+        torch.manual_seed(args.seed)
         if args.init == "distill":
             replaced, reports = _distill(args, model, tree, ids)
             extra["distill.json"] = json.dumps({"calib_data": args.calib_data, "layers": reports}, indent=1) + "\n"
@@ -112,7 +117,8 @@ def _distill(args, model, tree, ids):
     from ..lm.distill import DistillConfig, convert_distilled
 
     windows, seq = ids.shape
-    cfg = DistillConfig(steps=args.distill_steps, lr=args.distill_lr, batch_tokens=args.distill_batch)
+    cfg = DistillConfig(steps=args.distill_steps, lr=args.distill_lr, batch_tokens=args.distill_batch,
+                        seed=args.seed)
     print(f"distilling {tree.trees} x depth-{tree.depth} trees on {ids.numel():,} calibration tokens "
           f"({windows} x {seq}), {cfg.steps} steps per layer", flush=True)
 

@@ -4,8 +4,11 @@
   Tests compare every other backend with it.
 * ``torch``: the sparse algorithm in torch ops (gathers only the rows it needs); any device, any dtype.
 * ``numba``: fused CPU kernels (float32 compute; bfloat16 weight tables where the op says so).
+* ``cpp``: fused CPU kernels in C++ for the decode-step ops (``gemv``, ``gate_skip_mlp``), registered as
+  torch ops of their own so a call runs no Python; built once per machine (``ops/_cpp.py``).
 * ``triton``: fused CUDA kernels (also run on CPU tensors under ``TRITON_INTERPRET=1``, for tests).
-* ``auto``: the measured best for the tensors at hand: numba on CPU, triton on CUDA, torch elsewhere.
+* ``auto``: the measured best for the tensors at hand: on CPU cpp where the op has it (and it builds),
+  else numba; triton on CUDA; torch elsewhere.
 
 The setting is process-wide (``set_backend``, ``use_backend`` for a block) or per layer (``backend=``);
 an op call resolves it to a concrete backend before it runs, so a compiled graph sees a constant.
@@ -18,7 +21,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "reference", "torch", "numba", "triton")
+BACKENDS = ("auto", "reference", "torch", "numba", "cpp", "triton")
 CONCRETE = BACKENDS[1:]
 
 _default = "auto"
@@ -55,6 +58,12 @@ def numba_available() -> bool:
     return importlib.util.find_spec("numba") is not None
 
 
+def cpp_available() -> bool:
+    from ._cpp import cpp_available as built
+
+    return built()
+
+
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -74,6 +83,8 @@ def resolve(backend: str, device: torch.device, supported: tuple[str, ...] = CON
     if choice == "auto":
         choice = _default
     if choice == "auto":
+        if device.type == "cpu" and "cpp" in supported and cpp_available():
+            return "cpp"
         if device.type == "cpu" and "numba" in supported and numba_available():
             return "numba"
         if device.type == "cuda" and "triton" in supported and triton_available():
@@ -86,6 +97,12 @@ def resolve(backend: str, device: torch.device, supported: tuple[str, ...] = CON
             raise ValueError(f"backend 'numba' runs on CPU tensors, got a tensor on {device}")
         if not numba_available():
             raise RuntimeError("backend 'numba' needs numba: pip install numba")
+    if choice == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"backend 'cpp' runs on CPU tensors, got a tensor on {device}")
+        from ._cpp import require_cpp
+
+        require_cpp()
     if choice == "triton":
         if not triton_available():
             raise RuntimeError("backend 'triton' needs triton: pip install triton")

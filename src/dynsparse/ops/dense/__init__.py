@@ -1,9 +1,11 @@
 """``dynsparse::gemv``: a dense linear layer over a few tokens (a decode step), bound by reading its weights.
 
 y = act(x w^T + b) for x (M, d), w (N, d), computed in float32 and returned in x's dtype. Backends:
-``reference`` (F.linear in float32), ``torch`` (F.linear in x's dtype, BLAS), ``numba`` (each weight row
-read once for all tokens, bfloat16 tables read as stored); from ``GEMV_MAX_TOKENS`` tokens on (a
-prefill) numba hands over to torch's F.linear: BLAS wins once each row serves many tokens.
+``reference`` (F.linear in float32), ``torch`` (F.linear in x's dtype, BLAS), ``numba`` and ``cpp`` (each
+weight row read once for all tokens, bfloat16 tables read as stored; ``cpp`` is the C++ op
+``dynsparse_cpp::gemv``, which the wrapper calls directly so no Python runs per call); from
+``GEMV_MAX_TOKENS`` tokens on (a prefill) both hand over to torch's F.linear: BLAS wins once each row
+serves many tokens.
 ``FastDecoder(linears="gemv")`` routes a model's ``nn.Linear`` layers through it while decoding
 (``dynsparse.decode.linears``); the gate-skip MLP's dense gate projection uses its kernel.
 """
@@ -17,7 +19,7 @@ from ... import activations
 from .._eager import call
 from ..backend import CONCRETE, resolve
 
-GEMV_BACKENDS = ("reference", "torch", "numba")
+GEMV_BACKENDS = ("reference", "torch", "numba", "cpp")
 GEMV_MAX_TOKENS = 16
 
 
@@ -44,6 +46,8 @@ def _gemv(x: Tensor, w: Tensor, b: Tensor | None, act_code: int, backend: str) -
         from .numba_impl import gemv_numba
 
         return torch.from_numpy(gemv_numba(x, w, b, act_code)).to(x.dtype)
+    if backend == "cpp" and x.shape[0] < GEMV_MAX_TOKENS:
+        return torch.ops.dynsparse_cpp.gemv(x, w, b, act_code)
     if backend == "reference":
         return gemv_reference(x, w, b, act_code).to(x.dtype)
     if backend == "triton":
@@ -65,8 +69,12 @@ def gemv(x: Tensor, w: Tensor, b: Tensor | None = None, *, activation: str = "id
          backend: str = "auto") -> Tensor:
     """act(x w^T + b) for x (..., d): any leading dims, flattened to the op's tokens and restored."""
     chosen = resolve(backend, x.device, GEMV_BACKENDS)
-    lead = x.shape[:-1]
-    y = call(gemv_op, _gemv, x.reshape(-1, x.shape[-1]), w, b, activations.code(activation), chosen)
+    lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    if chosen == "cpp" and x2.shape[0] < GEMV_MAX_TOKENS:  # a C++ op itself: no Python body to run
+        _check(x2, w, b, activations.code(activation), chosen)
+        y = torch.ops.dynsparse_cpp.gemv(x2, w, b, activations.code(activation))
+    else:
+        y = call(gemv_op, _gemv, x2, w, b, activations.code(activation), chosen)
     return y.reshape(*lead, w.shape[0])
 
 

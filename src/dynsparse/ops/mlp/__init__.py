@@ -15,7 +15,9 @@ Two registered torch ops, each with the backends of ``dynsparse.ops.backend`` si
 * ``dynsparse::gate_skip_mlp``: the CATS form: the gate projection dense, a = act(gate), neurons with
   |a| <= threshold skipped, the kept ones' w1 (GLU: h = a * (w1_j.x + b1_j)) and w2_t rows read once;
   h - offset as in ``sparse_mlp``. (Through ``sparse_mlp`` a kept neuron would read its gate row again.)
-  From ``GATE_SKIP_DENSE_TOKENS`` tokens on (a prefill) it runs as masked dense matmuls.
+  From ``GATE_SKIP_DENSE_TOKENS`` tokens on (a prefill) it runs as masked dense matmuls. Its ``cpp``
+  backend is the C++ op ``dynsparse_cpp::gate_skip_mlp``, which the wrapper calls directly (no Python
+  runs per call, eager or compiled).
 
 All compute in float32 and return x's dtype. ``reference.py`` holds the definition, ``torch_impl.py``
 the sparse algorithm in torch ops, ``numba_impl.py`` the CPU kernels and ``triton.py`` the CUDA
@@ -42,7 +44,7 @@ from .weights import MLPWeights, check_weights
 STRATEGIES = ("token", "union", "grouped")
 SPARSE_MLP_BACKENDS = ("reference", "torch", "numba", "triton")
 RELU_SKIP_BACKENDS = ("reference", "torch", "numba", "triton")
-GATE_SKIP_BACKENDS = ("reference", "torch", "numba", "triton")
+GATE_SKIP_BACKENDS = ("reference", "torch", "numba", "cpp", "triton")
 # From this many tokens gate_skip_mlp runs masked dense matmuls (its reference) on every backend: in a
 # prefill nearly every neuron is kept by some token, and BLAS over all rows beats gathering them.
 GATE_SKIP_DENSE_TOKENS = 16
@@ -75,6 +77,8 @@ def _impl(backend: str, op: str):
         from . import numba_impl
 
         return getattr(numba_impl, f"{op}_numba")
+    if backend == "cpp" and op == "gate_skip_mlp":
+        return torch.ops.dynsparse_cpp.gate_skip_mlp
     if backend == "triton":
         return _triton(f"{op}_triton")
     raise ValueError(f"backend must be one of {list(CONCRETE)}, got {backend!r}")
@@ -218,9 +222,13 @@ def gate_skip_mlp(x: Tensor, weights: MLPWeights, threshold: Tensor, *, activati
     check_x(x, weights.d_model, "the weights' d_model")
     _check_threshold(threshold, x.device)
     chosen = resolve(backend, x.device, GATE_SKIP_BACKENDS)
-    w = weights
+    w, code = weights, activations.code(activation)
+    if chosen == "cpp" and x.shape[0] < GATE_SKIP_DENSE_TOKENS:  # a C++ op itself: no Python body to run
+        _check_common(x, w.w1, w.b1, w.w2_t, w.b2, w.wg, w.bg, w.offset, code, chosen)
+        return torch.ops.dynsparse_cpp.gate_skip_mlp(x, w.w1, w.b1, w.w2_t, w.b2, w.wg, w.bg, w.offset, threshold,
+                                                     code)
     return call(gate_skip_mlp_op, _gate_skip_mlp, x, w.w1, w.b1, w.w2_t, w.b2, w.wg, w.bg, w.offset, threshold,
-                activations.code(activation), chosen)
+                code, chosen)
 
 
 __all__ = [

@@ -1,0 +1,145 @@
+// dynsparse_cpp::gate_skip_mlp: the CATS block for a few tokens. Every gate row is read; where
+// |act(gate)| > threshold for a token, that neuron's w1 row (GLU) and w2_t row are read too. The neurons split
+// over torch's intra-op threads (one parallel region), their partial outputs summed after.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "_cpp.h"
+
+namespace dynsparse {
+
+namespace {
+
+// Ask for a row's cache lines ahead of use: the kept rows are a skipping walk through w1 and w2_t, which the
+// hardware prefetchers lose at every skip, so without this each kept row starts with a round trip to memory.
+template <typename W>
+inline void prefetch_row(const W* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(W)); b += 64) __builtin_prefetch(p + b);
+}
+
+// part[i] += sum over token i's kept neurons j in [start, end) of h_ij w2_t[j]: first the gate rows of the
+// slice (one sequential walk), then per token its kept neurons, four per pass over its output, with the
+// rows of the neurons two steps ahead prefetched.
+template <typename W>
+void slice(const float* x, int64_t m, int64_t d, const W* w1, const float* b1, const W* w2_t, const W* wg,
+           const float* bg, const float* off, float thr, int64_t act_code, int64_t d_out, int64_t start, int64_t end,
+           float* __restrict__ part) {
+  const bool glu = wg != nullptr;
+  const W* gate = glu ? wg : w1;
+  const float* gate_bias = glu ? bg : b1;
+  const int64_t n = end - start;
+  std::vector<float> a(m * n);
+  for (int64_t j = start; j < end; ++j)
+    for (int64_t i = 0; i < m; ++i)
+      a[i * n + j - start] = activate(dot(gate + j * d, x + i * d, d) + (gate_bias ? gate_bias[j] : 0.f), act_code);
+  std::vector<int64_t> kept(n);
+  constexpr int64_t AHEAD = 2;
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xi = x + i * d;
+    const float* ai = a.data() + i * n;
+    int64_t k = 0;
+    for (int64_t j = 0; j < n; ++j)
+      if (std::abs(ai[j]) > thr) kept[k++] = j;
+    auto hidden = [&](int64_t p) {
+      const int64_t jl = kept[p], j = start + jl;
+      if (p + AHEAD < k && kept[p + AHEAD] != kept[p + AHEAD - 1] + 1) {  // after a skip: a new stream
+        const int64_t ahead = start + kept[p + AHEAD];
+        if (glu) prefetch_row(w1 + ahead * d, d);
+        prefetch_row(w2_t + ahead * d_out, d_out);
+      }
+      const float h = glu ? ai[jl] * (dot(w1 + j * d, xi, d) + (b1 ? b1[j] : 0.f)) : ai[jl];
+      return off ? h - off[j] : h;
+    };
+    float* yi = part + i * d_out;
+    int64_t p = 0;
+    for (; p + 4 <= k; p += 4) {
+      const float h0 = hidden(p), h1 = hidden(p + 1), h2 = hidden(p + 2), h3 = hidden(p + 3);
+      const W* o0 = w2_t + (start + kept[p]) * d_out;
+      const W* o1 = w2_t + (start + kept[p + 1]) * d_out;
+      const W* o2 = w2_t + (start + kept[p + 2]) * d_out;
+      const W* o3 = w2_t + (start + kept[p + 3]) * d_out;
+#pragma omp simd
+      for (int64_t q = 0; q < d_out; ++q)
+        yi[q] += h0 * widen(o0[q]) + h1 * widen(o1[q]) + h2 * widen(o2[q]) + h3 * widen(o3[q]);
+    }
+    for (; p < k; ++p) {
+      const float h = hidden(p);
+      const W* o = w2_t + (start + kept[p]) * d_out;
+#pragma omp simd
+      for (int64_t q = 0; q < d_out; ++q) yi[q] += h * widen(o[q]);
+    }
+  }
+}
+
+template <typename W>
+void run(const float* x, int64_t m, int64_t d, const W* w1, const float* b1, const W* w2_t, const float* b2,
+         const W* wg, const float* bg, const float* off, float thr, int64_t act_code, int64_t d_ff, int64_t d_out,
+         float* y) {
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> parts(threads * m * d_out, 0.f);
+  // a slice of at least this many neurons, so that a small block does not pay for waking a thread
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / (m * (d * (1 + (wg != nullptr)) + d_out)));
+  at::parallel_for(0, d_ff, grain, [&](int64_t s, int64_t e) {
+    slice(x, m, d, w1, b1, w2_t, wg, bg, off, thr, act_code, d_out, s, e,
+          parts.data() + at::get_thread_num() * m * d_out);
+  });
+  for (int64_t i = 0; i < m; ++i) {
+    float* yi = y + i * d_out;
+    for (int64_t q = 0; q < d_out; ++q) yi[q] = b2 ? b2[q] : 0.f;
+    for (int64_t t = 0; t < threads; ++t) {
+      const float* pt = parts.data() + (t * m + i) * d_out;
+      for (int64_t q = 0; q < d_out; ++q) yi[q] += pt[q];
+    }
+  }
+}
+
+template <typename W>
+const W* table(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<const W*>(t.data_ptr()) : nullptr;
+}
+
+const float* data(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+}  // namespace
+
+at::Tensor gate_skip_mlp(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                         const at::Tensor& w2_t, const std::optional<at::Tensor>& b2,
+                         const std::optional<at::Tensor>& wg, const std::optional<at::Tensor>& bg,
+                         const std::optional<at::Tensor>& offset, const at::Tensor& threshold, int64_t act_code) {
+  check_act(act_code);
+  TORCH_CHECK(x.dim() == 2 && w1.dim() == 2 && w2_t.dim() == 2 && x.size(1) == w1.size(1) &&
+                  w2_t.size(0) == w1.size(0),
+              "gate_skip_mlp takes x (M, d), w1 (d_ff, d), w2_t (d_ff, d_out), got ", x.sizes(), ", ", w1.sizes(),
+              ", ", w2_t.sizes());
+  const int64_t m = x.size(0), d = x.size(1), d_ff = w1.size(0), d_out = w2_t.size(1);
+  const auto x32 = x.to(at::kFloat).contiguous();
+  const auto w1c = weight_table(w1, "w1"), w2c = weight_table(w2_t, "w2_t");
+  const bool glu = wg.has_value() && wg->defined();
+  const auto wgc = glu ? weight_table(*wg, "wg") : at::Tensor();
+  TORCH_CHECK(!glu || wgc.sizes() == w1.sizes(), "wg must have w1's shape ", w1.sizes(), ", got ", wgc.sizes());
+  TORCH_CHECK(w2c.scalar_type() == w1c.scalar_type() && (!glu || wgc.scalar_type() == w1c.scalar_type()),
+              "the weight tables must share one dtype");
+  const auto b1c = optional_f32(b1, d_ff, "b1"), b2c = optional_f32(b2, d_out, "b2"), bgc = optional_f32(bg, d_ff, "bg");
+  const auto offc = optional_f32(offset, d_ff, "offset");
+  const float thr = threshold.item<float>();
+  auto y = at::empty({m, d_out}, x32.options());
+  if (w1c.scalar_type() == at::kBFloat16)
+    run(x32.data_ptr<float>(), m, d, table<uint16_t>(w1c), data(b1c), table<uint16_t>(w2c), data(b2c),
+        table<uint16_t>(wgc), data(bgc), data(offc), thr, act_code, d_ff, d_out, y.data_ptr<float>());
+  else
+    run(x32.data_ptr<float>(), m, d, table<float>(w1c), data(b1c), table<float>(w2c), data(b2c), table<float>(wgc),
+        data(bgc), data(offc), thr, act_code, d_ff, d_out, y.data_ptr<float>());
+  return y.to(x.scalar_type());
+}
+
+}  // namespace dynsparse
+
+TORCH_LIBRARY_FRAGMENT(dynsparse_cpp, m) {
+  m.def("gate_skip_mlp(Tensor x, Tensor w1, Tensor? b1, Tensor w2_t, Tensor? b2, Tensor? wg, Tensor? bg, "
+        "Tensor? offset, Tensor threshold, int act_code) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(dynsparse_cpp, CPU, m) { m.impl("gate_skip_mlp", &dynsparse::gate_skip_mlp); }
