@@ -286,13 +286,13 @@ def _check_rows(report, dtypes, compiled):
     assert report["machine"]["threads"] == 2 and len(report["machine"]["load_average_start"]) == 3
     for dtype in dtypes:
         mine = {(r["kind"], r["path"].startswith("hf"), r.get("linears")): r for r in rows if r["dtype"] == dtype}
-        assert set(mine) == {("dense", False, "torch"), ("dense", False, "gemv"), ("no_mlp", False, "torch"),
-                             ("sparse", False, "torch"), ("dense", True, None), ("no_mlp", True, None)}
-        dense, sparse = mine[("dense", False, "torch")], mine[("sparse", False, "torch")]
-        routed = mine.pop(("dense", False, "gemv"))  # the same model with its linears on dynsparse::gemv
+        assert set(mine) == {("dense", False, "gemv"), ("dense", False, "torch"), ("no_mlp", False, "gemv"),
+                             ("sparse", False, "gemv"), ("dense", True, None), ("no_mlp", True, None)}
+        dense, sparse = mine[("dense", False, "gemv")], mine[("sparse", False, "gemv")]
+        plain = mine.pop(("dense", False, "torch"))  # the same model on torch's own F.linear, for reference
         assert dense["path"] == ("compiled" if compiled else "eager")
-        assert routed["path"] == dense["path"] + ", gemv linears" and "decode_mlp_s_per_token" not in routed
-        assert routed["weight_bytes_per_token"] == dense["weight_bytes_per_token"]
+        assert plain["path"] == dense["path"] + ", torch linears" and "decode_mlp_s_per_token" not in plain
+        assert plain["weight_bytes_per_token"] == dense["weight_bytes_per_token"]
         mine = {k[:2]: r for k, r in mine.items()}
         for r in mine.values():
             assert r["decode_tokens_per_s"] > 0 and set(r["prefill_tokens_per_s"]) == {"8", "16"}
@@ -311,7 +311,7 @@ def _check_rows(report, dtypes, compiled):
         assert sparse["share_of_allowed_speedup"] == pytest.approx(sparse["speedup_vs_dense"] / sparse["allowed_speedup"])
         if dtype == "fp32":
             assert dense["agrees_with_hf_tokens"] == 4  # the fast path's greedy tokens are HF generate's
-            assert routed["agrees_with_hf_tokens"] == 4
+            assert plain["agrees_with_hf_tokens"] == 4
     return rows
 
 
@@ -336,7 +336,7 @@ def test_bench_generate_a_converted_tree_model(tiny_dirs, tmp_path):
     convert_model(tree, TreeConfig(depth=3, trees=2))
     save_converted(tree, tmp_path / "tree")
     report = _bench(model_dir, "--dtype", "fp32", "--no-compile", "--no-hf", "--converted", str(tmp_path / "tree"))
-    rows = {r["kind"]: r for r in report["rows"] if r["linears"] == "torch"}  # (the dense one also on "gemv")
+    rows = {r["kind"]: r for r in report["rows"] if r["linears"] == "gemv"}  # (the dense one also on "torch")
     assert set(rows) == {"dense", "no_mlp", "converted"}
     dense, conv = rows["dense"], rows["converted"]
     assert conv["variant"] == "converted: tree" and conv["mlp_active_fraction"] == pytest.approx(4 / 15)

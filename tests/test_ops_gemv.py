@@ -114,12 +114,12 @@ def test_decoder_routes_linears_and_can_leave_them():
     model = tiny_llama()
     ids = prompt()
     want = hf_tokens(model, ids)
-    dec = FastDecoder(model, 32, compile=False, linears="gemv")
+    dec = FastDecoder(model, 32, compile=False)  # linears="gemv", the default
     assert any(isinstance(m, GemvLinear) for m in model.modules())
     assert torch.equal(dec.generate(ids, NEW), want)
     assert torch.equal(hf_tokens(model, ids), want)  # HF's generate on the routed model: unchanged
     other = tiny_llama()
-    FastDecoder(other, 32, compile=False)  # linears="torch", the default
+    FastDecoder(other, 32, compile=False, linears="torch")
     assert not any(isinstance(m, GemvLinear) for m in other.modules())
     with pytest.raises(ValueError, match="linears must be one of"):
         FastDecoder(tiny_llama(), 32, compile=False, linears="blas")

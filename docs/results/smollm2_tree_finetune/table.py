@@ -6,7 +6,12 @@ from pathlib import Path
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
 ROWS = [("original dense", "smollm2-135m", None), ("dense fine-tuned", "dense_ft", "dense_ft.json"),
         ("tree 8x7, converted (published init)", "tree8x7_random", None),
-        ("tree 8x7, distilled", "tree8x7", None), ("tree 8x7, distilled + fine-tuned", "tree8x7_ft", "tree8x7_ft.json")]
+        ("tree 8x7, distilled", "tree8x7", None), ("tree 8x7, distilled + fine-tuned", "tree8x7_ft", "tree8x7_ft.json"),
+        # run_seeds.sh: a second seed, and the fine-tuning with everything trainable
+        ("dense fine-tuned, all trainable", "dense_ft_all", "dense_ft_all.json"),
+        ("tree 8x7 seed 1, distilled", "tree8x7_s1", None),
+        ("tree 8x7 seed 1, distilled + fine-tuned", "tree8x7_s1_ft", "tree8x7_s1_ft.json"),
+        ("tree 8x7 seed 1, distilled + fine-tuned, all trainable", "tree8x7_s1_ft_all", "tree8x7_s1_ft_all.json")]
 
 
 def load(path):
@@ -25,7 +30,8 @@ for label, tag, train in ROWS:
         t = load(work / train)
         row["fine_tune"] = {k: t.get(k) for k in ("steps", "tokens", "train_loss", "val_loss", "tokens_per_s",
                                                   "train_seconds", "params", "trainable_params")}
-    results.append(row)
+    if len(row) > 2:  # a row whose runs are absent is left out
+        results.append(row)
 out.mkdir(parents=True, exist_ok=True)
 (out / "results.json").write_text(json.dumps(results, indent=1))
 

@@ -5,10 +5,11 @@ Everything runs in one process at one thread count. For each dtype the model is 
 variant: dense, the dense model with its MLP blocks replaced by a no-op (the time of everything but the
 MLPs; MLP time = dense - no-op, so no timer sits inside a compiled graph), one variant per
 ``--sparsify`` directory (gates on the model) and one per ``--converted`` directory (the model with its
-MLPs replaced, e.g. by trees). The dense model also runs with every linear layer through
-``dynsparse::gemv`` (``FastDecoder(linears="gemv")``, "gemv linears"). Each decode figure sits beside
-its physical limit: the weight bytes one step reads (``dynsparse.decode.weight_traffic``) over the copy
-bandwidth measured just before it.
+MLPs replaced, e.g. by trees). Every variant decodes with the fast loop's linear layers (``linears``,
+"gemv" by default: ``dynsparse::gemv``), so sparse rows are measured against the fastest dense path;
+the dense model also runs with torch's own ``F.linear`` ("torch linears") for reference. Each decode
+figure sits beside its physical limit: the weight bytes one step reads
+(``dynsparse.decode.weight_traffic``) over the copy bandwidth measured just before it.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ class GenerateSettings:
     hf_reference: bool = True
     copy_megabytes: int = 1024  # bandwidth buffer; far beyond the caches
     threads: int = 2
-    gemv_linears: bool = True  # also time the dense model with linears="gemv"
+    linears: str = "gemv"  # FastDecoder's linear layers for every variant
+    torch_linears: bool = True  # also time the dense model with linears="torch" (torch's own F.linear)
 
 
 class NoMLP(nn.Module):
@@ -193,7 +195,7 @@ def _build(settings: GenerateSettings, variant: _Variant, dtype: str) -> nn.Modu
     return cast_weights_(model, dtype)
 
 
-def _fast_row(settings, variant, dtype, model, prompt, prefill_prompts, log, linears="torch") -> dict:
+def _fast_row(settings, variant, dtype, model, prompt, prefill_prompts, log, linears: str) -> dict:
     from ..decode import FastDecoder, weight_traffic
 
     density = measured_densities(model, prompt, settings.new_tokens)
@@ -223,7 +225,7 @@ def _fast_row(settings, variant, dtype, model, prompt, prefill_prompts, log, lin
     path = {(True, True): "compiled", (False, False): "eager", (True, False): "compiled decode, eager prefill",
             (False, True): "eager decode, compiled prefill"}[compiled]
     return {
-        "variant": variant.name, "dtype": dtype, "path": path + (", gemv linears" if linears == "gemv" else ""),
+        "variant": variant.name, "dtype": dtype, "path": path + (", torch linears" if linears == "torch" else ""),
         "linears": linears,
         "decode_s_per_token": per_token, "prefill_s": prefill, "tokens": out,
         "compile_s": {"decode": dec.compile_seconds["decode"], "prefill": pre.compile_seconds["prefill"],
@@ -323,16 +325,16 @@ def run_generate(settings: GenerateSettings, log=print) -> dict:
         for v in variants:
             log(f"{dtype} {v.name}: loading, compiling and timing")
             model = _build(settings, v, dtype)
-            row = _fast_row(settings, v, dtype, model, prompt, prefill_prompts, log)
+            row = _fast_row(settings, v, dtype, model, prompt, prefill_prompts, log, settings.linears)
             rows.append(row | {"_kind": v.kind, "_new": settings.new_tokens})
             torch._dynamo.reset()  # the next variant compiles afresh (and the recompile limit never binds)
-            if settings.gemv_linears and v.kind == "dense":
-                log(f"{dtype} {v.name}: the same with gemv linears")
-                routed = _build(settings, v, dtype)
-                rows.append(_fast_row(settings, v, dtype, routed, prompt, prefill_prompts, log, linears="gemv")
+            if settings.torch_linears and settings.linears != "torch" and v.kind == "dense":
+                log(f"{dtype} {v.name}: the same with torch linears")
+                plain = _build(settings, v, dtype)
+                rows.append(_fast_row(settings, v, dtype, plain, prompt, prefill_prompts, log, "torch")
                             | {"_kind": v.kind, "_new": settings.new_tokens})
                 torch._dynamo.reset()
-                del routed
+                del plain
             if settings.hf_reference and v.kind in ("dense", "no_mlp"):
                 log(f"{dtype} {v.name}: HF generate (eager)")
                 rows.append(_hf_row(settings, v, dtype, model, prompt, prefill_prompts)

@@ -4,8 +4,8 @@ A static KV cache keeps every tensor's shape fixed, so the one-token decode step
 ``torch.compile`` (the dynsparse sparse-MLP, gate and tree ops stay single nodes of that graph) and
 prefill compiles apart, once for every prompt length. ``FastDecoder`` holds both; ``cast_weights_``
 gives bf16 weights without touching the float32 tables the sparse kernels read; ``weight_traffic``
-counts the bytes one decode step reads, the yardstick for its tokens/s; ``linears="gemv"`` runs the
-model's linear layers through ``dynsparse::gemv`` while it decodes.
+counts the bytes one decode step reads, the yardstick for its tokens/s; ``linears="gemv"`` (the
+default) runs the model's linear layers through ``dynsparse::gemv`` while it decodes.
 """
 from .adapters import DynSparseLMStatic, HFStatic, static_model
 from .dtype import DTYPES, cast_weights_
