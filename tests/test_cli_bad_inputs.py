@@ -206,6 +206,8 @@ CASES = [
     ("bench-lm-preset-typo", lambda w: ["bench", "tree", "--lm-preset", "nosuch"], "--lm-preset must be one of"),
     ("bench-tokens-0", lambda w: ["bench", "tree", "--tokens", "0"], "--tokens must be >= 1"),
     ("bench-repeats-0", lambda w: ["bench", "tree", "--repeats", "0"], "--repeats must be >= 1"),
+    ("bench-linears-not-generate", lambda w: ["bench", "tree", "--linears", "torch"],
+     "--linears applies to bench generate only"),
     ("whiten-dense", lambda w: _tr(w, "--whiten", "--ff", "dense"), "whiten builds new tree blocks"),
     ("study-variant-modifier-typo", lambda w: ["study", "autoprune", "--variants", "node-gelu+centre", "--out",
                                                str(w["root"] / "o")], "unknown variant"),

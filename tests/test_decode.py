@@ -325,6 +325,16 @@ def test_bench_generate_json_on_a_tiny_model(tiny_dirs):
     assert len(table) == 2 + len(rows) + 2 and table[2].startswith("| dense | fp32 | eager |")
 
 
+def test_bench_generate_linears_torch_times_every_variant_on_f_linear(tiny_dirs):
+    model_dir, sparse_dir = tiny_dirs
+    report = _bench(model_dir, "--dtype", "fp32", "--no-compile", "--no-hf", "--linears", "torch",
+                    "--sparsify", str(sparse_dir))
+    rows = report["rows"]
+    assert {r["kind"] for r in rows} == {"dense", "no_mlp", "sparse"} and len(rows) == 3  # no second dense row
+    assert all(r["linears"] == "torch" and r["path"] == "eager, torch linears" for r in rows)
+    assert report["settings"]["linears"] == "torch"
+
+
 def test_bench_generate_a_converted_tree_model(tiny_dirs, tmp_path):
     """--converted: the same model with trees for MLPs, through the same loop, its speed-up and byte ratio
     against the dense row."""

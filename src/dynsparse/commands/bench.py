@@ -11,7 +11,8 @@ from ..cli import CLIError
 
 SUITE_NAMES = ("tree", "train", "mgs", "lm")
 GENERATE_ONLY = {"--model": "model", "--sparsify": "sparsify", "--converted": "converted", "--dtype": "dtype", "--prefill": "prefill",
-                 "--no-compile": "no_compile", "--no-hf": "no_hf", "--copy-megabytes": "copy_megabytes"}
+                 "--no-compile": "no_compile", "--no-hf": "no_hf", "--copy-megabytes": "copy_megabytes",
+                 "--linears": "linears"}
 
 
 def register(subparsers) -> None:
@@ -53,6 +54,9 @@ def register(subparsers) -> None:
     g.add_argument("--prefill", default=None, help="generate: prompt lengths of the prefill timings (default 128,512)")
     g.add_argument("--no-compile", action="store_true", help="generate: run the fast path eagerly (no torch.compile)")
     g.add_argument("--no-hf", action="store_true", help="generate: skip the HF generate reference rows")
+    g.add_argument("--linears", choices=["gemv", "torch"], default=None,
+                   help="generate: the fast loop's linear layers for every variant (default gemv: dynsparse::gemv; "
+                   "the dense model is also timed on torch's F.linear unless this is torch)")
     g.add_argument("--copy-megabytes", type=int, default=None,
                    help="generate: buffer of the bandwidth measurement (default 1024, far beyond the caches)")
     p.set_defaults(func=run)
@@ -153,6 +157,7 @@ def _run_generate(args) -> int:
         model=model, sparsify=tuple(args.sparsify), converted=tuple(args.converted), dtypes=dtypes, new_tokens=new_tokens[0], prefill=prefill,
         repeats=_positive("repeats", args.repeats), compile=not args.no_compile, hf_reference=not args.no_hf,
         copy_megabytes=_positive("copy-megabytes", args.copy_megabytes or 1024), threads=args.threads or 2,
+        linears=args.linears or "gemv",
     )
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
     try:
