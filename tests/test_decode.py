@@ -149,6 +149,23 @@ def test_bf16_weights_except_the_sparse_kernels_tables():
     assert torch.equal(out, hf_tokens(model, ids))
 
 
+def test_bf16_cats_tables_are_read_as_stored():
+    """CATS blocks' tables go to bf16 (the gate-skip kernels read them as stored, half the bytes); the
+    threshold and compensation stay float32; decoding gives HF generate's tokens on the same cast model."""
+    fp32 = cats_llama()
+    model = cast_weights_(cats_llama(), "bf16")
+    block = model.model.layers[0].mlp
+    assert block.w1.dtype == block.w2_t.dtype == block.wg.dtype == torch.bfloat16
+    assert block.threshold.dtype == block.compensation.dtype == block.b2_kernel.dtype == torch.float32
+    assert weight_traffic(model).mlp < 0.55 * weight_traffic(fp32).mlp
+    ids = prompt()
+    out = FastDecoder(model, 32, compile=False).generate(ids, NEW)
+    assert torch.equal(out, hf_tokens(model, ids))
+    x = torch.randn(3, 32)
+    with torch.no_grad():  # the op path and the reference read the same bf16 values
+        torch.testing.assert_close(block(x), block.forward_reference(x), rtol=1e-4, atol=1e-4)
+
+
 def _param_bytes(m):
     return sum(p.numel() * p.element_size() for p in m.parameters())
 

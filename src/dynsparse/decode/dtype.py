@@ -1,9 +1,10 @@
 """Weights in the decode dtype, except where a sparse kernel reads float32 tables.
 
-The sparse MLP ops compute in float32 and read their weight rows in place only when those are float32
-(any other dtype would be converted, the whole table, on every call). So ``cast_weights_`` leaves every
-module that hands an ``MLPWeights`` to the ops (``GatedMLP``, ``ReLUSkipMLP``) as it is: it takes and
-returns activations of the model's dtype and computes inside in float32.
+The sparse MLP ops compute in float32. Most read their weight rows in place only when those are float32
+(any other dtype would be converted, the whole table, on every call), so ``cast_weights_`` leaves a module
+that hands an ``MLPWeights`` to the ops (``GatedMLP``, ``ReLUSkipMLP``) as it is: it takes and returns
+activations of the model's dtype and computes inside in float32. A module that names ``stored_tables``
+(``CATSMLP``: its gate-skip kernels read bf16 tables as stored) has those tables cast, and only those.
 """
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ def cast_weights_(model: nn.Module, dtype) -> nn.Module:
         raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype!r}")
     kept = {id(m) for top in model.modules() if feeds_sparse_ops(top) for m in top.modules()}
     for module in model.modules():
+        if feeds_sparse_ops(module):
+            for name in getattr(module, "stored_tables", ()):
+                t = module._buffers.get(name)
+                if t is not None and t.dtype != dtype:
+                    module._buffers[name] = t.to(dtype)
         if id(module) in kept:
             continue
         for p in module._parameters.values():

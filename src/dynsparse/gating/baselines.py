@@ -46,10 +46,11 @@ class _BlockBuffers(UsageCounter, nn.Module):
         self._init_usage()
 
     def _hidden(self, x2: torch.Tensor):
-        return hidden_values(x2, self.w1, self.b1, self.wg, self.bg, self.act)
+        wg = None if self.wg is None else self.wg.float()
+        return hidden_values(x2, self.w1.float(), self.b1, wg, self.bg, self.act)
 
     def _out(self, h: torch.Tensor) -> torch.Tensor:
-        y = h @ self.w2_t
+        y = h @ self.w2_t.float()
         return y if self.b2 is None else y + self.b2
 
 
@@ -93,7 +94,11 @@ class CATSMLP(_BlockBuffers):
     (``dynsparse.ops.mlp.gate_skip_mlp``: each kept neuron reuses its gate value, no row is read twice).
 
     ``compensation`` (d_ff,), optional: what a skipped neuron contributes instead of zero (its mean
-    hidden value over the calibration tokens it was skipped on). ``backend``: as ``GatedMLP``'s."""
+    hidden value over the calibration tokens it was skipped on). ``backend``: as ``GatedMLP``'s.
+    ``stored_tables``: the weight tables the gate-skip kernels read at their stored dtype (bf16 as stored), so
+    ``dynsparse.decode.cast_weights_`` casts these; threshold, biases and compensation stay float32."""
+
+    stored_tables = ("w1", "w2_t", "wg")
 
     def __init__(self, w1, b1, w2, b2, threshold, activation: str, compensation: torch.Tensor | None = None,
                  backend: str = "auto", act=None, wg=None, bg=None):
@@ -124,9 +129,9 @@ class CATSMLP(_BlockBuffers):
     def gate_mask(self, x2: torch.Tensor) -> torch.Tensor:
         """(M, d_ff) bool: |act(gate pre-activation)| > threshold (fc1's for a plain block)."""
         if self.wg is None:
-            pre = torch.nn.functional.linear(x2, self.w1, self.b1)
+            pre = torch.nn.functional.linear(x2, self.w1.float(), self.b1)
         else:
-            pre = torch.nn.functional.linear(x2, self.wg, self.bg)
+            pre = torch.nn.functional.linear(x2, self.wg.float(), self.bg)
         return self.act(pre).abs() > self.threshold
 
     def forward_reference(self, x):
