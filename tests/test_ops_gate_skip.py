@@ -56,43 +56,29 @@ def test_every_backend_equals_the_reference(glu, offset, dtype, m):
             _close(gate_skip_mlp(x, w, t, activation=activation, backend=backend), ref)
 
 
+@pytest.mark.parametrize("backend", ["numba", "cpp"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("m", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_numba_paths_at_decode_size(threads, m, dtype):
-    """Shapes big enough for the split (one token, two threads) and per-token (four tokens) paths."""
-    if threads > numba.config.NUMBA_NUM_THREADS:
+def test_kernel_paths_at_decode_size(backend, threads, m, dtype):
+    """Shapes big enough for numba's split (one token, two threads) and per-token (four tokens) paths, and
+    for the cpp kernel's neurons to split over torch's threads (partial outputs summed after)."""
+    if backend == "numba" and threads > numba.config.NUMBA_NUM_THREADS:
         pytest.skip("needs two numba threads")
     w = _weights(True, True, d=128, d_ff=2048, d_out=256, dtype=dtype)
     x = torch.randn(m, 128, generator=torch.Generator().manual_seed(5))
     t = _threshold(_gate_act(x, w, "silu"), 0.3)
-    before = numba.get_num_threads()
-    numba.set_num_threads(threads)
+    get, put = (numba.get_num_threads, numba.set_num_threads) if backend == "numba" else \
+        (torch.get_num_threads, torch.set_num_threads)
+    before = get()
+    put(threads)
     try:
-        got = gate_skip_mlp(x, w, t, activation="silu", backend="numba")
+        got = gate_skip_mlp(x, w, t, activation="silu", backend=backend)
     finally:
-        numba.set_num_threads(before)
+        put(before)
     _close(got, gate_skip_mlp(x, w, t, activation="silu", backend="reference"))
     assert got.dtype == torch.float32
-    assert gate_skip_mlp(x.bfloat16(), w, t, activation="silu", backend="numba").dtype == torch.bfloat16
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("m", [1, 4])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpp_at_decode_size(threads, m, dtype):
-    """Enough kept neurons to split them over torch's threads (their partial outputs summed after)."""
-    w = _weights(True, True, d=128, d_ff=2048, d_out=256, dtype=dtype)
-    x = torch.randn(m, 128, generator=torch.Generator().manual_seed(5))
-    t = _threshold(_gate_act(x, w, "silu"), 0.3)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = gate_skip_mlp(x, w, t, activation="silu", backend="cpp")
-    finally:
-        torch.set_num_threads(before)
-    _close(got, gate_skip_mlp(x, w, t, activation="silu", backend="reference"))
-    assert gate_skip_mlp(x.bfloat16(), w, t, activation="silu", backend="cpp").dtype == torch.bfloat16
+    assert gate_skip_mlp(x.bfloat16(), w, t, activation="silu", backend=backend).dtype == torch.bfloat16
 
 
 def test_nothing_kept_gives_the_bias_and_all_kept_the_dense_block():

@@ -1,4 +1,4 @@
-// Shared pieces of dynsparse's C++ CPU kernels: bf16 widening, the dot product, activations by code
+// Shared pieces of dynsparse's C++ CPU kernels: bf16 widening, the dot product, activations by code, the row kernel
 // (dynsparse.activations: 0 gelu (erf), 1 relu, 2 silu, 3 tanh, 4 identity), argument checks.
 #pragma once
 #include <ATen/ATen.h>
@@ -42,6 +42,18 @@ inline float activate(float z, int64_t code) {
     case 2: return z / (1.f + std::exp(-z));
     case 3: return std::tanh(z);
     default: return z;
+  }
+}
+
+// y[i * ldy + j - start] = act(w[j] . x[i] + b[j]) for rows j in [start, end): each row read once for all m
+// tokens (gemv's kernel, and the gate-skip MLP's dense gate).
+template <typename W>
+inline void act_rows(const float* x, int64_t m, int64_t d, const W* w, const float* b, int64_t act_code, float* y,
+                     int64_t ldy, int64_t start, int64_t end) {
+  for (int64_t j = start; j < end; ++j) {
+    const W* row = w + j * d;
+    const float bj = b ? b[j] : 0.f;
+    for (int64_t i = 0; i < m; ++i) y[i * ldy + j - start] = activate(dot(row, x + i * d, d) + bj, act_code);
   }
 }
 

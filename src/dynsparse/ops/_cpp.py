@@ -91,14 +91,16 @@ def require_cpp() -> None:
         raise RuntimeError(f"backend 'cpp' is unavailable: {reason}")
 
 
-_FAKES = []
+_fakes_registered = False
 
 
 def _register_fakes() -> None:
-    """Shapes for torch.compile, so compiled graphs keep the C++ ops as single nodes (once per process)."""
-    if _FAKES:
+    """Shapes for torch.compile, so compiled graphs keep the C++ ops as single nodes (once per process: a
+    cleared build cache loads the kernels again, and a second registration would be refused)."""
+    global _fakes_registered
+    if _fakes_registered:
         return
-    _FAKES.append(True)
+    _fakes_registered = True
 
     @torch.library.register_fake("dynsparse_cpp::gemv")
     def _(x, w, b, act_code):

@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from ._cpp import cpp_available, require_cpp
+
 BACKENDS = ("auto", "reference", "torch", "numba", "cpp", "triton")
 CONCRETE = BACKENDS[1:]
 
@@ -56,12 +58,6 @@ def use_backend(backend: str):
 
 def numba_available() -> bool:
     return importlib.util.find_spec("numba") is not None
-
-
-def cpp_available() -> bool:
-    from ._cpp import cpp_available as built
-
-    return built()
 
 
 def triton_available() -> bool:
@@ -100,8 +96,6 @@ def resolve(backend: str, device: torch.device, supported: tuple[str, ...] = CON
     if choice == "cpp":
         if device.type != "cpu":
             raise ValueError(f"backend 'cpp' runs on CPU tensors, got a tensor on {device}")
-        from ._cpp import require_cpp
-
         require_cpp()
     if choice == "triton":
         if not triton_available():

@@ -69,12 +69,12 @@ def gemv(x: Tensor, w: Tensor, b: Tensor | None = None, *, activation: str = "id
          backend: str = "auto") -> Tensor:
     """act(x w^T + b) for x (..., d): any leading dims, flattened to the op's tokens and restored."""
     chosen = resolve(backend, x.device, GEMV_BACKENDS)
-    lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    lead, x2, code = x.shape[:-1], x.reshape(-1, x.shape[-1]), activations.code(activation)
     if chosen == "cpp" and x2.shape[0] < GEMV_MAX_TOKENS:  # a C++ op itself: no Python body to run
-        _check(x2, w, b, activations.code(activation), chosen)
-        y = torch.ops.dynsparse_cpp.gemv(x2, w, b, activations.code(activation))
+        _check(x2, w, b, code, chosen)
+        y = torch.ops.dynsparse_cpp.gemv(x2, w, b, code)
     else:
-        y = call(gemv_op, _gemv, x2, w, b, activations.code(activation), chosen)
+        y = call(gemv_op, _gemv, x2, w, b, code, chosen)
     return y.reshape(*lead, w.shape[0])
 
 

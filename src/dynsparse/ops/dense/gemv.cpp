@@ -8,16 +8,6 @@
 
 namespace dynsparse {
 
-template <typename W>
-static void gemv_rows(const float* x, int64_t m, int64_t d, const W* w, const float* b, int64_t act_code, float* y,
-                      int64_t n, int64_t start, int64_t end) {
-  for (int64_t j = start; j < end; ++j) {
-    const W* row = w + j * d;
-    const float bj = b ? b[j] : 0.f;
-    for (int64_t i = 0; i < m; ++i) y[i * n + j] = activate(dot(row, x + i * d, d) + bj, act_code);
-  }
-}
-
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, int64_t act_code) {
   check_act(act_code);
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv takes x (M, d) and w (N, d), got ",
@@ -34,9 +24,9 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1));
   at::parallel_for(0, n, grain, [&](int64_t s, int64_t e) {
     if (wc.scalar_type() == at::kBFloat16)
-      gemv_rows(xp, m, d, reinterpret_cast<const uint16_t*>(wc.data_ptr()), bp, act_code, yp, n, s, e);
+      act_rows(xp, m, d, reinterpret_cast<const uint16_t*>(wc.data_ptr()), bp, act_code, yp + s, n, s, e);
     else
-      gemv_rows(xp, m, d, wc.data_ptr<float>(), bp, act_code, yp, n, s, e);
+      act_rows(xp, m, d, wc.data_ptr<float>(), bp, act_code, yp + s, n, s, e);
   });
   return y.to(x.scalar_type());
 }

@@ -34,9 +34,7 @@ void slice(const float* x, int64_t m, int64_t d, const W* w1, const float* b1, c
   const float* gate_bias = glu ? bg : b1;
   const int64_t n = end - start;
   std::vector<float> a(m * n);
-  for (int64_t j = start; j < end; ++j)
-    for (int64_t i = 0; i < m; ++i)
-      a[i * n + j - start] = activate(dot(gate + j * d, x + i * d, d) + (gate_bias ? gate_bias[j] : 0.f), act_code);
+  act_rows(x, m, d, gate, gate_bias, act_code, a.data(), n, start, end);
   std::vector<int64_t> kept(n);
   constexpr int64_t AHEAD = 2;
   for (int64_t i = 0; i < m; ++i) {
