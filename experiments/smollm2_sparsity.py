@@ -14,6 +14,8 @@ running. 0 % is the dense model for every method (tested in tests/test_gating_*.
 * MGS: low-rank and grouped gates trained to predict the contribution-active set (all three
   projections skipped for the rest), compensation on / off. Gates train at ``--train-targets``;
   other targets re-calibrate the nearest trained gate's threshold (``recalibrate_``, no retraining).
+  The low-bit gate (``--bits``-bit copies of the gate and up projections score each neuron's
+  contribution; ``gating.lowbit``) is not trained, so it is fitted at every target.
 
 Calibration: ``--calib-windows`` windows of ``--seq-len`` tokens spread evenly over the training plays,
 recorded once; every threshold, statistic and label set is derived from those rows.
@@ -102,6 +104,8 @@ def main(argv=None) -> int:
     p.add_argument("--gate-batch", type=int, default=256, help="MGS rows per training step")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--group-size", type=int, default=16)
+    p.add_argument("--gates", default="lowrank,grouped,lowbit", help="MGS gate forms to measure")
+    p.add_argument("--bits", type=int, default=3, help="the low-bit gate's bits per weight")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -169,8 +173,15 @@ def main(argv=None) -> int:
                 gates = fit_gates(model, cfg, stats=stats[target], progress=False)
                 with gated(model, gates):
                     record(f"SIBS {activity}{' +comp' if comp else ''}", target, evaluate_against(model, ref))
-        for gate in ("lowrank", "grouped"):
-            if target in train_targets:
+        for gate in args.gates.split(","):
+            if gate == "lowbit":
+                cfg = MGSConfig(gate=gate, bits=args.bits, target_sparsity=target, activity="contribution",
+                                max_samples=args.calib_windows * args.seq_len)
+                t = time.perf_counter()
+                gates = fit_gates(model, cfg, stats=contribution[target], progress=False)
+                timings[f"mgs_{gate}_{target}"] = time.perf_counter() - t
+                how = "calibrated"
+            elif target in train_targets:
                 cfg = MGSConfig(gate=gate, rank=args.rank, group_size=args.group_size, target_sparsity=target,
                                 activity="contribution", steps=args.steps, batch_size=args.gate_batch,
                                 max_samples=args.calib_windows * args.seq_len)

@@ -28,9 +28,16 @@ def register(subparsers) -> None:
     p.add_argument("--criterion", choices=("frequency", "output_error"), default="frequency",
                    help="SIBS: remove the least often firing neurons (the paper), or those whose removal adds the "
                         "least squared error to the block output (needs --target-sparsity)")
-    p.add_argument("--gate", choices=("lowrank", "grouped"), default="lowrank")
+    p.add_argument("--gate", choices=("lowrank", "grouped", "lowbit"), default="lowrank",
+                   help="MGS: a trained low-rank or grouped gate, or lowbit: the contribution from --bits-bit copies "
+                        "of the gate and up projections (no training; use with --activity contribution)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--group-size", type=int, default=16)
+    p.add_argument("--bits", type=int, default=3, help="lowbit gate: bits per weight (<= 4 for the C++ decode op)")
+    p.add_argument("--quant-group", type=int, default=32,
+                   help="lowbit gate: input weights per scale and offset (32 for the C++ decode op)")
+    p.add_argument("--smoothing", type=float, default=0.5,
+                   help="lowbit gate: input channels scaled by rms(x)^smoothing before quantizing")
     p.add_argument("--no-reorder", action="store_true",
                    help="grouped gates: keep the neurons' order (default: co-firing neurons are moved into shared groups)")
     p.add_argument("--steps", type=int, default=300, help="MGS: gate training steps (all blocks train together)")
@@ -90,7 +97,8 @@ def run(args) -> int:
                 raise CLIError("--threshold is a SIBS option; MGS takes --target-recall or --target-sparsity")
             if args.no_reorder and args.gate != "grouped":
                 raise CLIError("--no-reorder applies to --gate grouped only")
-            cfg = MGSConfig(gate=args.gate, rank=args.rank, group_size=args.group_size,
+            cfg = MGSConfig(gate=args.gate, rank=args.rank, group_size=args.group_size, bits=args.bits,
+                            quant_group=args.quant_group, smoothing=args.smoothing,
                             target_recall=args.target_recall, target_sparsity=args.target_sparsity,
                             steps=args.steps, batch_size=args.gate_batch_size, compensate=not args.no_compensate,
                             reorder=False if args.no_reorder else None, activity=args.activity,

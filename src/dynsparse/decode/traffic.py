@@ -6,7 +6,8 @@ not arithmetic, bounds the speed: tokens/s <= bandwidth / bytes per token. Count
 * dense modules: every floating parameter and buffer once (tied tensors once: a tied LM head reads the
   whole embedding table); an untied embedding table only the one row a token looks up;
 * ``SlicedMLP`` (and any MLP block ``find_mlps`` finds): its weights, already cut to the kept neurons;
-* ``GatedMLP``: the whole gate, then per token only the rows of the neurons it computed (w1's, the gate
+* ``GatedMLP``: the whole gate (a packed low-bit gate: the tables its decode op reads, not the float
+  copies its torch path keeps), then per token only the rows of the neurons it computed (w1's, the gate
   projection's, w2_t's, and their bias/offset entries);
 * ``CATSMLP``: the whole gate projection (it is the gate), then per kept neuron its w2_t row and, for a
   gated block, its w1 row (and their bias/offset entries);
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from ..gating.baselines import CATSMLP
+from ..gating.lowbit import LowBitGate
 from ..gating.modules import GatedMLP, ReLUSkipMLP, SlicedMLP
 from ..mlps import find_mlps
 from ..tree import TreeFF
@@ -78,7 +80,10 @@ def _entry(t: torch.Tensor | None) -> int:
 def _gated_bytes(m: GatedMLP, density: float | None) -> float:
     if density is None:
         density = m.computed / m.total if m.total else 1.0
-    fixed = sum(_nbytes(t) for t in list(m.gate.parameters()) + list(m.gate.buffers()))
+    if isinstance(m.gate, LowBitGate) and m.gate.packed:  # what its decode op reads: the packed tables
+        fixed = sum(_nbytes(t) for t in m.gate.tables())
+    else:
+        fixed = sum(_nbytes(t) for t in list(m.gate.parameters()) + list(m.gate.buffers()))
     fixed += _nbytes(m.threshold) + _nbytes(m.b2_kernel)
     return fixed + density * m.w1.shape[0] * _per_neuron(m)
 

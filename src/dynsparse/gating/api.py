@@ -24,6 +24,7 @@ from torch import nn
 from ..atomic import atomic_dir
 from ..mlps import FilterFn, find_mlps
 from .cats import CATSConfig, build_cats, cats_tensors
+from .lowbit import check_tensors as check_lowbit
 from .mgs import MGSConfig, build_gated, mgs_tensors_all
 from .record import LayerStats, activation_name, record_activations
 from .sibs import SIBSConfig, build_sliced, sibs_tensors
@@ -371,5 +372,7 @@ def _check_mgs(where: str, ts: dict, info: dict) -> None:
         if g.dim() != 2 or g.shape[0] != d_model or g.shape[1] < 1 or d_ff % g.shape[1]:
             raise ValueError(f"{where}: gate.G has shape {tuple(g.shape)}, expected ({d_model}, groups) "
                              f"with groups dividing d_ff={d_ff}")
+    elif "gate.route_codes" in ts:
+        check_lowbit(where, ts, d_model, d_ff, info.get("gated", False))
     else:
-        raise ValueError(f"{where}: neither a low-rank (gate.A) nor a grouped (gate.G) gate")
+        raise ValueError(f"{where}: no low-rank (gate.A), grouped (gate.G) or low-bit (gate.route_codes) gate")

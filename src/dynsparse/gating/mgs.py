@@ -4,8 +4,10 @@ hidden neurons will be active; only those are computed.
 The paper does not publish the gate, loss or thresholds; our choices:
 
 * Gate forms. A full d -> d_ff gate costs as much as fc1, so only cheap forms are offered: low-rank
-  (d -> r -> d_ff, ``gate="lowrank"``) and grouped (one logit per ``group_size`` consecutive neurons,
-  ``gate="grouped"``).
+  (d -> r -> d_ff, ``gate="lowrank"``), grouped (one logit per ``group_size`` consecutive neurons,
+  ``gate="grouped"``), and low-bit (``gate="lowbit"``, ``gating.lowbit``): the block's own contribution
+  computed from ``bits``-bit copies of its routing and up projections, the one form that predicts a
+  product of two projections. It is not trained: calibration only sets its threshold.
 * Initialisation. The low-rank gate starts as the best rank-r approximation of the block's own
   pre-activations on the calibration inputs (Z = X W1^T + b1; A = W1^T V_r, B = V_r^T with V_r the top
   right singular vectors of Z), i.e. it starts by predicting sign(z); the grouped gate starts from the
@@ -39,16 +41,23 @@ import torch
 import torch.nn.functional as F
 
 from ..mlps import MLPBlock
+from .lowbit import LowBitGate
 from .modules import GatedMLP, GroupedGate, LowRankGate
 from .record import LayerStats
 from .reorder import check_permutation, coactivation_permutation, group_density, permute_mlp
 
 
+GATES = ("lowrank", "grouped", "lowbit")
+
+
 @dataclass
 class MGSConfig:
-    gate: str = "lowrank"  # "lowrank" or "grouped"
+    gate: str = "lowrank"  # "lowrank", "grouped" or "lowbit"
     rank: int = 16  # default from experiments/gate_cost.py on this CPU (see module docstring)
     group_size: int = 16
+    bits: int = 3  # low-bit gate: bits per weight of its projection copies
+    quant_group: int = 32  # low-bit gate: consecutive input weights sharing one scale and offset
+    smoothing: float = 0.5  # low-bit gate: input channels scaled by rms(x)^smoothing before quantizing
     target_recall: float | None = None  # keep this share of truly active (token, neuron) pairs (default 0.99)
     target_sparsity: float | None = None  # or gate this share of all pairs off
     steps: int = 300
@@ -78,8 +87,14 @@ class MGSConfig:
                                      "(the share of pairs its per-layer threshold switches off)")
                 self.activity_sparsity = self.target_sparsity
             check_target(self.activity_sparsity, "activity_sparsity")
-        if self.gate not in ("lowrank", "grouped"):
-            raise ValueError(f"gate must be 'lowrank' or 'grouped', got {self.gate!r}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {list(GATES)}, got {self.gate!r}")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
+            raise ValueError(f"bits must be an int in [1, 8], got {self.bits!r}")
+        if isinstance(self.quant_group, bool) or not isinstance(self.quant_group, int) or self.quant_group < 1:
+            raise ValueError(f"quant_group must be a positive int, got {self.quant_group!r}")
+        if not 0 <= self.smoothing <= 1:
+            raise ValueError(f"smoothing must be in [0, 1], got {self.smoothing!r}")
         if self.target_recall is not None and self.target_sparsity is not None:
             raise ValueError("MGSConfig takes at most one of target_recall= or target_sparsity=")
         if self.target_recall is None and self.target_sparsity is None:
@@ -211,6 +226,13 @@ def _prepare(block: MLPBlock, stats: LayerStats, cfg: MGSConfig, perm: torch.Ten
     if cfg.gate == "lowrank":
         gate = LowRankGate(d, d_ff, min(cfg.rank, d, d_ff))
         _init_lowrank(gate, w1, b1, x[train])
+    elif cfg.gate == "lowbit":
+        if d % cfg.quant_group:
+            raise ValueError(f"{block.name}: quant_group {cfg.quant_group} does not divide d_model {d}")
+        up, up_b, w2, _ = block.linear_weights()
+        up, up_b = (up, up_b) if block.gated else (None, None)
+        gate = LowBitGate.fit(w1, b1, up, up_b, w2.detach().float().norm(dim=0), x[train], cfg.bits,
+                              cfg.quant_group, cfg.smoothing, stats.activation, _own_act(block))
     else:
         gate = GroupedGate(d, d_ff, cfg.group_size)
         _init_grouped(gate, w1, b1)
@@ -218,6 +240,11 @@ def _prepare(block: MLPBlock, stats: LayerStats, cfg: MGSConfig, perm: torch.Ten
     pos = labels[train].float().mean().clamp(1e-6, 1 - 1e-6).item()
     pw = cfg.pos_weight if cfg.pos_weight is not None else min(max((1 - pos) / pos, 1.0), 10.0)
     return gate, x, active, hold, train, labels, pw
+
+
+def _own_act(block: MLPBlock):
+    """The block's own activation where it has one (e.g. GPT-2's tanh GELU), else None (by name)."""
+    return block.act if callable(block.act) else None
 
 
 def _finish(block: MLPBlock, gate, x, active, hold, cfg: MGSConfig, pw: float):
@@ -245,13 +272,17 @@ def train_gate(block: MLPBlock, stats: LayerStats, cfg: MGSConfig, perm: torch.T
     return _finish(block, gate, x, active, hold, cfg, pw)
 
 
-def gate_from_tensors(tensors: dict[str, torch.Tensor], d_model: int, d_ff: int):
+def gate_from_tensors(tensors: dict[str, torch.Tensor], d_model: int, d_ff: int, activation: str = "relu",
+                      act=None):
+    """The gate a block's saved tensors hold (``activation``/``act``: the block's, which a low-bit gate applies)."""
+    if "gate.route_codes" in tensors:
+        return LowBitGate({k[5:]: v for k, v in tensors.items() if k.startswith("gate.")}, activation, act)
     if "gate.A" in tensors:
         gate = LowRankGate(d_model, d_ff, tensors["gate.A"].shape[1])
     elif "gate.G" in tensors:
         gate = GroupedGate(d_model, d_ff, d_ff // tensors["gate.G"].shape[1])
     else:
-        raise ValueError("gate tensors hold neither a low-rank (gate.A) nor a grouped (gate.G) gate")
+        raise ValueError("gate tensors hold no low-rank (gate.A), grouped (gate.G) or low-bit (gate.route_codes) gate")
     gate.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("gate.")})
     return gate.requires_grad_(False)
 
@@ -266,7 +297,7 @@ def recalibrate_(gates, stats: dict[str, LayerStats], target_recall: float | Non
     for name, ts in gates.tensors.items():
         s, info = stats[name], gates.layers[name]
         hold, _ = _split(s.samples_x.shape[0], cfg)
-        gate = gate_from_tensors(ts, info["d_model"], info["d_ff"])
+        gate = gate_from_tensors(ts, info["d_model"], info["d_ff"], info["activation"])
         active = s.samples_active[hold]
         if "perm" in ts:
             active = active[:, check_permutation(ts["perm"], info["d_ff"])]
@@ -297,7 +328,8 @@ def mgs_tensors_all(blocks: dict[str, MLPBlock], stats: dict[str, LayerStats], c
             perm = neuron_order(s, cfg) if s.samples_x is not None else None
             gate, x, active, hold, train, labels, pw = _prepare(block, s, cfg, perm)
             problems[name] = (perm, gate, x, active, hold, pw)
-            jobs.append(GateJob(name, gate, x, labels, train, pw))
+            if not isinstance(gate, LowBitGate):  # calibrated, not trained
+                jobs.append(GateJob(name, gate, x, labels, train, pw))
             stage.advance()
     losses = train_gates(jobs, cfg.steps, cfg.lr, cfg.batch_size, cfg.seed, progress=progress)
     out = {}
@@ -305,7 +337,8 @@ def mgs_tensors_all(blocks: dict[str, MLPBlock], stats: dict[str, LayerStats], c
         s = stats[name]
         perm, gate, x, active, hold, pw = problems[name]
         gate, thr, report = _finish(block, gate, x, active, hold, cfg, pw)
-        report["train_loss"] = losses[name]
+        if name in losses:
+            report["train_loss"] = losses[name]
         t = {f"gate.{k}": v.detach().clone() for k, v in gate.state_dict().items()}
         t["threshold"] = thr.reshape(())
         if perm is not None:
@@ -320,7 +353,7 @@ def mgs_tensors_all(blocks: dict[str, MLPBlock], stats: dict[str, LayerStats], c
 def build_gated(block: MLPBlock, tensors: dict[str, torch.Tensor], activation: str, backend: str = "auto") -> GatedMLP:
     w1, b1, w2, b2 = block.linear_weights()
     wg, bg = block.gate_weights()
-    gate = gate_from_tensors(tensors, block.d_model, block.d_ff)
+    gate = gate_from_tensors(tensors, block.d_model, block.d_ff, activation, _own_act(block))
     comp = tensors.get("compensation")
     if "perm" in tensors:  # the gate's neuron layout; same function, neurons in another order
         if not isinstance(gate, GroupedGate):

@@ -27,7 +27,11 @@ from torch import nn
 from .. import activations
 from ..ops.backend import check_backend, resolve
 from ..ops.gates import GATE_BACKENDS, grouped_gate_groups, lowrank_gate_indices
-from ..ops.mlp import RELU_SKIP_BACKENDS, SPARSE_MLP_BACKENDS, MLPWeights, relu_skip_mlp, sparse_mlp
+from ..ops.mlp import (GATE_SKIP_DENSE_TOKENS, RELU_SKIP_BACKENDS, SPARSE_MLP_BACKENDS, MLPWeights, relu_skip_mlp,
+                       sparse_mlp)
+from ..ops.mlp.csr import csr_from_mask
+from ..ops.mlp.lowbit import lowbit_gate_mlp
+from .lowbit import LowBitGate
 from .usage import UsageCounter, neuron_flops
 
 
@@ -174,6 +178,12 @@ class GatedMLP(UsageCounter, nn.Module):
         self._init_usage()
 
     @property
+    def stored_tables(self) -> tuple[str, ...]:
+        """The tables ``dynsparse.decode.cast_weights_`` may cast to bf16: those of a packed low-bit gate's
+        block, whose decode op reads bf16 as stored (the sparse MLP op reads float32 only)."""
+        return ("w1", "w2_t", "wg") if isinstance(self.gate, LowBitGate) and self.gate.packed else ()
+
+    @property
     def weights(self) -> MLPWeights:
         """The ops' view of the block: compensation as an offset, fc2's bias raised by W2 c."""
         return MLPWeights(self.w1, self.b1, self.w2_t, self.b2_kernel, self.wg, self.bg, self.compensation)
@@ -203,11 +213,12 @@ class GatedMLP(UsageCounter, nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
         mask = self.gate_mask(x2)
-        a = self.act(F.linear(x2, self.w1, self.b1) if self.wg is None else F.linear(x2, self.wg, self.bg))
+        w1 = self.w1.float()  # bf16 tables (``stored_tables``) widen here
+        a = self.act(F.linear(x2, w1, self.b1) if self.wg is None else F.linear(x2, self.wg.float(), self.bg))
         if self.wg is not None:
-            a = a * F.linear(x2, self.w1, self.b1)
+            a = a * F.linear(x2, w1, self.b1)
         a = torch.where(mask, a, self.compensation if self.compensation is not None else torch.zeros_like(a))
-        y = a @ self.w2_t
+        y = a @ self.w2_t.float()
         if self.b2 is not None:
             y = y + self.b2
         self._count(int(mask.sum()), mask.numel())
@@ -215,7 +226,7 @@ class GatedMLP(UsageCounter, nn.Module):
 
     def _sparse_forward(self, x2, backend: str):
         """(y, neurons computed) through the ops: a grouped gate's lists stay lists of groups and run
-        group by group; a low-rank gate's run per token or over their union (``strategy="auto"``)."""
+        group by group; a low-rank or low-bit gate's run per token or over their union (``strategy="auto"``)."""
         gate_backend = backend if backend in GATE_BACKENDS else "torch"
         if isinstance(self.gate, GroupedGate):
             size = self.gate.group_size
@@ -223,17 +234,29 @@ class GatedMLP(UsageCounter, nn.Module):
             y = sparse_mlp(x2, self.weights, indptr, groups, activation=self.activation, strategy="grouped",
                            group_size=size, backend=backend)
             return y, groups.numel() * size
-        indptr, indices = lowrank_gate_indices(x2, self.gate.A, self.gate.B, self.gate.c, self.threshold,
-                                               backend=gate_backend)
+        if isinstance(self.gate, LowRankGate):
+            indptr, indices = lowrank_gate_indices(x2, self.gate.A, self.gate.B, self.gate.c, self.threshold,
+                                                   backend=gate_backend)
+        else:  # a low-bit gate: its scores in torch, then the lists
+            indptr, indices = csr_from_mask(self.gate(x2) > self.threshold)
         y = sparse_mlp(x2, self.weights, indptr, indices, activation=self.activation, backend=backend)
         return y, indices.numel()
 
     def forward(self, x):
-        backend = _no_grad_backend(self, x, SPARSE_MLP_BACKENDS)
+        fused = isinstance(self.gate, LowBitGate) and self.gate.packed  # the C++ decode op serves it
+        backend = _no_grad_backend(self, x, SPARSE_MLP_BACKENDS + (("cpp",) if fused else ()))
         if backend == "reference":
             return self.forward_reference(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float().contiguous()
+        if backend == "cpp":
+            if x2.shape[0] >= GATE_SKIP_DENSE_TOKENS:  # a prefill: masked dense matmuls, as gate_skip_mlp's
+                return self.forward_reference(x)
+            y = lowbit_gate_mlp(x2, self.weights, self.gate.tables(), self.threshold, activation=self.activation,
+                                backend="cpp")
+            if self._tracking:  # eager only, and it costs the gate's scores in torch once more
+                self._count(int(self.gate_mask(x2).sum()), x2.shape[0] * self.d_ff)
+            return y.reshape(*shape[:-1], -1).to(x.dtype)
         y, computed = self._sparse_forward(x2, backend)
         self._count(computed, x2.shape[0] * self.w1.shape[0])
         return y.reshape(*shape[:-1], -1).to(x.dtype)

@@ -1,4 +1,5 @@
-// Shared pieces of dynsparse's C++ CPU kernels: bf16 widening, the dot product, activations by code, the row kernel
+// Shared pieces of dynsparse's C++ CPU kernels: bf16 widening, the dot product, activations by code, the row kernel,
+// the skipping kernels' kept-row walk
 // (dynsparse.activations: 0 gelu (erf), 1 relu, 2 silu, 3 tanh, 4 identity), argument checks.
 #pragma once
 #include <ATen/ATen.h>
@@ -6,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace dynsparse {
 
@@ -56,6 +58,66 @@ inline void act_rows(const float* x, int64_t m, int64_t d, const W* w, const flo
     for (int64_t i = 0; i < m; ++i) y[i * ldy + j - start] = activate(dot(row, x + i * d, d) + bj, act_code);
   }
 }
+
+// Ask for a row's cache lines ahead of use: kept rows are a skipping walk through a table, which the hardware
+// prefetchers lose at every skip, so without this each kept row starts with a round trip to memory. Locality
+// hint 1 (prefetcht1, outer caches) measured faster here than 0, 2 or 3 (docs/results/smollm2_decode/gemv).
+template <typename W>
+inline void prefetch_row(const W* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(W)); b += 64) __builtin_prefetch(p + b, 0, 1);
+}
+
+// How many kept steps ahead the skipping kernels prefetch, and whether the neuron that far ahead of kept step p
+// starts a new stream (is not the one after its predecessor): only then is a prefetch worth its instructions.
+constexpr int64_t KEPT_AHEAD = 2;
+inline bool skip_ahead(const int64_t* kept, int64_t k, int64_t p) {
+  return p + KEPT_AHEAD < k && kept[p + KEPT_AHEAD] != kept[p + KEPT_AHEAD - 1] + 1;
+}
+
+// y += sum over p < k of hidden(p) * w2_t[start + kept[p]]: the kept neurons' down rows, four per pass over y.
+// hidden(p) is called once per p, in order (it may prefetch what later steps read).
+template <typename W, typename H>
+inline void add_kept_rows(const int64_t* kept, int64_t k, int64_t start, const W* w2_t, int64_t d_out, H&& hidden,
+                          float* __restrict__ y) {
+  int64_t p = 0;
+  for (; p + 4 <= k; p += 4) {
+    const float h0 = hidden(p), h1 = hidden(p + 1), h2 = hidden(p + 2), h3 = hidden(p + 3);
+    const W* o0 = w2_t + (start + kept[p]) * d_out;
+    const W* o1 = w2_t + (start + kept[p + 1]) * d_out;
+    const W* o2 = w2_t + (start + kept[p + 2]) * d_out;
+    const W* o3 = w2_t + (start + kept[p + 3]) * d_out;
+#pragma omp simd
+    for (int64_t q = 0; q < d_out; ++q)
+      y[q] += h0 * widen(o0[q]) + h1 * widen(o1[q]) + h2 * widen(o2[q]) + h3 * widen(o3[q]);
+  }
+  for (; p < k; ++p) {
+    const float h = hidden(p);
+    const W* o = w2_t + (start + kept[p]) * d_out;
+#pragma omp simd
+    for (int64_t q = 0; q < d_out; ++q) y[q] += h * widen(o[q]);
+  }
+}
+
+// y[i] = b2 + the threads' partial outputs for token i: how the neuron-split kernels finish.
+inline void sum_parts(const std::vector<float>& parts, int64_t threads, int64_t m, int64_t d_out, const float* b2,
+                      float* y) {
+  for (int64_t i = 0; i < m; ++i) {
+    float* yi = y + i * d_out;
+    for (int64_t q = 0; q < d_out; ++q) yi[q] = b2 ? b2[q] : 0.f;
+    for (int64_t t = 0; t < threads; ++t) {
+      const float* pt = parts.data() + (t * m + i) * d_out;
+      for (int64_t q = 0; q < d_out; ++q) yi[q] += pt[q];
+    }
+  }
+}
+
+template <typename W>
+const W* table(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<const W*>(t.data_ptr()) : nullptr;
+}
+
+inline const float* data(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
 inline void check_act(int64_t code) { TORCH_CHECK(code >= 0 && code <= 4, "act_code must be 0-4, got ", code); }
 

@@ -13,15 +13,6 @@ namespace dynsparse {
 
 namespace {
 
-// Ask for a row's cache lines ahead of use: the kept rows are a skipping walk through w1 and w2_t, which the
-// hardware prefetchers lose at every skip, so without this each kept row starts with a round trip to memory.
-// Locality hint 1 (prefetcht1, outer caches) measured faster here than 0, 2 or 3 (docs/results/smollm2_decode).
-template <typename W>
-inline void prefetch_row(const W* row, int64_t n) {
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(W)); b += 64) __builtin_prefetch(p + b, 0, 1);
-}
-
 // part[i] += sum over token i's kept neurons j in [start, end) of h_ij w2_t[j]: first the gate rows of the
 // slice (one sequential walk), then per token its kept neurons, four per pass over its output, with the
 // rows of the neurons two steps ahead prefetched.
@@ -36,7 +27,6 @@ void slice(const float* x, int64_t m, int64_t d, const W* w1, const float* b1, c
   std::vector<float> a(m * n);
   act_rows(x, m, d, gate, gate_bias, act_code, a.data(), n, start, end);
   std::vector<int64_t> kept(n);
-  constexpr int64_t AHEAD = 2;
   for (int64_t i = 0; i < m; ++i) {
     const float* xi = x + i * d;
     const float* ai = a.data() + i * n;
@@ -45,32 +35,15 @@ void slice(const float* x, int64_t m, int64_t d, const W* w1, const float* b1, c
       if (std::abs(ai[j]) > thr) kept[k++] = j;
     auto hidden = [&](int64_t p) {
       const int64_t jl = kept[p], j = start + jl;
-      if (p + AHEAD < k && kept[p + AHEAD] != kept[p + AHEAD - 1] + 1) {  // after a skip: a new stream
-        const int64_t ahead = start + kept[p + AHEAD];
+      if (skip_ahead(kept.data(), k, p)) {
+        const int64_t ahead = start + kept[p + KEPT_AHEAD];
         if (glu) prefetch_row(w1 + ahead * d, d);
         prefetch_row(w2_t + ahead * d_out, d_out);
       }
       const float h = glu ? ai[jl] * (dot(w1 + j * d, xi, d) + (b1 ? b1[j] : 0.f)) : ai[jl];
       return off ? h - off[j] : h;
     };
-    float* yi = part + i * d_out;
-    int64_t p = 0;
-    for (; p + 4 <= k; p += 4) {
-      const float h0 = hidden(p), h1 = hidden(p + 1), h2 = hidden(p + 2), h3 = hidden(p + 3);
-      const W* o0 = w2_t + (start + kept[p]) * d_out;
-      const W* o1 = w2_t + (start + kept[p + 1]) * d_out;
-      const W* o2 = w2_t + (start + kept[p + 2]) * d_out;
-      const W* o3 = w2_t + (start + kept[p + 3]) * d_out;
-#pragma omp simd
-      for (int64_t q = 0; q < d_out; ++q)
-        yi[q] += h0 * widen(o0[q]) + h1 * widen(o1[q]) + h2 * widen(o2[q]) + h3 * widen(o3[q]);
-    }
-    for (; p < k; ++p) {
-      const float h = hidden(p);
-      const W* o = w2_t + (start + kept[p]) * d_out;
-#pragma omp simd
-      for (int64_t q = 0; q < d_out; ++q) yi[q] += h * widen(o[q]);
-    }
+    add_kept_rows(kept.data(), k, start, w2_t, d_out, hidden, part + i * d_out);
   }
 }
 
@@ -86,22 +59,8 @@ void run(const float* x, int64_t m, int64_t d, const W* w1, const float* b1, con
     slice(x, m, d, w1, b1, w2_t, wg, bg, off, thr, act_code, d_out, s, e,
           parts.data() + at::get_thread_num() * m * d_out);
   });
-  for (int64_t i = 0; i < m; ++i) {
-    float* yi = y + i * d_out;
-    for (int64_t q = 0; q < d_out; ++q) yi[q] = b2 ? b2[q] : 0.f;
-    for (int64_t t = 0; t < threads; ++t) {
-      const float* pt = parts.data() + (t * m + i) * d_out;
-      for (int64_t q = 0; q < d_out; ++q) yi[q] += pt[q];
-    }
-  }
+  sum_parts(parts, threads, m, d_out, b2, y);
 }
-
-template <typename W>
-const W* table(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<const W*>(t.data_ptr()) : nullptr;
-}
-
-const float* data(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
 }  // namespace
 
