@@ -21,15 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dynsparse.bench.timing import median_time
 
-def median_s(fn, repeats=5):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+
+def median_s(fn):
+    return median_time(fn, warmup=1, repeats=5)  # one warm-up call, median of 5 passes
 
 
 def mlp_rows(model, paths) -> list[dict]:

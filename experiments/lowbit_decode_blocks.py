@@ -11,26 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from dynsparse.bench.timing import median_time
 from dynsparse.gating.api import load_sparsified
 from dynsparse.lm import resolve_model
 from dynsparse.ops.dense import gemv
-
-
-def timed(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -79,10 +68,10 @@ def main(argv=None) -> int:
                     gemv(h, wd, activation="identity")
         return f
 
-    rows = {"dense torch linears": timed(run_modules(blocks(dense)), args.repeats),
-            "dense gemv (cpp)": timed(run_gemv(), args.repeats),
-            "CATS (gate_skip_mlp, cpp)": timed(run_modules(blocks(sparse["cats"])), args.repeats),
-            "MGS lowbit (lowbit_gate_mlp, cpp)": timed(run_modules(blocks(sparse["lowbit"])), args.repeats)}
+    rows = {"dense torch linears": median_time(run_modules(blocks(dense)), 3, args.repeats),
+            "dense gemv (cpp)": median_time(run_gemv(), 3, args.repeats),
+            "CATS (gate_skip_mlp, cpp)": median_time(run_modules(blocks(sparse["cats"])), 3, args.repeats),
+            "MGS lowbit (lowbit_gate_mlp, cpp)": median_time(run_modules(blocks(sparse["lowbit"])), 3, args.repeats)}
     # the outputs against the dense blocks, and the measured kept share of the low-bit gate
     errs = {}
     with torch.no_grad():

@@ -363,4 +363,4 @@ def build_gated(block: MLPBlock, tensors: dict[str, torch.Tensor], activation: s
         wg, bg = (None if t is None else t[perm] for t in (wg, bg))
         comp = None if comp is None else comp[perm]
     return GatedMLP(w1, b1, w2, b2, gate, tensors["threshold"], activation, comp, backend=backend,
-                    act=block.act if callable(block.act) else None, wg=wg, bg=bg)
+                    act=_own_act(block), wg=wg, bg=bg)

@@ -134,4 +134,43 @@ inline at::Tensor optional_f32(const std::optional<at::Tensor>& t, int64_t n, co
   return t->to(at::kFloat).contiguous();
 }
 
+// An MLP block's tensors as the sparse-MLP kernels read them: x and the vectors float32, the weight tables
+// float32 or bf16 as stored (one dtype for all), shapes checked once for every op that takes a block.
+struct BlockTables {
+  at::Tensor x32, w1, w2_t, wg, b1, b2, bg, offset;
+  int64_t m, d, d_ff, d_out;
+  bool glu;
+};
+
+inline BlockTables block_tables(const char* op, const at::Tensor& x, const at::Tensor& w1,
+                                const std::optional<at::Tensor>& b1, const at::Tensor& w2_t,
+                                const std::optional<at::Tensor>& b2, const std::optional<at::Tensor>& wg,
+                                const std::optional<at::Tensor>& bg, const std::optional<at::Tensor>& offset) {
+  TORCH_CHECK(x.dim() == 2 && w1.dim() == 2 && w2_t.dim() == 2 && x.size(1) == w1.size(1) &&
+                  w2_t.size(0) == w1.size(0),
+              op, " takes x (M, d), w1 (d_ff, d), w2_t (d_ff, d_out), got ", x.sizes(), ", ", w1.sizes(), ", ",
+              w2_t.sizes());
+  BlockTables t;
+  t.m = x.size(0), t.d = x.size(1), t.d_ff = w1.size(0), t.d_out = w2_t.size(1);
+  t.x32 = x.to(at::kFloat).contiguous();
+  t.w1 = weight_table(w1, "w1"), t.w2_t = weight_table(w2_t, "w2_t");
+  t.glu = wg.has_value() && wg->defined();
+  t.wg = t.glu ? weight_table(*wg, "wg") : at::Tensor();
+  TORCH_CHECK(!t.glu || t.wg.sizes() == w1.sizes(), "wg must have w1's shape ", w1.sizes(), ", got ", t.wg.sizes());
+  TORCH_CHECK(t.w2_t.scalar_type() == t.w1.scalar_type() && (!t.glu || t.wg.scalar_type() == t.w1.scalar_type()),
+              "the weight tables must share one dtype");
+  t.b1 = optional_f32(b1, t.d_ff, "b1"), t.b2 = optional_f32(b2, t.d_out, "b2"), t.bg = optional_f32(bg, t.d_ff, "bg");
+  t.offset = optional_f32(offset, t.d_ff, "offset");
+  return t;
+}
+
+// f(W{}) with W the tables' element type as the kernels read it: uint16_t (bf16 bits) or float.
+template <typename F>
+inline void with_table_type(const BlockTables& t, F&& f) {
+  if (t.w1.scalar_type() == at::kBFloat16)
+    f(uint16_t{});
+  else
+    f(float{});
+}
+
 }  // namespace dynsparse

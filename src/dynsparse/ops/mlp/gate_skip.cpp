@@ -69,28 +69,14 @@ at::Tensor gate_skip_mlp(const at::Tensor& x, const at::Tensor& w1, const std::o
                          const std::optional<at::Tensor>& wg, const std::optional<at::Tensor>& bg,
                          const std::optional<at::Tensor>& offset, const at::Tensor& threshold, int64_t act_code) {
   check_act(act_code);
-  TORCH_CHECK(x.dim() == 2 && w1.dim() == 2 && w2_t.dim() == 2 && x.size(1) == w1.size(1) &&
-                  w2_t.size(0) == w1.size(0),
-              "gate_skip_mlp takes x (M, d), w1 (d_ff, d), w2_t (d_ff, d_out), got ", x.sizes(), ", ", w1.sizes(),
-              ", ", w2_t.sizes());
-  const int64_t m = x.size(0), d = x.size(1), d_ff = w1.size(0), d_out = w2_t.size(1);
-  const auto x32 = x.to(at::kFloat).contiguous();
-  const auto w1c = weight_table(w1, "w1"), w2c = weight_table(w2_t, "w2_t");
-  const bool glu = wg.has_value() && wg->defined();
-  const auto wgc = glu ? weight_table(*wg, "wg") : at::Tensor();
-  TORCH_CHECK(!glu || wgc.sizes() == w1.sizes(), "wg must have w1's shape ", w1.sizes(), ", got ", wgc.sizes());
-  TORCH_CHECK(w2c.scalar_type() == w1c.scalar_type() && (!glu || wgc.scalar_type() == w1c.scalar_type()),
-              "the weight tables must share one dtype");
-  const auto b1c = optional_f32(b1, d_ff, "b1"), b2c = optional_f32(b2, d_out, "b2"), bgc = optional_f32(bg, d_ff, "bg");
-  const auto offc = optional_f32(offset, d_ff, "offset");
+  const BlockTables t = block_tables("gate_skip_mlp", x, w1, b1, w2_t, b2, wg, bg, offset);
   const float thr = threshold.item<float>();
-  auto y = at::empty({m, d_out}, x32.options());
-  if (w1c.scalar_type() == at::kBFloat16)
-    run(x32.data_ptr<float>(), m, d, table<uint16_t>(w1c), data(b1c), table<uint16_t>(w2c), data(b2c),
-        table<uint16_t>(wgc), data(bgc), data(offc), thr, act_code, d_ff, d_out, y.data_ptr<float>());
-  else
-    run(x32.data_ptr<float>(), m, d, table<float>(w1c), data(b1c), table<float>(w2c), data(b2c), table<float>(wgc),
-        data(bgc), data(offc), thr, act_code, d_ff, d_out, y.data_ptr<float>());
+  auto y = at::empty({t.m, t.d_out}, t.x32.options());
+  with_table_type(t, [&](auto tag) {
+    using W = decltype(tag);
+    run(t.x32.data_ptr<float>(), t.m, t.d, table<W>(t.w1), data(t.b1), table<W>(t.w2_t), data(t.b2), table<W>(t.wg),
+        data(t.bg), data(t.offset), thr, act_code, t.d_ff, t.d_out, y.data_ptr<float>());
+  });
   return y.to(x.scalar_type());
 }
 

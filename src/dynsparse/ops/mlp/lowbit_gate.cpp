@@ -201,40 +201,27 @@ at::Tensor lowbit_gate_mlp(const at::Tensor& x, const at::Tensor& route_codes, c
                            const std::optional<at::Tensor>& bg, const std::optional<at::Tensor>& offset,
                            const at::Tensor& threshold, int64_t act_code) {
   check_act(act_code);
-  TORCH_CHECK(x.dim() == 2 && w1.dim() == 2 && w2_t.dim() == 2 && x.size(1) == w1.size(1) &&
-                  w2_t.size(0) == w1.size(0),
-              "lowbit_gate_mlp takes x (M, d), w1 (d_ff, d), w2_t (d_ff, d_out), got ", x.sizes(), ", ", w1.sizes(),
-              ", ", w2_t.sizes());
-  const int64_t m = x.size(0), d = x.size(1), d_ff = w1.size(0), d_out = w2_t.size(1);
+  const BlockTables t = block_tables("lowbit_gate_mlp", x, w1, b1, w2_t, b2, wg, bg, offset);
+  const int64_t d = t.d, d_ff = t.d_ff;
   TORCH_CHECK(d % GROUP == 0, "lowbit_gate_mlp needs d_model divisible by ", GROUP, ", got ", d);
-  const bool glu = wg.has_value() && wg->defined();
   const bool up = up_codes.has_value() && up_codes->defined();
-  TORCH_CHECK(glu == up, "a gated block's low-bit gate has up codes and a plain block's has none");
+  TORCH_CHECK(t.glu == up, "a gated block's low-bit gate has up codes and a plain block's has none");
   check_codes(route_codes, route_scale, route_lo, d_ff, d, "route");
   if (up) check_codes(*up_codes, *up_scale, *up_lo, d_ff, d, "up");
-  const auto x32 = x.to(at::kFloat).contiguous();
   const auto s = optional_f32(in_scale, d, "in_scale"), nd = optional_f32(w2_norm, d_ff, "w2_norm");
   const auto brc = optional_f32(b_route, d_ff, "b_route"), buc = optional_f32(b_up, d_ff, "b_up");
-  const auto w1c = weight_table(w1, "w1"), w2c = weight_table(w2_t, "w2_t");
-  const auto wgc = glu ? weight_table(*wg, "wg") : at::Tensor();
-  TORCH_CHECK(!glu || wgc.sizes() == w1.sizes(), "wg must have w1's shape ", w1.sizes(), ", got ", wgc.sizes());
-  TORCH_CHECK(w2c.scalar_type() == w1c.scalar_type() && (!glu || wgc.scalar_type() == w1c.scalar_type()),
-              "the weight tables must share one dtype");
-  const auto b1c = optional_f32(b1, d_ff, "b1"), b2c = optional_f32(b2, d_out, "b2"), bgc = optional_f32(bg, d_ff, "bg");
-  const auto offc = optional_f32(offset, d_ff, "offset");
   const float thr = threshold.item<float>();
-  const RoundedInput r = round_input(x32.data_ptr<float>(), s.data_ptr<float>(), m, d);
-  auto half = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };
+  const RoundedInput r = round_input(t.x32.data_ptr<float>(), s.data_ptr<float>(), t.m, d);
+  auto half = [](const at::Tensor& h) { return reinterpret_cast<const uint16_t*>(h.data_ptr()); };
   const Gate gt{route_codes.data_ptr<uint8_t>(), up ? up_codes->data_ptr<uint8_t>() : nullptr, half(route_scale),
                 half(route_lo), up ? half(*up_scale) : nullptr, up ? half(*up_lo) : nullptr, data(brc), data(buc),
                 nd.data_ptr<float>()};
-  auto y = at::empty({m, d_out}, x32.options());
-  if (w1c.scalar_type() == at::kBFloat16)
-    run(x32.data_ptr<float>(), r, m, d, gt, table<uint16_t>(w1c), data(b1c), table<uint16_t>(w2c), data(b2c),
-        table<uint16_t>(wgc), data(bgc), data(offc), thr, act_code, d_ff, d_out, y.data_ptr<float>());
-  else
-    run(x32.data_ptr<float>(), r, m, d, gt, table<float>(w1c), data(b1c), table<float>(w2c), data(b2c),
-        table<float>(wgc), data(bgc), data(offc), thr, act_code, d_ff, d_out, y.data_ptr<float>());
+  auto y = at::empty({t.m, t.d_out}, t.x32.options());
+  with_table_type(t, [&](auto tag) {
+    using W = decltype(tag);
+    run(t.x32.data_ptr<float>(), r, t.m, d, gt, table<W>(t.w1), data(t.b1), table<W>(t.w2_t), data(t.b2),
+        table<W>(t.wg), data(t.bg), data(t.offset), thr, act_code, d_ff, t.d_out, y.data_ptr<float>());
+  });
   return y.to(x.scalar_type());
 }
 
