@@ -53,6 +53,19 @@ def test_kernel_equals_reference(tokens, glu, bias, comp, bits):
     assert 0.3 < mask.float().mean() < 0.7
 
 
+@pytest.mark.parametrize("d", [32, 96, 288, 576])
+@pytest.mark.parametrize("glu", [True, False])
+def test_kernel_widths(d, glu):
+    """Group counts 1, 3, 9 and 18: the kernel takes two groups per load, the lo term eight at a time, and
+    an odd last group on its own."""
+    weights, gate, x_cal = block(d=d, glu=glu, seed=d)
+    x = x_cal[:2]
+    thr = gap_threshold(gate(x), 0.5)
+    want = lowbit_gate_mlp(x, weights, gate.tables(), thr, activation="silu", backend="reference")
+    got = lowbit_gate_mlp(x, weights, gate.tables(), thr, activation="silu", backend="cpp")
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("act", ["silu", "gelu", "relu"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_bf16_tables_activations_and_threads(act, threads):

@@ -53,18 +53,21 @@ inline float half_to_float(uint16_t h) {
 }
 
 // One token's gate input: x / in_scale rounded to int8 per group (absmax / 127 steps, ties to even like
-// torch.round), each group's step, and each group's sum of codes (for the lo term).
+// torch.round), each group's step, and each group's step times its sum of codes (the lo term's factor).
+// pair_q and pair_step lay out two groups g, g + 1 as one 32-byte load of their packed codes meets them: the
+// low nibbles are inputs 0-15 of g then of g + 1, the high nibbles inputs 16-31 of each; pair_step holds
+// g's step in four lanes and g + 1's in the other four.
 struct RoundedInput {
-  std::vector<int8_t> q;
-  std::vector<float> step;
-  std::vector<int32_t> qsum;
+  std::vector<int8_t> q, pair_q;
+  std::vector<float> step, step_sum, pair_step;
 };
 
 RoundedInput round_input(const float* x, const float* in_scale, int64_t m, int64_t d) {
-  const int64_t groups = d / GROUP;
-  RoundedInput r{std::vector<int8_t>(m * d), std::vector<float>(m * groups), std::vector<int32_t>(m * groups)};
+  const int64_t groups = d / GROUP, pairs = groups / 2;
+  RoundedInput r{std::vector<int8_t>(m * d), std::vector<int8_t>(m * pairs * 2 * GROUP),
+                 std::vector<float>(m * groups), std::vector<float>(m * groups), std::vector<float>(m * pairs * 8)};
   std::vector<float> xs(GROUP);
-  for (int64_t i = 0; i < m; ++i)
+  for (int64_t i = 0; i < m; ++i) {
     for (int64_t g = 0; g < groups; ++g) {
       float amax = 0.f;
       for (int64_t k = 0; k < GROUP; ++k) {
@@ -80,42 +83,110 @@ RoundedInput round_input(const float* x, const float* in_scale, int64_t m, int64
         sum += q;
       }
       r.step[i * groups + g] = step;
-      r.qsum[i * groups + g] = sum;
+      r.step_sum[i * groups + g] = step * static_cast<float>(sum);
     }
+    for (int64_t p = 0; p < pairs; ++p) {
+      const int8_t* q = r.q.data() + i * d + 2 * p * GROUP;
+      int8_t* out = r.pair_q.data() + (i * pairs + p) * 2 * GROUP;
+      for (int64_t b = 0; b < 16; ++b) {
+        out[b] = q[b], out[16 + b] = q[GROUP + b];            // low nibbles: inputs 0-15 of g, of g + 1
+        out[32 + b] = q[16 + b], out[48 + b] = q[GROUP + 16 + b];  // high nibbles: inputs 16-31
+      }
+      for (int64_t l = 0; l < 8; ++l) r.pair_step[(i * pairs + p) * 8 + l] = r.step[i * groups + 2 * p + l / 4];
+    }
+  }
   return r;
 }
 
-// sum_k code_k * q_k over one group: 16 packed bytes against 32 int8 inputs.
-inline int32_t group_dot(const uint8_t* c, const int8_t* q) {
-#if defined(__AVX2__)
-  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
-  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);  // high nibbles in the upper lane
-  const __m256i codes = _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
-  const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-  const __m256i pairs = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xq), _mm256_set1_epi16(1));
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(pairs), _mm256_extracti128_si256(pairs, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-  return _mm_cvtsi128_si32(s);
-#else
-  int32_t s = 0;
-  for (int64_t b = 0; b < 16; ++b) s += (c[b] & 0x0f) * q[b] + (c[b] >> 4) * q[b + 16];
-  return s;
-#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// The low-bit pre-activation of one row for one token: sum over groups of step * (scale * <code, q> + lo * sum q).
-inline float lowbit_row(const uint8_t* codes, const uint16_t* scale, const uint16_t* lo, const RoundedInput& r,
-                        int64_t i, int64_t d) {
-  const int64_t groups = d / GROUP;
-  const int8_t* q = r.q.data() + i * d;
+// Sums of 4 adjacent products of unsigned codes a and signed inputs b, in 8 int32 lanes (VNNI: one instruction).
+inline __m256i dot4(__m256i a, __m256i b) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1));
+#endif
+}
+#endif
+
+// The low-bit pre-activations of R rows (a neuron's routing and up rows) for one token: over groups g,
+// step_g * (scale_g * <code_g, q_g> + lo_g * sum q_g). Two groups per 32-byte load of codes; the products
+// stay in eight float lanes per row (one horizontal sum per row, not per group); the rows share each load of
+// the input.
+template <int R>
+inline void lowbit_rows(const uint8_t* const* codes, const uint16_t* const* scale, const uint16_t* const* lo,
+                        const RoundedInput& r, int64_t i, int64_t d, float* z) {
+  const int64_t groups = d / GROUP, pairs = groups / 2;
   const float* step = r.step.data() + i * groups;
-  const int32_t* qsum = r.qsum.data() + i * groups;
-  float z = 0.f;
-  for (int64_t g = 0; g < groups; ++g)
-    z += step[g] * (half_to_float(scale[g]) * static_cast<float>(group_dot(codes + g * 16, q + g * GROUP)) +
-                    half_to_float(lo[g]) * static_cast<float>(qsum[g]));
-  return z;
+  const float* step_sum = r.step_sum.data() + i * groups;
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+  const int8_t* pq = r.pair_q.data() + i * pairs * 2 * GROUP;
+  const float* ps = r.pair_step.data() + i * pairs * 8;
+  const __m256i nibble = _mm256_set1_epi8(0x0f), spread = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
+  __m256 acc[R], lo_acc[R];
+#pragma GCC unroll 4
+  for (int k = 0; k < R; ++k) acc[k] = lo_acc[k] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pq + p * 2 * GROUP));
+    const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pq + p * 2 * GROUP + GROUP));
+    const __m256 sv = _mm256_loadu_ps(ps + p * 8);
+#pragma GCC unroll 4
+    for (int k = 0; k < R; ++k) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes[k] + p * GROUP));
+      const __m256i s = _mm256_add_epi32(dot4(_mm256_and_si256(v, nibble), qa),
+                                         dot4(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), qb));
+      int32_t sc2;
+      std::memcpy(&sc2, scale[k] + 2 * p, sizeof sc2);
+      const __m256 sc = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(sc2))), spread);
+      acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s), sv), sc, acc[k]);
+    }
+  }
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8) {
+    const __m256 ss = _mm256_loadu_ps(step_sum + g);
+#pragma GCC unroll 4
+    for (int k = 0; k < R; ++k)
+      lo_acc[k] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo[k] + g))), ss,
+                                  lo_acc[k]);
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < R; ++k) {
+    float t = hsum(acc[k]) + hsum(lo_acc[k]);
+    for (int64_t h = g; h < groups; ++h) t += half_to_float(lo[k][h]) * step_sum[h];
+    if (groups % 2) {  // the last group on its own
+      const int64_t last = groups - 1;
+      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes[k] + last * 16));
+      const __m256i c = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), nibble);
+      const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.q.data() + i * d + last * GROUP));
+      int32_t lanes[8];
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), dot4(c, xq));
+      int32_t s = 0;
+      for (int32_t v : lanes) s += v;
+      t += step[last] * half_to_float(scale[k][last]) * static_cast<float>(s);
+    }
+    z[k] = t;
+  }
+#else
+  const int8_t* q = r.q.data() + i * d;
+  for (int k = 0; k < R; ++k) {
+    float t = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* c = codes[k] + g * 16;
+      const int8_t* qg = q + g * GROUP;
+      int32_t s = 0;
+      for (int64_t b = 0; b < 16; ++b) s += (c[b] & 0x0f) * qg[b] + (c[b] >> 4) * qg[b + 16];
+      t += step[g] * half_to_float(scale[k][g]) * static_cast<float>(s) + half_to_float(lo[k][g]) * step_sum[g];
+    }
+    z[k] = t;
+  }
+  (void)pairs;
+#endif
 }
 
 struct Gate {  // the low-bit gate's tables (up_* null for a plain block)
@@ -133,11 +204,21 @@ void slice(const float* x, const RoundedInput& r, int64_t m, int64_t d, const Ga
   std::vector<uint8_t> keep(m * n);
   for (int64_t j = start; j < end; ++j)  // one sequential walk over the slice's codes, every token at once
     for (int64_t i = 0; i < m; ++i) {
-      float h = activate(lowbit_row(gt.route + j * row_bytes, gt.route_scale + j * groups, gt.route_lo + j * groups,
-                                    r, i, d) + (gt.b_route ? gt.b_route[j] : 0.f), act_code);
-      if (glu)
-        h *= lowbit_row(gt.up + j * row_bytes, gt.up_scale + j * groups, gt.up_lo + j * groups, r, i, d) +
-             (gt.b_up ? gt.b_up[j] : 0.f);
+      float z[2];
+      float h;
+      if (glu) {
+        const uint8_t* codes[2] = {gt.route + j * row_bytes, gt.up + j * row_bytes};
+        const uint16_t* scale[2] = {gt.route_scale + j * groups, gt.up_scale + j * groups};
+        const uint16_t* lo[2] = {gt.route_lo + j * groups, gt.up_lo + j * groups};
+        lowbit_rows<2>(codes, scale, lo, r, i, d, z);
+        h = activate(z[0] + (gt.b_route ? gt.b_route[j] : 0.f), act_code) * (z[1] + (gt.b_up ? gt.b_up[j] : 0.f));
+      } else {
+        const uint8_t* codes[1] = {gt.route + j * row_bytes};
+        const uint16_t* scale[1] = {gt.route_scale + j * groups};
+        const uint16_t* lo[1] = {gt.route_lo + j * groups};
+        lowbit_rows<1>(codes, scale, lo, r, i, d, z);
+        h = activate(z[0] + (gt.b_route ? gt.b_route[j] : 0.f), act_code);
+      }
       keep[i * n + j - start] = std::abs(h) * gt.w2_norm[j] > thr;
     }
   std::vector<int64_t> kept(n);
