@@ -2,7 +2,8 @@
 CATS (dynsparse_cpp::gate_skip_mlp) and the low-bit MGS gate (dynsparse_cpp::lowbit_gate_mlp), same inputs.
 
 Each block gets its own real input (the dense model's MLP input at the last prompt token); the table is the
-median over ``--repeats`` passes of the 30 blocks, fp32 tables, 2 threads, eager calls.
+median over ``--repeats`` passes of the 30 blocks, fp32 tables, 2 threads, eager calls: through the modules
+(their Python forward included), and of the registered ops alone (what a compiled decode graph calls).
 
     .venv/bin/python experiments/lowbit_decode_blocks.py --cats DIR --lowbit DIR --out FILE.json
 """
@@ -20,6 +21,8 @@ from dynsparse.bench.timing import median_time
 from dynsparse.gating.api import load_sparsified
 from dynsparse.lm import resolve_model
 from dynsparse.ops.dense import gemv
+from dynsparse.ops.mlp import gate_skip_mlp
+from dynsparse.ops.mlp.lowbit import lowbit_gate_mlp
 
 
 def main(argv=None) -> int:
@@ -68,10 +71,26 @@ def main(argv=None) -> int:
                     gemv(h, wd, activation="identity")
         return f
 
+    def run_ops(name):
+        if name == "cats":
+            calls = [(gate_skip_mlp, (xs[i], m.weights, m.threshold), {}) for i, m in enumerate(blocks(sparse[name]))]
+        else:
+            calls = [(lowbit_gate_mlp, (xs[i], m.weights, m.gate.tables(), m.threshold), {})
+                     for i, m in enumerate(blocks(sparse[name]))]
+        acts = [m.activation for m in blocks(sparse[name])]
+
+        def f():
+            with torch.no_grad():
+                for (op, a, _), act in zip(calls, acts):
+                    op(*a, activation=act, backend="cpp")
+        return f
+
     rows = {"dense torch linears": median_time(run_modules(blocks(dense)), 3, args.repeats),
             "dense gemv (cpp)": median_time(run_gemv(), 3, args.repeats),
             "CATS (gate_skip_mlp, cpp)": median_time(run_modules(blocks(sparse["cats"])), 3, args.repeats),
-            "MGS lowbit (lowbit_gate_mlp, cpp)": median_time(run_modules(blocks(sparse["lowbit"])), 3, args.repeats)}
+            "MGS lowbit (lowbit_gate_mlp, cpp)": median_time(run_modules(blocks(sparse["lowbit"])), 3, args.repeats),
+            "CATS, op calls only": median_time(run_ops("cats"), 3, args.repeats),
+            "MGS lowbit, op calls only": median_time(run_ops("lowbit"), 3, args.repeats)}
     # the outputs against the dense blocks, and the measured kept share of the low-bit gate
     errs = {}
     with torch.no_grad():
