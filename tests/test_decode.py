@@ -66,7 +66,25 @@ def cats_llama():
     return model
 
 
-MODELS = {"dense": tiny_llama, "gated+sliced": sparse_llama, "cats": cats_llama, "tree-rope": tree_lm,
+def lowbit_llama():
+    """Both MLPs GatedMLPs with packed 3-bit low-bit gates (the C++ ``lowbit_gate_mlp`` decode op), each
+    threshold at its median score on random inputs: about half the neurons per token."""
+    from dynsparse.gating.lowbit import LowBitGate
+
+    model = tiny_llama()
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    for block in find_mlps(model).values():
+        wg, bg = block.gate_weights()
+        w1, b1, w2, b2 = block.linear_weights()
+        gate = LowBitGate.fit(wg, bg, w1, b1, w2.detach().norm(dim=0), x, 3, 32, 0.5, "silu")
+        assert gate.packed
+        with torch.no_grad():
+            threshold = gate(x).median()
+        block.replace(GatedMLP(w1, b1, w2, b2, gate, threshold, "silu", wg=wg, bg=bg))
+    return model
+
+
+MODELS = {"dense": tiny_llama, "lowbit": lowbit_llama, "gated+sliced": sparse_llama, "cats": cats_llama, "tree-rope": tree_lm,
           "tree-learned": lambda: tree_lm("learned")}
 
 
@@ -221,6 +239,7 @@ def _graphs_and_breaks(model):
 
 
 @pytest.mark.parametrize("name, ops", [("gated+sliced", ("lowrank_gate_indices", "sparse_mlp")),
+                                       ("lowbit", ("lowbit_gate_mlp",)),
                                        ("cats", ("gate_skip_mlp",)), ("tree-rope", ("tree_infer",))])
 def test_decode_step_traces_as_one_graph_with_the_dynsparse_ops(name, ops):
     explanation, code = _graphs_and_breaks(MODELS[name]())
@@ -242,6 +261,20 @@ def test_compiled_decode_step_gives_hf_generate_tokens(build):
     assert dec.compiled == {"decode": True, "prefill": False} and dec.fallback == {}
     assert dec.compile_seconds["decode"] > 0
     assert torch.equal(dec.generate(ids, NEW), want)
+
+
+def test_compiled_lowbit_prefill_and_decode_give_hf_generate_tokens():
+    """A low-bit model's prefill of 16 tokens or more runs its masked dense reference inside the compiled
+    graph (its density counters stay out of it: they would change a guarded value and recompile at every
+    call); decode runs the C++ op. Both give HF generate's tokens, and a second generation compiles nothing."""
+    model = lowbit_llama()
+    ids = prompt(17)
+    want = hf_tokens(model, ids)
+    dec = FastDecoder(model, 32)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for _ in range(2):
+            assert torch.equal(dec.generate(ids, NEW), want)
+    assert dec.compiled == {"decode": True, "prefill": True} and dec.fallback == {}
 
 
 def test_compile_failure_falls_back_to_eager_with_one_line():
