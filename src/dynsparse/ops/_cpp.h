@@ -47,12 +47,45 @@ inline float activate(float z, int64_t code) {
   }
 }
 
+// out[q] = rows[q] . x for four rows at once: four accumulator sets keep four rows' loads in flight where one
+// row's dot product keeps one, and a walk over rows from memory is bound by loads in flight. With ahead > 0
+// each row's cache lines that many elements on are requested as it goes (a sequential walk's next rows).
+template <typename W>
+inline void dot4(const W* const* rows, const float* __restrict__ x, int64_t d, int64_t ahead, float* out) {
+  constexpr int64_t U = 16;
+  float acc[4][U] = {};
+  int64_t k = 0;
+  for (; k + U <= d; k += U)
+    for (int q = 0; q < 4; ++q) {
+      if (ahead) __builtin_prefetch(rows[q] + k + ahead, 0, 1);
+#pragma omp simd
+      for (int64_t u = 0; u < U; ++u) acc[q][u] += widen(rows[q][k + u]) * x[k + u];
+    }
+  for (int q = 0; q < 4; ++q) {
+    float z = 0.f;
+#pragma omp simd reduction(+ : z)
+    for (int64_t u = 0; u < U; ++u) z += acc[q][u];
+    for (int64_t t = k; t < d; ++t) z += widen(rows[q][t]) * x[t];
+    out[q] = z;
+  }
+}
+
 // y[i * ldy + j - start] = act(w[j] . x[i] + b[j]) for rows j in [start, end): each row read once for all m
-// tokens (gemv's kernel, and the gate-skip MLP's dense gate).
+// tokens, four rows at a time, the rows two blocks on prefetched while the first token reads (gemv's kernel,
+// and the gate-skip MLP's dense gate).
 template <typename W>
 inline void act_rows(const float* x, int64_t m, int64_t d, const W* w, const float* b, int64_t act_code, float* y,
                      int64_t ldy, int64_t start, int64_t end) {
-  for (int64_t j = start; j < end; ++j) {
+  int64_t j = start;
+  for (; j + 4 <= end; j += 4) {
+    const W* rows[4] = {w + j * d, w + (j + 1) * d, w + (j + 2) * d, w + (j + 3) * d};
+    for (int64_t i = 0; i < m; ++i) {
+      float z[4];
+      dot4(rows, x + i * d, d, i == 0 && j + 12 <= end ? 8 * d : 0, z);
+      for (int q = 0; q < 4; ++q) y[i * ldy + j + q - start] = activate(z[q] + (b ? b[j + q] : 0.f), act_code);
+    }
+  }
+  for (; j < end; ++j) {
     const W* row = w + j * d;
     const float bj = b ? b[j] : 0.f;
     for (int64_t i = 0; i < m; ++i) y[i * ldy + j - start] = activate(dot(row, x + i * d, d) + bj, act_code);
