@@ -108,24 +108,40 @@ inline bool skip_ahead(const int64_t* kept, int64_t k, int64_t p) {
   return p + KEPT_AHEAD < k && kept[p + KEPT_AHEAD] != kept[p + KEPT_AHEAD - 1] + 1;
 }
 
-// y += sum over p < k of hidden(p) * w2_t[start + kept[p]]: the kept neurons' down rows, four per pass over y.
-// hidden(p) is called once per p, in order (it may prefetch what later steps read).
+// z[q] = w[start + kept[p + q]] . x for q < n (n = 4: one dot4 over the four rows; n = 1: one dot).
+template <typename W>
+inline void kept_dots(const W* w, const int64_t* kept, int64_t p, int n, int64_t start, const float* x, int64_t d,
+                      float* z) {
+  if (n == 1) {
+    z[0] = dot(w + (start + kept[p]) * d, x, d);
+    return;
+  }
+  const W* rows[4] = {w + (start + kept[p]) * d, w + (start + kept[p + 1]) * d, w + (start + kept[p + 2]) * d,
+                      w + (start + kept[p + 3]) * d};
+  dot4(rows, x, d, 0, z);
+}
+
+// y += sum over p < k of h_p * w2_t[start + kept[p]]: the kept neurons' down rows, four per pass over y.
+// hidden(p, n, h) fills h[0..n) with the hidden values of kept steps p..p+n-1 (n is 4, or 1 for the last
+// few); it is called in order, so it may prefetch what later steps read.
 template <typename W, typename H>
 inline void add_kept_rows(const int64_t* kept, int64_t k, int64_t start, const W* w2_t, int64_t d_out, H&& hidden,
                           float* __restrict__ y) {
   int64_t p = 0;
   for (; p + 4 <= k; p += 4) {
-    const float h0 = hidden(p), h1 = hidden(p + 1), h2 = hidden(p + 2), h3 = hidden(p + 3);
+    float h[4];
+    hidden(p, 4, h);
     const W* o0 = w2_t + (start + kept[p]) * d_out;
     const W* o1 = w2_t + (start + kept[p + 1]) * d_out;
     const W* o2 = w2_t + (start + kept[p + 2]) * d_out;
     const W* o3 = w2_t + (start + kept[p + 3]) * d_out;
 #pragma omp simd
     for (int64_t q = 0; q < d_out; ++q)
-      y[q] += h0 * widen(o0[q]) + h1 * widen(o1[q]) + h2 * widen(o2[q]) + h3 * widen(o3[q]);
+      y[q] += h[0] * widen(o0[q]) + h[1] * widen(o1[q]) + h[2] * widen(o2[q]) + h[3] * widen(o3[q]);
   }
   for (; p < k; ++p) {
-    const float h = hidden(p);
+    float h;
+    hidden(p, 1, &h);
     const W* o = w2_t + (start + kept[p]) * d_out;
 #pragma omp simd
     for (int64_t q = 0; q < d_out; ++q) y[q] += h * widen(o[q]);

@@ -33,15 +33,20 @@ void slice(const float* x, int64_t m, int64_t d, const W* w1, const float* b1, c
     int64_t k = 0;
     for (int64_t j = 0; j < n; ++j)
       if (std::abs(ai[j]) > thr) kept[k++] = j;
-    auto hidden = [&](int64_t p) {
-      const int64_t jl = kept[p], j = start + jl;
-      if (skip_ahead(kept.data(), k, p)) {
-        const int64_t ahead = start + kept[p + KEPT_AHEAD];
-        if (glu) prefetch_row(w1 + ahead * d, d);
-        prefetch_row(w2_t + ahead * d_out, d_out);
+    auto hidden = [&](int64_t p, int n, float* h) {
+      for (int q = 0; q < n; ++q)
+        if (skip_ahead(kept.data(), k, p + q)) {
+          const int64_t ahead = start + kept[p + q + KEPT_AHEAD];
+          if (glu) prefetch_row(w1 + ahead * d, d);
+          prefetch_row(w2_t + ahead * d_out, d_out);
+        }
+      float z[4];
+      if (glu) kept_dots(w1, kept.data(), p, n, start, xi, d, z);
+      for (int q = 0; q < n; ++q) {
+        const int64_t jl = kept[p + q], j = start + jl;
+        const float hq = glu ? ai[jl] * (z[q] + (b1 ? b1[j] : 0.f)) : ai[jl];
+        h[q] = off ? hq - off[j] : hq;
       }
-      const float h = glu ? ai[jl] * (dot(w1 + j * d, xi, d) + (b1 ? b1[j] : 0.f)) : ai[jl];
-      return off ? h - off[j] : h;
     };
     add_kept_rows(kept.data(), k, start, w2_t, d_out, hidden, part + i * d_out);
   }

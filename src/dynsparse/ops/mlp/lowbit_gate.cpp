@@ -227,17 +227,23 @@ void slice(const float* x, const RoundedInput& r, int64_t m, int64_t d, const Ga
     int64_t k = 0;
     for (int64_t j = 0; j < n; ++j)
       if (keep[i * n + j]) kept[k++] = j;
-    auto hidden = [&](int64_t p) {
-      const int64_t j = start + kept[p];
-      if (skip_ahead(kept.data(), k, p)) {
-        const int64_t ahead = start + kept[p + KEPT_AHEAD];
-        if (glu) prefetch_row(wg + ahead * d, d);
-        prefetch_row(w1 + ahead * d, d);
-        prefetch_row(w2_t + ahead * d_out, d_out);
+    auto hidden = [&](int64_t p, int n, float* h) {
+      for (int q = 0; q < n; ++q)
+        if (skip_ahead(kept.data(), k, p + q)) {
+          const int64_t ahead = start + kept[p + q + KEPT_AHEAD];
+          if (glu) prefetch_row(wg + ahead * d, d);
+          prefetch_row(w1 + ahead * d, d);
+          prefetch_row(w2_t + ahead * d_out, d_out);
+        }
+      float z[4], g[4];
+      kept_dots(w1, kept.data(), p, n, start, xi, d, z);
+      if (glu) kept_dots(wg, kept.data(), p, n, start, xi, d, g);
+      for (int q = 0; q < n; ++q) {
+        const int64_t j = start + kept[p + q];
+        const float zq = z[q] + (b1 ? b1[j] : 0.f);
+        const float hq = glu ? activate(g[q] + (bg ? bg[j] : 0.f), act_code) * zq : activate(zq, act_code);
+        h[q] = off ? hq - off[j] : hq;
       }
-      const float z = dot(w1 + j * d, xi, d) + (b1 ? b1[j] : 0.f);
-      const float h = glu ? activate(dot(wg + j * d, xi, d) + (bg ? bg[j] : 0.f), act_code) * z : activate(z, act_code);
-      return off ? h - off[j] : h;
     };
     add_kept_rows(kept.data(), k, start, w2_t, d_out, hidden, part + i * d_out);
   }
