@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -92,18 +93,22 @@ inline void act_rows(const float* x, int64_t m, int64_t d, const W* w, const flo
   }
 }
 
-// Ask for a row's cache lines ahead of use: kept rows are a skipping walk through a table, which the hardware
-// prefetchers lose at every skip, so without this each kept row starts with a round trip to memory. Locality
-// hint 1 (prefetcht1, outer caches) measured faster here than 0, 2 or 3 (docs/results/smollm2_decode/gemv).
+// Ask for the head of a row ahead of use: kept rows are a skipping walk through a table, which the hardware
+// prefetchers lose at every skip, so without this each kept row starts with a round trip to memory. The
+// first HEAD_LINES cache lines restart the stream and the hardware prefetcher carries on from them; asking for
+// every line of the row measured slower (the prefetches wait for free line-fill buffers). Locality hint 1
+// (prefetcht1, outer caches) measured faster here than 0, 2 or 3 (docs/results/smollm2_decode/gemv).
+constexpr int64_t HEAD_LINES = 4;
 template <typename W>
 inline void prefetch_row(const W* row, int64_t n) {
   const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(W)); b += 64) __builtin_prefetch(p + b, 0, 1);
+  const int64_t bytes = std::min<int64_t>(HEAD_LINES * 64, n * static_cast<int64_t>(sizeof(W)));
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 1);
 }
 
 // How many kept steps ahead the skipping kernels prefetch, and whether the neuron that far ahead of kept step p
 // starts a new stream (is not the one after its predecessor): only then is a prefetch worth its instructions.
-constexpr int64_t KEPT_AHEAD = 2;
+constexpr int64_t KEPT_AHEAD = 4;
 inline bool skip_ahead(const int64_t* kept, int64_t k, int64_t p) {
   return p + KEPT_AHEAD < k && kept[p + KEPT_AHEAD] != kept[p + KEPT_AHEAD - 1] + 1;
 }
