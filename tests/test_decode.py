@@ -263,17 +263,23 @@ def test_compiled_decode_step_gives_hf_generate_tokens(build):
     assert torch.equal(dec.generate(ids, NEW), want)
 
 
-def test_compiled_lowbit_prefill_and_decode_give_hf_generate_tokens():
-    """A low-bit model's prefill of 16 tokens or more runs its masked dense reference inside the compiled
-    graph (its density counters stay out of it: they would change a guarded value and recompile at every
-    call); decode runs the C++ op. Both give HF generate's tokens, and a second generation compiles nothing."""
-    model = lowbit_llama()
+@pytest.mark.parametrize("build", [lowbit_llama, sparse_llama])
+def test_compiled_gated_prefill_and_decode_give_hf_generate_tokens(build):
+    """GatedMLP counts its neurons in int attributes, inside compiled graphs too. A prefill graph (16 tokens
+    or more: the low-bit block's masked dense reference, the low-rank block's index lists) must take them as
+    inputs, or each call changes a guarded value and recompiles until fullgraph fails. Both steps give HF
+    generate's tokens, and once a length's graph is built, later generations compile nothing."""
+    from torch._dynamo.utils import counters
+
+    model = build()
     ids = prompt(17)
     want = hf_tokens(model, ids)
     dec = FastDecoder(model, 32)
-    with torch._dynamo.config.patch(recompile_limit=1):
-        for _ in range(2):
-            assert torch.equal(dec.generate(ids, NEW), want)
+    assert torch.equal(dec.generate(ids, NEW), want)
+    graphs = counters["stats"]["unique_graphs"]
+    for _ in range(3):
+        assert torch.equal(dec.generate(ids, NEW), want)
+    assert counters["stats"]["unique_graphs"] == graphs
     assert dec.compiled == {"decode": True, "prefill": True} and dec.fallback == {}
 
 

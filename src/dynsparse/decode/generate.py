@@ -72,7 +72,8 @@ class FastDecoder:
             # become graph inputs after one recompile instead of a recompile per token
             self._fns["decode"] = torch.compile(_decode_step, fullgraph=True, dynamic=None, mode=mode)
         if self.compiled["prefill"]:
-            self._fns["prefill"] = torch.compile(_prefill_step, fullgraph=True, dynamic=False, mode=mode)
+            # the same for the counters; the prompt length stays static (``_run`` marks it): a graph per length
+            self._fns["prefill"] = torch.compile(_prefill_step, fullgraph=True, dynamic=None, mode=mode)
         self.compile_seconds = {"decode": 0.0, "prefill": 0.0}  # first calls, compilation included
         self.prefill_graphs: dict[int, float] = {}  # prompt length -> seconds of its first (compiling) call
         self.fallback: dict[str, str] = {}  # step -> why it runs eagerly
@@ -87,6 +88,9 @@ class FastDecoder:
         config = torch._dynamo.config
         before = config.allow_unspec_int_on_nn_module
         config.allow_unspec_int_on_nn_module = True
+        if kind == "prefill":
+            torch._dynamo.mark_static(ids, 1)
+            torch._dynamo.mark_static(positions, 0)
         try:
             with torch.no_grad(), self._linears():
                 return self._fns[kind](self.static, ids, positions)
@@ -143,7 +147,9 @@ class FastDecoder:
             with torch.no_grad(), self._linears():
                 return _prefill_step(self.static, input_ids, positions)
         out, seconds = self._first_call("prefill", input_ids, positions)
-        if self.compiled["prefill"]:
+        if self.compiled["prefill"]:  # a second call: where int attributes changed, the one recompile
+            self.static.reset()
+            seconds += self._first_call("prefill", input_ids, positions)[1]
             self.prefill_graphs[n] = seconds
             self.compile_seconds["prefill"] = sum(self.prefill_graphs.values())
         return out

@@ -209,9 +209,7 @@ class GatedMLP(UsageCounter, nn.Module):
             active = active.repeat_interleave(self.gate.group_size, dim=-1)
         return active
 
-    def forward_reference(self, x, count: bool = True):
-        """The block as masked dense matmuls. ``count=False`` skips the density counters (a Python number
-        from a tensor, which a compiled graph cannot hold): the C++ path's prefill passes its tracking flag."""
+    def forward_reference(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
         mask = self.gate_mask(x2)
@@ -223,8 +221,7 @@ class GatedMLP(UsageCounter, nn.Module):
         y = a @ self.w2_t.float()
         if self.b2 is not None:
             y = y + self.b2
-        if count:
-            self._count(int(mask.sum()), mask.numel())
+        self._count(int(mask.sum()), mask.numel())
         return y.reshape(*shape[:-1], -1).to(x.dtype)
 
     def _sparse_forward(self, x2, backend: str):
@@ -254,7 +251,7 @@ class GatedMLP(UsageCounter, nn.Module):
         x2 = x.reshape(-1, shape[-1]).float().contiguous()
         if backend == "cpp":
             if x2.shape[0] >= GATE_SKIP_DENSE_TOKENS:  # a prefill: masked dense matmuls, as gate_skip_mlp's
-                return self.forward_reference(x, count=self._tracking)
+                return self.forward_reference(x)
             y = lowbit_gate_mlp(x2, self.weights, self.gate.tables(), self.threshold, activation=self.activation,
                                 backend="cpp")
             if self._tracking:  # eager only, and it costs the gate's scores in torch once more
