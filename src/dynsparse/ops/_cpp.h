@@ -113,6 +113,19 @@ inline bool skip_ahead(const int64_t* kept, int64_t k, int64_t p) {
   return p + KEPT_AHEAD < k && kept[p + KEPT_AHEAD] != kept[p + KEPT_AHEAD - 1] + 1;
 }
 
+// For kept steps p..p+n-1: where the neuron KEPT_AHEAD steps on starts a new stream, prefetch the heads of its
+// rows in each table (tables[t] holds rows of lengths[t] elements; a null table is skipped).
+template <typename W, int T>
+inline void prefetch_kept(const int64_t* kept, int64_t k, int64_t p, int n, int64_t start, const W* const (&tables)[T],
+                          const int64_t (&lengths)[T]) {
+  for (int q = 0; q < n; ++q)
+    if (skip_ahead(kept, k, p + q)) {
+      const int64_t ahead = start + kept[p + q + KEPT_AHEAD];
+      for (int t = 0; t < T; ++t)
+        if (tables[t]) prefetch_row(tables[t] + ahead * lengths[t], lengths[t]);
+    }
+}
+
 // z[q] = w[start + kept[p + q]] . x for q < n (n = 4: one dot4 over the four rows; n = 1: one dot).
 template <typename W>
 inline void kept_dots(const W* w, const int64_t* kept, int64_t p, int n, int64_t start, const float* x, int64_t d,

@@ -34,12 +34,7 @@ void slice(const float* x, int64_t m, int64_t d, const W* w1, const float* b1, c
     for (int64_t j = 0; j < n; ++j)
       if (std::abs(ai[j]) > thr) kept[k++] = j;
     auto hidden = [&](int64_t p, int n, float* h) {
-      for (int q = 0; q < n; ++q)
-        if (skip_ahead(kept.data(), k, p + q)) {
-          const int64_t ahead = start + kept[p + q + KEPT_AHEAD];
-          if (glu) prefetch_row(w1 + ahead * d, d);
-          prefetch_row(w2_t + ahead * d_out, d_out);
-        }
+      prefetch_kept(kept.data(), k, p, n, start, {glu ? w1 : nullptr, w2_t}, {d, d_out});
       float z[4];
       if (glu) kept_dots(w1, kept.data(), p, n, start, xi, d, z);
       for (int q = 0; q < n; ++q) {

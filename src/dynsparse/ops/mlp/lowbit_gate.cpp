@@ -106,7 +106,7 @@ inline float hsum(__m256 v) {
 }
 
 // Sums of 4 adjacent products of unsigned codes a and signed inputs b, in 8 int32 lanes (VNNI: one instruction).
-inline __m256i dot4(__m256i a, __m256i b) {
+inline __m256i dpbusd(__m256i a, __m256i b) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
   return _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b);
 #else
@@ -122,10 +122,11 @@ inline __m256i dot4(__m256i a, __m256i b) {
 template <int R>
 inline void lowbit_rows(const uint8_t* const* codes, const uint16_t* const* scale, const uint16_t* const* lo,
                         const RoundedInput& r, int64_t i, int64_t d, float* z) {
-  const int64_t groups = d / GROUP, pairs = groups / 2;
+  const int64_t groups = d / GROUP;
   const float* step = r.step.data() + i * groups;
   const float* step_sum = r.step_sum.data() + i * groups;
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+  const int64_t pairs = groups / 2;
   const int8_t* pq = r.pair_q.data() + i * pairs * 2 * GROUP;
   const float* ps = r.pair_step.data() + i * pairs * 8;
   const __m256i nibble = _mm256_set1_epi8(0x0f), spread = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
@@ -139,8 +140,8 @@ inline void lowbit_rows(const uint8_t* const* codes, const uint16_t* const* scal
 #pragma GCC unroll 4
     for (int k = 0; k < R; ++k) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes[k] + p * GROUP));
-      const __m256i s = _mm256_add_epi32(dot4(_mm256_and_si256(v, nibble), qa),
-                                         dot4(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), qb));
+      const __m256i s = _mm256_add_epi32(dpbusd(_mm256_and_si256(v, nibble), qa),
+                                         dpbusd(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), qb));
       int32_t sc2;
       std::memcpy(&sc2, scale[k] + 2 * p, sizeof sc2);
       const __m256 sc = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(sc2))), spread);
@@ -165,7 +166,7 @@ inline void lowbit_rows(const uint8_t* const* codes, const uint16_t* const* scal
       const __m256i c = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), nibble);
       const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.q.data() + i * d + last * GROUP));
       int32_t lanes[8];
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), dot4(c, xq));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), dpbusd(c, xq));
       int32_t s = 0;
       for (int32_t v : lanes) s += v;
       t += step[last] * half_to_float(scale[k][last]) * static_cast<float>(s);
@@ -185,7 +186,6 @@ inline void lowbit_rows(const uint8_t* const* codes, const uint16_t* const* scal
     }
     z[k] = t;
   }
-  (void)pairs;
 #endif
 }
 
@@ -228,13 +228,7 @@ void slice(const float* x, const RoundedInput& r, int64_t m, int64_t d, const Ga
     for (int64_t j = 0; j < n; ++j)
       if (keep[i * n + j]) kept[k++] = j;
     auto hidden = [&](int64_t p, int n, float* h) {
-      for (int q = 0; q < n; ++q)
-        if (skip_ahead(kept.data(), k, p + q)) {
-          const int64_t ahead = start + kept[p + q + KEPT_AHEAD];
-          if (glu) prefetch_row(wg + ahead * d, d);
-          prefetch_row(w1 + ahead * d, d);
-          prefetch_row(w2_t + ahead * d_out, d_out);
-        }
+      prefetch_kept(kept.data(), k, p, n, start, {wg, w1, w2_t}, {d, d, d_out});
       float z[4], g[4];
       kept_dots(w1, kept.data(), p, n, start, xi, d, z);
       if (glu) kept_dots(wg, kept.data(), p, n, start, xi, d, g);
