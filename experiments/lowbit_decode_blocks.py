@@ -72,16 +72,16 @@ def main(argv=None) -> int:
         return f
 
     def run_ops(name):
+        mods = blocks(sparse[name])
         if name == "cats":
-            calls = [(gate_skip_mlp, (xs[i], m.weights, m.threshold), {}) for i, m in enumerate(blocks(sparse[name]))]
+            calls = [(gate_skip_mlp, (xs[i], m.weights, m.threshold), m.activation) for i, m in enumerate(mods)]
         else:
-            calls = [(lowbit_gate_mlp, (xs[i], m.weights, m.gate.tables(), m.threshold), {})
-                     for i, m in enumerate(blocks(sparse[name]))]
-        acts = [m.activation for m in blocks(sparse[name])]
+            calls = [(lowbit_gate_mlp, (xs[i], m.weights, m.gate.tables(), m.threshold), m.activation)
+                     for i, m in enumerate(mods)]
 
         def f():
             with torch.no_grad():
-                for (op, a, _), act in zip(calls, acts):
+                for op, a, act in calls:
                     op(*a, activation=act, backend="cpp")
         return f
 
