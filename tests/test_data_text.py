@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from dynsparse.data import (EOS_TEXT, eval_windows, load_tokenizer, prepare_tokens, sample_windows, text_source,
-                            train_bpe)
+from dynsparse.data import (EOS_TEXT, eval_windows, load_tokenizer, prepare_tokens, sample_windows, spread_windows,
+                            text_source, train_bpe)
 from dynsparse.data import shakespeare
 
 
@@ -59,6 +59,20 @@ def test_tokens_memmap_roundtrip_and_cache(tmp_path):
     data.tokenizer.save_pretrained(tmp_path / "tok")
     other = prepare_tokens(src, tokenizer_dir=str(tmp_path / "tok"), cache_dir=tmp_path / "cache")
     assert other.path != data.path and np.array_equal(other.splits["val"], data.splits["val"])
+
+
+def test_spread_windows_cover_the_split_evenly():
+    tokens = np.arange(1000)
+    ids = spread_windows(tokens, 100, 10)
+    assert ids.shape == (10, 10) and ids.dtype == torch.int64
+    assert ids[0, 0] == 0 and ids[-1, -1] == 999  # first and last windows touch both ends
+    assert all(torch.equal(row, torch.arange(row[0], row[0] + 10)) for row in ids)  # each window contiguous
+    gaps = ids[1:, 0] - ids[:-1, 0]
+    assert int(gaps.max()) - int(gaps.min()) <= 1 and int(gaps.min()) > 10  # evenly spaced, not a prefix
+    assert spread_windows(tokens[:30], 100, 10).shape == (3, 10)  # fewer tokens than asked: all of them
+    assert spread_windows(tokens, 5, 10).shape == (1, 5)  # a window no longer than what was asked for
+    with pytest.raises(ValueError, match="no windows to take"):
+        spread_windows(tokens[:0], 100, 10)
 
 
 def test_sample_windows_deterministic_and_shifted():

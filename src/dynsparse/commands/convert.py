@@ -97,19 +97,17 @@ def _dest(flag: str) -> str:
 
 
 def _calibration(args):
-    """(windows, seq) calibration token ids: the train split of --calib-data in the model's own tokens."""
-    import torch
-
-    from ..data import prepare_tokens, text_source
+    """(windows, seq) calibration token ids from the train split of --calib-data in the model's own tokens,
+    spread over the split: trees fitted to a prefix (one play, one document) fit other text worse than
+    that prefix's own held-out tokens suggest."""
+    from ..data import prepare_tokens, spread_windows, text_source
 
     data = prepare_tokens(text_source(args.calib_data), tokenizer_dir=args.model, cache_dir=args.cache_dir)
-    tokens = data.splits["train"][: args.calib_tokens]
-    if len(tokens) < MIN_CALIB_TOKENS:
-        raise ValueError(f"--calib-data {args.calib_data}: no calibration tokens to speak of ({len(tokens)} in its "
+    split = data.splits["train"]
+    if min(len(split), args.calib_tokens) < MIN_CALIB_TOKENS:
+        raise ValueError(f"--calib-data {args.calib_data}: no calibration tokens to speak of ({len(split)} in its "
                          f"train split); distillation needs at least {MIN_CALIB_TOKENS}")
-    seq = min(args.calib_seq_len, len(tokens))
-    windows = len(tokens) // seq
-    return torch.from_numpy(tokens[: windows * seq].astype("int64")).view(windows, seq)
+    return spread_windows(split, args.calib_tokens, args.calib_seq_len)
 
 
 def _distill(args, model, tree, ids):

@@ -175,3 +175,13 @@ def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = Non
     x = torch.from_numpy(rows[:-1].reshape(n, seq_len).copy())
     y = torch.from_numpy(rows[1:].reshape(n, seq_len).copy())
     return x, y
+
+
+def spread_windows(tokens: np.ndarray, n_tokens: int, seq_len: int) -> torch.Tensor:
+    """(windows, seq_len) int64 ids: about ``n_tokens`` tokens in windows spread evenly over ``tokens``
+    (calibration text: a prefix of a split is one play or one document)."""
+    seq = min(seq_len, n_tokens, len(tokens))
+    if seq < 1:
+        raise ValueError(f"no windows to take: {len(tokens)} tokens, n_tokens {n_tokens}, seq_len {seq_len}")
+    starts = np.linspace(0, len(tokens) - seq, max(1, min(n_tokens, len(tokens)) // seq)).astype(np.int64)
+    return torch.from_numpy(np.stack([np.asarray(tokens[s:s + seq], dtype=np.int64) for s in starts]))
