@@ -1,7 +1,7 @@
 """One decode token through every linear layer of SmolLM2-135M: torch's F.linear against dynsparse::gemv's
 numba and cpp backends.
 
-    python experiments/gemv_bench.py [--threads 2] [--decode] [--json OUT]
+    python experiments/gemv_bench.py [--threads 2] [--dtype fp32|bf16] [--decode] [--json OUT]
 
 Per layer kind (q/k/v/o projections, gate/up/down, the tied head), each of the 30 layers' real weights once
 per pass (so they come from memory, not cache), median of 5 passes; then the gate shape at 1-15 tokens; then
@@ -71,11 +71,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode", action="store_true")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and activations")
     ap.add_argument("--json")
     args = ap.parse_args()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.set_num_threads(args.threads)
     sync_threads()
-    model = load_model(str(resolve_model("smollm2-135m"))).eval()
+    model = load_model(str(resolve_model("smollm2-135m"))).eval().to(dtype)
     kinds = collections.defaultdict(list)
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear):
@@ -85,22 +87,22 @@ def main() -> None:
     rows = []
     with torch.no_grad():
         for kind, ws in kinds.items():
-            x = torch.randn(1, ws[0].shape[1])
+            x = torch.randn(1, ws[0].shape[1], dtype=dtype)
             row = {"kind": kind, "shape": list(ws[0].shape), "layers": len(ws)}
             for path, fn in paths.items():
                 s = median_s(lambda: [fn(x, w) for w in ws])
                 row[f"{path}_us"] = 1e6 * s / len(ws)
-                row[f"{path}_gbps"] = sum(w.numel() * 4 for w in ws) / s / 1e9
+                row[f"{path}_gbps"] = sum(w.numel() * w.element_size() for w in ws) / s / 1e9
             rows.append(row)
             print(f"{kind:10s} {str(tuple(row['shape'])):14s}" + "".join(
                 f"   {p} {row[p + '_us']:8.1f} us {row[p + '_gbps']:5.1f} GB/s" for p in paths))
         tokens = []
         for m in (1, 2, 4, 8, 15):
-            x = torch.randn(m, kinds["gate_proj"][0].shape[1])
+            x = torch.randn(m, kinds["gate_proj"][0].shape[1], dtype=dtype)
             t = {p: 1e3 * median_s(lambda: [fn(x, w) for w in kinds["gate_proj"]]) for p, fn in paths.items()}
             tokens.append({"tokens": m, **{f"{p}_ms": v for p, v in t.items()}})
             print(f"gate_proj x30 at {m:2d} tokens: " + ", ".join(f"{p} {v:6.2f} ms" for p, v in t.items()))
-        mlp = mlp_rows(model, paths)
+        mlp = mlp_rows(model, paths) if args.dtype == "fp32" else []  # the MLP and decode rows are fp32 only
     decode = []
     if args.decode:
         from dynsparse.decode import FastDecoder
