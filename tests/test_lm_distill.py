@@ -113,6 +113,7 @@ def test_cli_convert_distill_saves_reloads_and_generates(src, tmp_path, capsys):
     assert code == 0, text.err
     assert "distilling 4 x depth-2 trees on 512 calibration tokens (16 x 32), 40 steps per layer" in text.out
     assert "replaced 2 MLP blocks (d_ff 40) with depth-2 x 4 trees (28 units, 12 active per token" in text.out
+    assert "recording block inputs: 4/4 batches" in text.err  # the recording pass reports its progress
     report = json.loads((out / "distill.json").read_text())
     assert [r["layer"] for r in report["layers"]] == ["model.layers.0.mlp", "model.layers.1.mlp"]
     for r in report["layers"]:

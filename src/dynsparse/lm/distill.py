@@ -53,17 +53,23 @@ def dense_forward(block: MLPBlock, x: torch.Tensor) -> torch.Tensor:
     return block.fc2(h)
 
 
-def record_inputs(model: nn.Module, blocks: dict[str, MLPBlock], ids: torch.Tensor, batch: int = 4) -> dict:
-    """{block name: (tokens, d_model) float tensor} of what each block reads on ``ids`` (windows, seq)."""
+def record_inputs(model: nn.Module, blocks: dict[str, MLPBlock], ids: torch.Tensor, batch: int = 4,
+                  progress: bool | None = None) -> dict:
+    """{block name: (tokens, d_model) float tensor} of what each block reads on ``ids`` (windows, seq);
+    a progress stage on stderr (``gating.progress``: minutes for a real model on many tokens)."""
+    from ..gating.progress import Stage
+
     store: dict[str, list] = {name: [] for name in blocks}
     hooks = [block.fc1.register_forward_pre_hook(
         lambda mod, args, name=name: store[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()))
         for name, block in blocks.items()]
     device = next(model.parameters()).device
     try:
-        with torch.no_grad():
+        with torch.no_grad(), Stage("recording block inputs", -(-ids.shape[0] // batch), "batches",
+                                    progress=progress) as stage:
             for i in range(0, ids.shape[0], batch):
                 model(input_ids=ids[i:i + batch].to(device))
+                stage.advance()
     finally:
         for h in hooks:
             h.remove()
@@ -125,7 +131,7 @@ def _installed(model: nn.Module, block: MLPBlock) -> TreeFF:
 
 
 def convert_distilled(model: nn.Module, tree: TreeConfig, ids: torch.Tensor, cfg: DistillConfig | None = None,
-                      log=None) -> tuple[list[str], list[dict]]:
+                      log=None, progress: bool | None = None) -> tuple[list[str], list[dict]]:
     """Replace ``model``'s MLP blocks with trees (``convert_model``) fitted layer by layer to the dense
     blocks on calibration windows ``ids`` (windows, seq) of token ids. Returns (replaced names, one
     report per layer). ``log(report)`` is called after each layer."""
@@ -139,7 +145,7 @@ def convert_distilled(model: nn.Module, tree: TreeConfig, ids: torch.Tensor, cfg
     blocks = check_convertible(model, tree)
     was_training = model.training
     model.eval()
-    inputs = record_inputs(model, blocks, ids)
+    inputs = record_inputs(model, blocks, ids, progress=progress)
     replaced = convert_model(model, tree)
     reports = []
     for name, block in blocks.items():
