@@ -25,7 +25,9 @@ def register(subparsers) -> None:
                    help="tree weights: the published random init, or fitted layer by layer to each dense MLP's "
                    "output on calibration text (distill)")
     for flag, kind, text in (("--calib-data", str, "calibration corpus (its train split; forms as train --data)"),
-                             ("--calib-tokens", int, "calibration tokens recorded"),
+                             ("--calib-tokens", int, "calibration tokens recorded, in windows spread over the split; every "
+                              "layer's inputs are held at once (layers x tokens x d_model floats), and more tokens "
+                              "fit other text better"),
                              ("--calib-seq-len", int, "calibration window length"),
                              ("--distill-steps", int, "optimizer steps per layer"),
                              ("--distill-lr", float, "Adam learning rate (cosine-decayed to a tenth)"),
