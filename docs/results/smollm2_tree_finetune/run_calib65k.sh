@@ -2,19 +2,20 @@
 # Session 25: run.sh's 8x7 recipe (seed 0) with the calibration the distillation probe points to: 65,536 tokens
 # in windows spread over the train split (convert's spreading is the default since session 25), then the same
 # FF-only fine-tuning and the same perplexity evaluations.
-# Usage: bash run_calib65k.sh WORK_DIR   (the venv's dynsparse on PATH; ~35 min on two CPU cores, 6 GB of memory)
+# Usage: [SEED=1] bash run_calib65k.sh WORK_DIR   (the venv's dynsparse on PATH; ~35 min on two CPU cores, 6 GB)
 set -euo pipefail
 W=${1:?work dir}; HERE=$(cd "$(dirname "$0")" && pwd)
+SEED=${SEED:-0}; T=tree8x7_c65k; [ "$SEED" = 0 ] || T=${T}_s$SEED
 mkdir -p "$W"
 FT="--trainable ff --data shakespeare --seq-len 256 --batch-size 4 --max-steps ${STEPS:-40} --lr 3e-4
     --warmup-steps 4 --eval-every ${STEPS:-40} --eval-batches 4 --no-progress --no-tensorboard --json"
-[ -d "$W/tree8x7_c65k" ] || dynsparse convert --model smollm2-135m --depth 7 --trees 8 --activation silu \
-    --init distill --distill-lr 1e-2 --calib-tokens 65536 --out "$W/tree8x7_c65k" | tee "$W/convert_tree8x7_c65k.log"
-[ -d "$W/tree8x7_c65k_ft/final" ] || dynsparse train --init-from "$W/tree8x7_c65k" --ff tree $FT \
-    --out "$W/tree8x7_c65k_ft" > "$W/tree8x7_c65k_ft.json"
+[ -d "$W/$T" ] || dynsparse convert --model smollm2-135m --depth 7 --trees 8 --activation silu \
+    --init distill --distill-lr 1e-2 --calib-tokens 65536 --seed "$SEED" --out "$W/$T" | tee "$W/convert_$T.log"
+[ -d "$W/${T}_ft/final" ] || dynsparse train --init-from "$W/$T" --ff tree --seed "$SEED" $FT \
+    --out "$W/${T}_ft" > "$W/${T}_ft.json"
 [ -f "$W/narratives.txt" ] || { dynsparse tasks fetch-bigbench --tasks abstract_narrative_understanding/4_distractors \
     > /dev/null; python "$HERE/narratives.py" "$W/narratives.txt"; }
-for m in "$W/tree8x7_c65k" "$W/tree8x7_c65k_ft/final"; do
+for m in "$W/$T" "$W/${T}_ft/final"; do
     tag=$(echo "$m" | sed "s#$W/##; s#/final##")
     [ -f "$W/eval_$tag.macbeth.json" ] || dynsparse eval "$m" --split test --seq-len 256 --max-windows 16 \
         --reference smollm2-135m --json > "$W/eval_$tag.macbeth.json"
