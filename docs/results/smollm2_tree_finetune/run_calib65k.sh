@@ -7,18 +7,10 @@ set -euo pipefail
 W=${1:?work dir}; HERE=$(cd "$(dirname "$0")" && pwd)
 SEED=${SEED:-0}; T=tree8x7_c65k; [ "$SEED" = 0 ] || T=${T}_s$SEED
 mkdir -p "$W"
-FT="--trainable ff --data shakespeare --seq-len 256 --batch-size 4 --max-steps ${STEPS:-40} --lr 3e-4
-    --warmup-steps 4 --eval-every ${STEPS:-40} --eval-batches 4 --no-progress --no-tensorboard --json"
+. "$HERE/common.sh"
 [ -d "$W/$T" ] || dynsparse convert --model smollm2-135m --depth 7 --trees 8 --activation silu \
     --init distill --distill-lr 1e-2 --calib-tokens 65536 --seed "$SEED" --out "$W/$T" | tee "$W/convert_$T.log"
-[ -d "$W/${T}_ft/final" ] || dynsparse train --init-from "$W/$T" --ff tree --seed "$SEED" $FT \
+[ -d "$W/${T}_ft/final" ] || dynsparse train --init-from "$W/$T" --ff tree --trainable ff --seed "$SEED" $FT \
     --out "$W/${T}_ft" > "$W/${T}_ft.json"
-[ -f "$W/narratives.txt" ] || { dynsparse tasks fetch-bigbench --tasks abstract_narrative_understanding/4_distractors \
-    > /dev/null; python "$HERE/narratives.py" "$W/narratives.txt"; }
-for m in "$W/$T" "$W/${T}_ft/final"; do
-    tag=$(echo "$m" | sed "s#$W/##; s#/final##")
-    [ -f "$W/eval_$tag.macbeth.json" ] || dynsparse eval "$m" --split test --seq-len 256 --max-windows 16 \
-        --reference smollm2-135m --json > "$W/eval_$tag.macbeth.json"
-    [ -f "$W/eval_$tag.narratives.json" ] || dynsparse eval "$m" --data "$W/narratives.txt" --split test \
-        --seq-len 256 --max-windows 16 --reference smollm2-135m --json > "$W/eval_$tag.narratives.json"
-done
+narratives
+evals "$W/$T" "$W/${T}_ft/final"

@@ -6,19 +6,8 @@ set -euo pipefail
 W=${1:?work dir}; HERE=$(cd "$(dirname "$0")" && pwd)
 export OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1
 mkdir -p "$W"
-FT="--data shakespeare --seq-len 256 --batch-size 4 --max-steps ${STEPS:-40} --lr 3e-4
-    --warmup-steps 4 --eval-every ${STEPS:-40} --eval-batches 4 --no-progress --no-tensorboard --json"
-evals() {  # perplexity on Macbeth and the narratives, KL to the original
-    for m in "$@"; do
-        tag=$(echo "$m" | sed "s#$W/##; s#/final##")
-        [ -f "$W/eval_$tag.macbeth.json" ] || dynsparse eval "$m" --split test --seq-len 256 --max-windows 16 \
-            --reference smollm2-135m --json > "$W/eval_$tag.macbeth.json"
-        [ -f "$W/eval_$tag.narratives.json" ] || dynsparse eval "$m" --data "$W/narratives.txt" --split test \
-            --seq-len 256 --max-windows 16 --reference smollm2-135m --json > "$W/eval_$tag.narratives.json"
-    done
-}
-[ -f "$W/narratives.txt" ] || { dynsparse tasks fetch-bigbench --tasks abstract_narrative_understanding/4_distractors \
-    > /dev/null; python "$HERE/narratives.py" "$W/narratives.txt"; }
+. "$HERE/common.sh"
+narratives
 date +%T
 [ -d "$W/tree8x7_s1" ] || dynsparse convert --model smollm2-135m --depth 7 --trees 8 --activation silu \
     --init distill --distill-lr 1e-2 --seed 1 --out "$W/tree8x7_s1" > "$W/convert_tree8x7_s1.log"
