@@ -67,6 +67,8 @@ def run(args) -> int:
     for flag, value in DISTILL_DEFAULTS.items():
         if getattr(args, _dest(flag)) is None:
             setattr(args, _dest(flag), value)
+    if not args.distill_lr > 0:  # here, not after the model loads and the inputs are recorded
+        raise CLIError(f"--distill-lr must be > 0, got {args.distill_lr}")
     prepare_output(out, "model", args.overwrite, inputs=[args.model])
     extra = {}
     try:

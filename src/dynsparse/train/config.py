@@ -99,9 +99,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("depth", "trees", "d_model", "n_layer", "n_head", "vocab_size", "seed"):  # optional integers
-            value = getattr(self, name)
-            low = 0 if name in ("depth", "seed") else 1
+        for name in ("depth", "trees", "d_model", "n_layer", "n_head", "vocab_size", "seed", "warmup_steps"):
+            value = getattr(self, name)  # optional integers, and those where 0 means something
+            low = 0 if name in ("depth", "seed", "warmup_steps") else 1
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         # A YAML "1e-3" is a string and a NaN passes every "< 0" test: numbers must be real and finite.
@@ -112,21 +112,20 @@ class TrainConfig:
                                       or not math.isfinite(value)):
                 hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) else ""
                 raise ValueError(f"{name} must be a finite number, got {value!r}{hint}")
-        if self.grad_clip < 0 or not 0 <= self.dropout < 1:
-            raise ValueError(f"need grad_clip >= 0 (0: no clipping) and 0 <= dropout < 1, got {self.grad_clip}, "
-                             f"{self.dropout}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
-        if self.warmup_steps < 0 or self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("need warmup_steps >= 0, lr > 0 and 0 <= min_lr_ratio <= 1")
-        if not self.ff_lr_scale > 0:
-            raise ValueError(f"ff_lr_scale must be > 0, got {self.ff_lr_scale!r}")
-        if not self.tree_balance_rate >= 0:
-            raise ValueError(f"tree_balance_rate must be >= 0, got {self.tree_balance_rate!r}")
+        ffwd = self.ff_weight_decay
+        for name, ok, rule in (("lr", self.lr > 0, "> 0"), ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+                               ("ff_lr_scale", self.ff_lr_scale > 0, "> 0"),
+                               ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                               ("ff_weight_decay", ffwd is None or ffwd >= 0, ">= 0"),
+                               ("grad_clip", self.grad_clip >= 0, ">= 0 (0: no clipping)"),
+                               ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+                               ("tree_balance_rate", self.tree_balance_rate >= 0, ">= 0")):
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         if self.tree_balance_rate > 0 and self.fsdp:
             raise ValueError("tree_balance_rate is not supported with fsdp (sharded biases); use DDP")
-        if self.weight_decay < 0 or (self.ff_weight_decay is not None and self.ff_weight_decay < 0):
-            raise ValueError("weight_decay and ff_weight_decay must be >= 0")
 
     # ------------------------------------------------------------------ model config
     def model_config(self, vocab_size: int) -> DynSparseLMConfig:
