@@ -89,6 +89,13 @@ def _tr(w, *extra, out="o"):
             "--out", str(w["root"] / out), *extra]
 
 
+def _ft(w, init, *extra):
+    """train --init-from INIT: TINY without the flags that shape a new model."""
+    shape = {"--ff", "--d-model", "--n-layer", "--n-head", "--depth", "--vocab-size"}
+    argv = _tr(w, "--init-from", str(init))
+    return [a for i, a in enumerate(argv) if a not in shape and argv[i - 1] not in shape] + list(extra)
+
+
 def _resume(w, run):
     return ["train", *TINY, "--max-steps", "6", "--data", str(w["corpus"]), "--cache-dir", str(w["cache"]),
             "--out", str(w[run]), "--resume"]
@@ -181,8 +188,11 @@ CASES = [
                                          str(w["root"] / "o")], "--trust-remote-code"),
     ("foreign-code-analyze", lambda w: ["analyze", "--model", str(w["foreign"]), "--calib", str(w["corpus"])],
      "--trust-remote-code"),
-    ("foreign-code-init-from", lambda w: _tr(w, "--init-from", str(w["foreign"])), "train never runs it"),
-    ("init-from-not-a-model", lambda w: _tr(w, "--init-from", str(w["mine"])), "not a saved model directory"),
+    ("foreign-code-init-from", lambda w: _ft(w, w["foreign"]), "train never runs it"),
+    ("init-from-not-a-model", lambda w: _ft(w, w["mine"]), "not a saved model directory"),
+    ("init-from-with-shape", lambda w: _ft(w, w["run"] / "final", "--depth", "3"), "--depth: only shape a new model"),
+    ("init-from-dense-as-tree", lambda w: _ft(w, w["dense"] / "final", "--ff", "tree"), "has dense FF blocks"),
+    ("init-from-tree-as-dense", lambda w: _ft(w, w["run"] / "final", "--ff", "dense"), "has tree FF blocks"),
     ("ckpt-manifest-list", lambda w: _resume(w, "run_manifest_list"), "corrupt manifest.json"),
     ("ckpt-garbage-weights", lambda w: _resume(w, "run_garbage_weights"), "model.safetensors is unreadable"),
     ("ckpt-pickle-optimizer", lambda w: _resume(w, "run_pickle_optimizer"), "optimizer.pt is unreadable"),

@@ -39,10 +39,10 @@ def test_bad_qa_records(tmp_path):
 
 def test_qa_finetune_lowers_answer_loss(tmp_path, capsys):
     (tmp_path / "c.txt").write_text("".join(f"The king wore a {COLORS[i % 4]} cloak, line {i}.\n" for i in range(400)))
-    common = ["--d-model", "32", "--n-layer", "1", "--n-head", "2", "--seq-len", "32", "--batch-size", "8",
-              "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--warmup-steps", "1"]
+    common = ["--seq-len", "32", "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+              "--warmup-steps", "1"]
     assert main(["train", "--data", str(tmp_path / "c.txt"), "--vocab-size", "300", "--max-steps", "2",
-                 "--out", str(tmp_path / "base"), *common]) == 0
+                 "--d-model", "32", "--n-layer", "1", "--n-head", "2", "--out", str(tmp_path / "base"), *common]) == 0
     write_qa(tmp_path / "qa.jsonl")
     code = main(["train", "--init-from", str(tmp_path / "base" / "final"), "--qa", str(tmp_path / "qa.jsonl"),
                  "--max-steps", "12", "--eval-every", "1", "--lr", "1e-2", "--out", str(tmp_path / "qa"), *common])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ..cli import CLIError
 from ..ops.backend import BACKENDS
@@ -99,6 +100,32 @@ def config_from_args(args, **extra):
         raise CLIError(str(e)) from None
 
 
+NEW_MODEL_FLAGS = ("depth", "trees", "activation", "act_position", "whiten", "tree_out_init", "position_embedding",
+                   "d_model", "n_layer", "n_head")
+
+
+def _check_init_flags(args, name: str) -> None:
+    """--init-from keeps the loaded model's blocks and shape: a flag that would shape a new one is an error,
+    and --ff must name the kind of block the model has (trees come from dynsparse convert), not be ignored."""
+    from ..lm.convert import MARKER
+
+    given = [f"--{k.replace('_', '-')}" for k in NEW_MODEL_FLAGS if getattr(args, k, None) is not None]
+    if given:
+        raise CLIError(f"{', '.join(given)}: only shape a new model; --init-from {name} keeps its own")
+    if args.ff is None:
+        return
+    d = Path(args.init_from)
+    try:
+        own = json.loads((d / "config.json").read_text()).get("ff", "dense")
+    except (OSError, ValueError, AttributeError):
+        return  # the loop's own checks name what is wrong with the directory
+    has = "tree" if (d / MARKER).is_file() or own == "tree" else "dense"
+    if args.ff != has:
+        hint = f"; make trees with dynsparse convert --model {name} --depth D --trees K --out DIR" \
+            if args.ff == "tree" else ""
+        raise CLIError(f"--ff {args.ff}: --init-from {name} has {has} FF blocks{hint}")
+
+
 def run(args) -> int:
     from ..train import CheckpointError, RunDirError, train
     from ..train.distributed import finish_worker
@@ -106,10 +133,12 @@ def run(args) -> int:
     if args.init_from is not None:  # as every --model: a directory, a .gguf, a hub id or a built-in name
         from ..lm.pretrained import resolve_model
 
+        name = args.init_from
         try:
-            args.init_from = str(resolve_model(args.init_from))
+            args.init_from = str(resolve_model(name))
         except ValueError as e:
             raise CLIError(f"--init-from: {e}") from None
+        _check_init_flags(args, name)
 
     cfg = config_from_args(
         args, ff=args.ff, init_from=args.init_from, qa=args.qa, ckpt_every=args.ckpt_every, log_every=args.log_every,
