@@ -97,6 +97,11 @@ def test_train_init_from_converted_gpt2(tmp_path, capsys):
         assert res["ff_active_fraction"] == pytest.approx(3 / 7)  # depth 2: 3 of 7 nodes per token
         if not extra:
             assert set(res["tree_layers"]) == {"transformer.h.0.mlp", "transformer.h.1.mlp"}
+    # prune once loaded this run as a dynsparse LM (its weights dropped with a warning), then called it dense
+    capsys.readouterr()
+    assert main(["prune", str(tmp_path / "run"), "--out", str(tmp_path / "pruned")]) == 2
+    assert "is a 'gpt2' model: prune handles the LMs dynsparse trains" in capsys.readouterr().err
+    assert not (tmp_path / "pruned").exists()
 
 
 def llama():

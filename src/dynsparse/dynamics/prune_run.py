@@ -70,6 +70,10 @@ def prune_run(run: str | Path, out: str | Path, calib_windows: int = 64, val_win
     prepare_output(out, "prune", overwrite, inputs=[run])  # never the run itself, nor a folder holding it
     if calib_windows < 1 or val_windows < 1 or min_visits < 1:
         raise PruneRunError("--calib-windows, --val-windows and --min-visits must be >= 1")
+    kind = json.loads((final / "config.json").read_text()).get("model_type")
+    if kind != DynSparseLMForCausalLM.config_class.model_type:  # loading it as one would drop its weights
+        raise PruneRunError(f"{final} is a {kind!r} model: prune handles the LMs dynsparse trains from scratch "
+                            "(model type 'dynsparse_lm'), not converted or already pruned models")
     cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
     model = DynSparseLMForCausalLM.from_pretrained(str(final)).eval()
     trees = {n: m for n, m in model.named_modules() if isinstance(m, TreeFF)}
