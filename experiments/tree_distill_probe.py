@@ -9,12 +9,17 @@ error ||tree(x) - mlp(x)|| / ||mlp(x)|| reported:
   activations the fitted ``w_in``/``b_in`` give (the output is linear in ``w_out`` once they are fixed);
 * ``balanced+ls``: no gradient steps: random ``w_in`` with each node's bias set to minus the median of its
   pre-activation over the tokens reaching it (every split halves its tokens), then the least-squares ``w_out``.
+* ``balanced+adam``: that balanced start, then the Adam fit of ``adam`` (random init on SmolLM2's hidden
+  states leaves about half of each tree's nodes unvisited; does a start that uses every node fit better?);
+* ``random``: the published random init itself, before any fitting (a ``balanced`` row is written likewise).
+
+Every row also gives ``dead``: the share of the tree's nodes that no training token reaches.
 
 The calibration windows are spread over the built-in Shakespeare train split; the held-out tokens are its last
 ``--holdout`` tokens (other plays than most training tokens), the training tokens the first N of the rest.
 
 Usage: python experiments/tree_distill_probe.py --layers 3,15 --tokens 8192,65536 [--trees 8,16,32]
-       [--methods adam,adam+ls,balanced+ls] [--inputs-cache FILE.pt] --out probe.jsonl
+       [--methods adam,adam+ls,balanced+ls,balanced+adam,random] [--inputs-cache FILE.pt] --out probe.jsonl
 """
 from __future__ import annotations
 
@@ -137,11 +142,17 @@ def main() -> None:
                 base = dict(layer=layer, tokens=n, tree=f"{trees}x{a.depth}", holdout=a.holdout)
 
                 def emit(method, tree, t, **extra):
+                    seconds = round(time.perf_counter() - t, 1)
                     with torch.no_grad():
                         tree.eval()
+                        tree.reset_usage()
+                        tree.track_usage(True)
+                        for i in range(0, n, 8192):
+                            tree(xt[i:i + 8192])
+                        tree.track_usage(False)
                         row = {**base, "method": method, "heldout_error": relative_error(tree(xv), yv),
                                "train_error": relative_error(tree(xt[:a.holdout]), yt[:a.holdout]),
-                               "seconds": round(time.perf_counter() - t, 1), **extra}
+                               "dead": round(tree.usage_stats().dead_fraction, 4), "seconds": seconds, **extra}
                     print(json.dumps(row), flush=True)
                     f.write(json.dumps(row) + "\n")
                     f.flush()
@@ -150,6 +161,15 @@ def main() -> None:
                 tree = TreeFF(x.shape[1], a.depth, trees, activation="silu")
                 t = time.perf_counter()
                 cfg = DistillConfig(steps=a.steps, lr=a.lr, holdout=0.5 / n)  # one token: the probe holds out its own
+                if "balanced+adam" in methods:
+                    start = TreeFF(x.shape[1], a.depth, trees, activation="silu")
+                    balanced_init(start, xt, seed=0)
+                    emit("balanced", start, t)
+                    distill_layer(start, xt, yt, cfg)
+                    emit("balanced+adam", start, t, steps=a.steps, lr=a.lr)
+                    t = time.perf_counter()
+                if "random" in methods:
+                    emit("random", tree, t)
                 distill_layer(tree, xt, yt, cfg)
                 emit("adam", tree, t, steps=a.steps, lr=a.lr)
                 if "adam+ls" in methods:
