@@ -27,13 +27,5 @@ date +%T
 evals "$W/tree8x7_s1_ft_all/final"
 date +%T
 # QA (0-shot) of the all-trainable models: run.sh's suite
-dynsparse tasks fetch-bigbench --tasks unit_conversion/unit_identification,unit_conversion/si_conversion,unit_conversion/chained_conversion,unit_conversion/different_systems,similarities_abstraction > /dev/null
-S=bigbench_unit_conversion__unit_identification,bigbench_unit_conversion__si_conversion
-S=$S,bigbench_unit_conversion__chained_conversion,bigbench_unit_conversion__different_systems
-for m in "$W/dense_ft_all/final" "$W/tree8x7_s1_ft_all/final"; do
-    tag=$(echo "$m" | sed "s#$W/##; s#/final##")
-    dynsparse eval "$m" --no-perplexity --tasks $S --limit 100 --batch-size 16 --json > "$W/qa_$tag.json"
-    dynsparse eval "$m" --no-perplexity --tasks bigbench_similarities_abstraction --limit 40 --batch-size 16 --json \
-        > "$W/qa_$tag.similarities.json"
-done
+for m in "$W/dense_ft_all/final" "$W/tree8x7_s1_ft_all/final"; do qa "$m" 0; done
 date +%T

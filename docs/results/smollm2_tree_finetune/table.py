@@ -11,7 +11,21 @@ ROWS = [("original dense", "smollm2-135m", None), ("dense fine-tuned", "dense_ft
         ("dense fine-tuned, all trainable", "dense_ft_all", "dense_ft_all.json"),
         ("tree 8x7 seed 1, distilled", "tree8x7_s1", None),
         ("tree 8x7 seed 1, distilled + fine-tuned", "tree8x7_s1_ft", "tree8x7_s1_ft.json"),
-        ("tree 8x7 seed 1, distilled + fine-tuned, all trainable", "tree8x7_s1_ft_all", "tree8x7_s1_ft_all.json")]
+        ("tree 8x7 seed 1, distilled + fine-tuned, all trainable", "tree8x7_s1_ft_all", "tree8x7_s1_ft_all.json"),
+        # run_calib65k.sh: 65,536 calibration tokens spread over the split, seeds 0, 1 and 2
+        ("tree 8x7, 65k calibration, distilled", "tree8x7_c65k", None),
+        ("tree 8x7, 65k calibration, distilled + fine-tuned", "tree8x7_c65k_ft", "tree8x7_c65k_ft.json"),
+        ("tree 8x7, 65k calibration seed 1, distilled", "tree8x7_c65k_s1", None),
+        ("tree 8x7, 65k calibration seed 1, distilled + fine-tuned", "tree8x7_c65k_s1_ft", "tree8x7_c65k_s1_ft.json"),
+        ("tree 8x7, 65k calibration seed 2, distilled", "tree8x7_c65k_s2", None),
+        ("tree 8x7, 65k calibration seed 2, distilled + fine-tuned", "tree8x7_c65k_s2_ft", "tree8x7_c65k_s2_ft.json"),
+        # run_ft_sweep.sh: the fine-tuning's learning rate, then 4x the tokens at each model's best rate
+        ("tree 8x7, 65k calibration, fine-tuned at lr 1e-3", "tree8x7_c65k_ft_lr1e-3", "tree8x7_c65k_ft_lr1e-3.json"),
+        ("dense fine-tuned at lr 1e-3", "dense_ft_lr1e-3", "dense_ft_lr1e-3.json"),
+        ("tree 8x7, 65k calibration, fine-tuned at lr 3e-3", "tree8x7_c65k_ft_lr3e-3", "tree8x7_c65k_ft_lr3e-3.json"),
+        ("dense fine-tuned at lr 3e-3", "dense_ft_lr3e-3", "dense_ft_lr3e-3.json"),
+        ("tree 8x7, 65k calibration, fine-tuned 160 steps at lr 1e-3", "tree8x7_c65k_ft160", "tree8x7_c65k_ft160.json"),
+        ("dense fine-tuned 160 steps at lr 3e-4", "dense_ft160", "dense_ft160.json")]
 
 
 def load(path):
