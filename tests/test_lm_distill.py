@@ -12,7 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import dynsparse.tree.layer as tree_layer
 from dynsparse.cli import main
 from dynsparse.lm.convert import check_convertible, load_model
-from dynsparse.lm.distill import DistillConfig, convert_distilled, dense_forward, record_inputs
+import dynsparse.lm.distill as distill
+from dynsparse import lm
+from dynsparse.lm.distill import DistillConfig, convert_distilled, decoder_layers, dense_forward, record_inputs
 from dynsparse.mlps import find_mlps
 from dynsparse.tree import TreeConfig, TreeFF
 
@@ -70,6 +72,61 @@ def test_distillation_fits_each_layer_through_the_training_op(monkeypatch):
         assert min(r["rel_error"], r["rel_error_train"]) - 0.05 < float(err) < max(r["rel_error"], r["rel_error_train"]) + 0.05
 
 
+def ours(layers=3):
+    torch.manual_seed(0)
+    return lm.DynSparseLMForCausalLM(lm.DynSparseLMConfig(vocab_size=300, hidden_size=16, num_hidden_layers=layers,
+                                                          num_attention_heads=2, max_position_embeddings=64)).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "ours"])
+def test_sequential_distillation_fits_each_tree_on_the_inputs_it_will_see(family, monkeypatch):
+    """Each tree is fitted on what the converted model feeds it (the trees before it in place), against the
+    dense block applied to those inputs; the first layer's inputs are the dense model's own."""
+    model = llama(layers=3) if family == "llama" else ours()
+    ids = torch.randint(0, 300, (6, 24))
+    dense_inputs = record_inputs(model, find_mlps(model), ids)
+    fitted = {}
+    real = distill.distill_layer
+
+    def spy(tree, x, y, cfg):
+        fitted[len(fitted)] = (x.clone(), y.clone())
+        return real(tree, x, y, cfg)
+
+    monkeypatch.setattr(distill, "distill_layer", spy)
+    blocks = find_mlps(model)
+    replaced, reports = convert_distilled(model, TreeConfig(depth=2, trees=4), ids,
+                                          DistillConfig(steps=60, lr=1e-2, batch_tokens=64, inputs="sequential"))
+    assert [r["layer"] for r in reports] == replaced == list(blocks)
+    trees = {n: model.get_submodule(n) for n in replaced}
+    assert all(isinstance(t, TreeFF) and not t.training for t in trees.values())
+    seen = {n: [] for n in trees}
+    hooks = [t.register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].reshape(-1, 16))) for n, t in trees.items()]
+    with torch.no_grad():
+        model(ids[:3]), model(ids[3:])
+    for h in hooks:
+        h.remove()
+    for i, name in enumerate(replaced):
+        x, y = fitted[i]
+        torch.testing.assert_close(x, torch.cat(seen[name]), rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(y, dense_forward(blocks[name], x), rtol=1e-5, atol=1e-5)
+        assert reports[i]["rel_error"] < reports[i]["rel_error_init"]
+    torch.testing.assert_close(fitted[0][0], dense_inputs[replaced[0]])  # nothing before layer 0 changed
+    assert not torch.allclose(fitted[1][0], dense_inputs[replaced[1]], atol=1e-3)  # layer 0's tree did
+
+
+def test_sequential_distillation_needs_a_list_of_decoder_layers():
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = llama().model.layers[0].mlp
+
+    with pytest.raises(ValueError, match="needs each MLP block inside a list of decoder layers; block is in none"):
+        decoder_layers(Wrapper(), find_mlps(Wrapper()))
+    with pytest.raises(ValueError, match="distillation inputs must be one of dense, sequential, got 'chained'"):
+        DistillConfig(inputs="chained").check()
+
+
 def test_convert_bad_shapes_are_one_line():
     model = llama()
     with pytest.raises(ValueError, match=r"--depth 0: a depth-0 tree uses 100% of its units per token"):
@@ -111,10 +168,11 @@ def test_cli_convert_distill_saves_reloads_and_generates(src, tmp_path, capsys):
                  "--cache-dir", str(src / "cache"), "--out", str(out)])
     text = capsys.readouterr()
     assert code == 0, text.err
-    assert "distilling 4 x depth-2 trees on 512 calibration tokens (16 x 32), 40 steps per layer" in text.out
+    assert "distilling 4 x depth-2 trees on 512 calibration tokens (16 x 32), 40 steps per layer, inputs dense" in text.out
     assert "replaced 2 MLP blocks (d_ff 40) with depth-2 x 4 trees (28 units, 12 active per token" in text.out
     assert "recording block inputs: 4/4 batches" in text.err  # the recording pass reports its progress
     report = json.loads((out / "distill.json").read_text())
+    assert report["inputs"] == "dense"
     assert [r["layer"] for r in report["layers"]] == ["model.layers.0.mlp", "model.layers.1.mlp"]
     for r in report["layers"]:
         assert f"{r['layer']}: relative output error {r['rel_error_init']:.3f} -> {r['rel_error']:.3f}" in text.out
@@ -141,6 +199,21 @@ def test_cli_convert_distill_saves_reloads_and_generates(src, tmp_path, capsys):
     torch.testing.assert_close(torch.load(tmp_path / "l.pt"), logits)
 
 
+def test_cli_convert_distill_sequential(src, tmp_path, capsys):
+    out = tmp_path / "tree"
+    code = main(["convert", "--model", str(src / "src"), "--depth", "2", "--trees", "4", "--init", "distill",
+                 "--distill-inputs", "sequential", "--calib-data", str(src / "c.txt"), "--calib-tokens", "256",
+                 "--calib-seq-len", "32", "--distill-steps", "20", "--cache-dir", str(src / "cache"), "--out", str(out)])
+    text = capsys.readouterr()
+    assert code == 0, text.err
+    assert "20 steps per layer, inputs sequential" in text.out
+    assert "sequential distillation passes: 8/8 layer-batches" in text.err  # 2 layers x 2 batches, twice
+    assert "recording block inputs" not in text.err
+    report = json.loads((out / "distill.json").read_text())
+    assert report["inputs"] == "sequential" and len(report["layers"]) == 2
+    assert all(isinstance(layer.mlp, TreeFF) for layer in load_model(out).model.layers)
+
+
 def test_cli_convert_bad_input(src, tmp_path, capsys):
     def err(*argv):
         assert main(["convert", "--model", str(src / "src"), "--out", str(tmp_path / "o"), *argv]) == 2
@@ -151,6 +224,7 @@ def test_cli_convert_bad_input(src, tmp_path, capsys):
     assert "a depth-0 tree uses 100% of its units per token" in err("--depth", "0", "--trees", "8")
     assert "--calib-tokens, --distill-steps only apply with --init distill" in err(
         "--depth", "2", "--calib-tokens", "64", "--distill-steps", "3")
+    assert "--distill-inputs only apply with --init distill" in err("--depth", "2", "--distill-inputs", "sequential")
     assert "--calib-tokens must be" in err("--depth", "2", "--init", "distill", "--calib-tokens", "0")
     (tmp_path / "one.txt").write_text("x")
     assert "no calibration tokens to speak of (2 in its train split); distillation needs at least 32" in err(

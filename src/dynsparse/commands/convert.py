@@ -9,7 +9,7 @@ from ..cli import CLIError
 
 MIN_CALIB_TOKENS = 32  # below this the held-out share that the reported error uses is a handful of tokens
 DISTILL_DEFAULTS = {"--calib-data": "shakespeare", "--calib-tokens": 8192, "--calib-seq-len": 256,
-                    "--distill-steps": 300, "--distill-lr": 3e-3, "--distill-batch": 1024}
+                    "--distill-steps": 300, "--distill-lr": 3e-3, "--distill-batch": 1024, "--distill-inputs": "dense"}
 
 
 def register(subparsers) -> None:
@@ -31,8 +31,11 @@ def register(subparsers) -> None:
                              ("--calib-seq-len", int, "calibration window length"),
                              ("--distill-steps", int, "optimizer steps per layer"),
                              ("--distill-lr", float, "Adam learning rate (cosine-decayed to a tenth)"),
-                             ("--distill-batch", int, "tokens per distillation step")):
-        p.add_argument(flag, type=kind, help=f"--init distill: {text} (default {DISTILL_DEFAULTS[flag]})")
+                             ("--distill-batch", int, "tokens per distillation step"),
+                             ("--distill-inputs", str, "each tree's inputs: recorded from the dense model (dense), or "
+                              "read layer by layer behind the trees already fitted (sequential)")):
+        p.add_argument(flag, type=kind, help=f"--init distill: {text} (default {DISTILL_DEFAULTS[flag]})",
+                       **({"choices": ["dense", "sequential"]} if flag == "--distill-inputs" else {}))
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the trees' initial weights and the distillation's batches (default 0)")
     p.add_argument("--cache-dir", help="tokenized corpus cache (default ~/.cache/dynsparse)")
@@ -82,7 +85,8 @@ def run(args) -> int:
         torch.manual_seed(args.seed)
         if args.init == "distill":
             replaced, reports = _distill(args, model, tree, ids)
-            extra["distill.json"] = json.dumps({"calib_data": args.calib_data, "layers": reports}, indent=1) + "\n"
+            extra["distill.json"] = json.dumps({"calib_data": args.calib_data, "inputs": args.distill_inputs,
+                                                "layers": reports}, indent=1) + "\n"
         else:
             replaced = convert_model(model, tree)
         save_converted(model, out, load_tokenizer_if_any(args.model, args.trust_remote_code), extra=extra)
@@ -120,9 +124,9 @@ def _distill(args, model, tree, ids):
 
     windows, seq = ids.shape
     cfg = DistillConfig(steps=args.distill_steps, lr=args.distill_lr, batch_tokens=args.distill_batch,
-                        seed=args.seed)
+                        seed=args.seed, inputs=args.distill_inputs)
     print(f"distilling {tree.trees} x depth-{tree.depth} trees on {ids.numel():,} calibration tokens "
-          f"({windows} x {seq}), {cfg.steps} steps per layer", flush=True)
+          f"({windows} x {seq}), {cfg.steps} steps per layer, inputs {cfg.inputs}", flush=True)
 
     def log(r):
         print(f"  {r['layer']}: relative output error {r['rel_error_init']:.3f} -> {r['rel_error']:.3f} "

@@ -10,6 +10,13 @@ layer's optimizer state exists at a time. Training runs through the tree's gathe
 on CPU and triton on CUDA), the same path LM fine-tuning uses. The loss is the MSE divided by the mean
 squared target, so one learning rate suits layers whose outputs differ in scale; the reported
 ``rel_error`` is ||tree(x) - mlp(x)|| / ||mlp(x)|| on held-out calibration tokens.
+
+Those inputs come from the dense model, but a tree runs behind the trees before it, whose errors move its
+input away from what it was fitted on. ``inputs="sequential"`` fits each tree on the inputs it will see: the
+calibration batches go through the decoder layers one at a time (the layer-by-layer pass of GPTQ and
+SparseGPT), so layer l's inputs come from layers 0..l-1 with their trees already fitted, and the target is
+the dense block applied to those inputs. It holds one layer's inputs at a time instead of every layer's,
+and runs each decoder layer twice (once to read its MLP's input, once with the fitted tree).
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ class DistillConfig:
     batch_tokens: int = 1024
     holdout: float = 0.1  # share of the recorded tokens kept for the reported error
     seed: int = 0
+    inputs: str = "dense"  # where each tree's inputs come from: "dense" (the dense model) or "sequential"
 
     def check(self) -> None:
         for name in ("steps", "batch_tokens"):
@@ -41,6 +49,11 @@ class DistillConfig:
             raise ValueError(f"distillation lr must be a positive number, got {self.lr}")
         if not 0 < self.holdout < 1:
             raise ValueError(f"distillation holdout must be in (0, 1), got {self.holdout}")
+        if self.inputs not in INPUTS:
+            raise ValueError(f"distillation inputs must be one of {', '.join(INPUTS)}, got {self.inputs!r}")
+
+
+INPUTS = ("dense", "sequential")
 
 
 def dense_forward(block: MLPBlock, x: torch.Tensor) -> torch.Tensor:
@@ -143,20 +156,115 @@ def convert_distilled(model: nn.Module, tree: TreeConfig, ids: torch.Tensor, cfg
         shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"distillation needs calibration tokens (windows x seq_len token ids), got {shape}")
     blocks = check_convertible(model, tree)
+    layers = decoder_layers(model, blocks) if cfg.inputs == "sequential" else None
     was_training = model.training
     model.eval()
-    inputs = record_inputs(model, blocks, ids, progress=progress)
-    replaced = convert_model(model, tree)
+    inputs = record_inputs(model, blocks, ids, progress=progress) if layers is None else None
+    replaced = convert_model(model, tree)  # every tree drawn up front: the same initial trees for both inputs
+    trees = {name: _installed(model, block) for name, block in blocks.items()}
+    if layers is None:
+        pairs = ((name, inputs.pop(name)) for name in blocks)
+    else:
+        pairs = sequential_inputs(model, layers, trees, ids, progress=progress)
     reports = []
-    for name, block in blocks.items():
-        x = inputs.pop(name)
+    for name, x in pairs:
+        block = blocks[name]
         with torch.no_grad():
             dtype = block.linear_weights()[0].dtype
             y = torch.cat([dense_forward(block, x[i:i + 4096].to(dtype)).float() for i in range(0, x.shape[0], 4096)])
-        report = {"layer": name, **distill_layer(_installed(model, block), x, y, cfg)}
+        report = {"layer": name, **distill_layer(trees[name], x, y, cfg)}
         reports.append(report)
         if log is not None:
             log(report)
         del x, y
     model.train(was_training)
     return replaced, reports
+
+
+def decoder_layers(model: nn.Module, blocks: dict[str, MLPBlock]) -> dict[str, nn.Module]:
+    """{block name: the decoder layer holding it}, in execution order: one block in each layer of one
+    ``nn.ModuleList`` (``model.layers``, ``transformer.h``, ...), which sequential distillation steps through."""
+    modules = dict(model.named_modules())
+    found = {}
+    for name in blocks:
+        parts = name.split(".")
+        owners = [".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)
+                  if parts[k - 1].isdigit() and isinstance(modules.get(".".join(parts[:k - 1])), nn.ModuleList)]
+        if not owners:
+            raise ValueError(f"sequential distillation needs each MLP block inside a list of decoder layers; "
+                             f"{name} is in none")
+        found[name] = owners[0]
+    lists = {layer.rsplit(".", 1)[0] for layer in found.values()}
+    indices = [int(layer.rsplit(".", 1)[1]) for layer in found.values()]
+    if len(lists) != 1 or len(set(indices)) != len(indices) or indices != sorted(indices):
+        raise ValueError(f"sequential distillation needs one MLP block per decoder layer of one layer list, "
+                         f"in order; got {sorted(found.items())}")
+    return {name: modules[layer] for name, layer in found.items()}
+
+
+class _Caught(Exception):
+    """Raised by a hook to stop a forward pass once it has what it came for."""
+
+
+def sequential_inputs(model: nn.Module, layers: dict[str, nn.Module], trees: dict[str, TreeFF], ids: torch.Tensor,
+                      batch: int = 4, progress: bool | None = None):
+    """Yield (block name, (tokens, d_model) float inputs) layer by layer, each read with the trees before it in
+    place: the calls into the first decoder layer are caught once, then every layer runs on the previous
+    layer's outputs. A layer runs again after the caller has fitted its tree (the consumer of each yield),
+    so the next layer sees the fitted tree's outputs."""
+    from ..gating.progress import Stage
+
+    calls = []  # (args, kwargs) of each batch's call into the first layer: hidden states and the rest
+
+    def catch(module, args, kwargs):
+        calls.append((args, kwargs))
+        raise _Caught
+
+    first = next(iter(layers.values()))
+    device = next(model.parameters()).device
+    hook = first.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for i in range(0, ids.shape[0], batch):
+                try:
+                    model(input_ids=ids[i:i + batch].to(device), use_cache=False)
+                except _Caught:
+                    pass
+    finally:
+        hook.remove()
+    if len(calls) != -(-ids.shape[0] // batch):
+        raise RuntimeError("sequential distillation: the first decoder layer was not called once per batch")
+
+    def run(layer, args, kwargs):
+        kwargs = {k: (None if k in ("past_key_value", "past_key_values") else v) for k, v in kwargs.items()}
+        return layer(*args, **kwargs)
+
+    with Stage("sequential distillation passes", 2 * len(layers) * len(calls), "layer-batches",
+               progress=progress) as stage:
+        for name, layer in layers.items():
+            xs = []
+
+            def grab(module, args):
+                xs.append(args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu())
+                raise _Caught
+
+            hook = trees[name].register_forward_pre_hook(grab)
+            try:
+                with torch.no_grad():
+                    for args, kwargs in calls:
+                        try:
+                            run(layer, args, kwargs)
+                        except _Caught:
+                            pass
+                        stage.advance()
+            finally:
+                hook.remove()
+            yield name, torch.cat(xs)
+            del xs
+            with torch.no_grad():
+                for k, (args, kwargs) in enumerate(calls):
+                    out = run(layer, args, kwargs)
+                    out = out[0] if isinstance(out, tuple) else out
+                    calls[k] = ((out,) + tuple(args[1:]), kwargs) if args else \
+                        ((), {**kwargs, "hidden_states": out})
+                    stage.advance()
