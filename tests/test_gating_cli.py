@@ -75,6 +75,10 @@ def test_sparsify_then_eval_reports_the_distance_to_dense(work, method, extra):
     (["sparsify", "--method", "mgs", "--target-sparsity", "1.0", "--activity", "contribution"], "[0, 1)"),
     (["sparsify", "--method", "sibs", "--threshold", "0.1", "--activity", "cats"], "needs activity_sparsity"),
     (["sparsify", "--method", "mgs", "--activity-sparsity", "0.5"], "sign has no threshold"),
+    (["sparsify", "--method", "cats", "--target-sparsity", "0.5", "--activity-sparsity", "-0.1"],
+     "--activity-sparsity does not apply to --method cats"),
+    (["analyze", "--calib", "shakespeare", "--split", "dev"],
+     "the built-in shakespeare calibration text has splits train, val, test, not 'dev'"),
 ])
 def test_bad_input_is_one_line(work, argv, message):
     base = ["--model", str(work["dense"]), "--calib", str(work["corpus"])]
@@ -84,6 +88,23 @@ def test_bad_input_is_one_line(work, argv, message):
     assert r.kind == "clear", (r.kind, r.err)
     assert len(r.error_lines) == 1 and message in r.error_lines[0], r.err
     assert not (work["root"] / "never").exists()
+
+
+def test_text_models_calibrate_on_the_builtin_plays_by_default(work):
+    """Without --calib, a text model calibrates on lines spread over the built-in plays' split."""
+    from dynsparse.data.shakespeare import shakespeare_splits
+    from dynsparse.gating.calib import calib_batches, default_calib
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(work["dense"])
+    assert default_calib("text") == "shakespeare"
+    batches = calib_batches("text", tok, default_calib("text"), batch_size=4, limit=10, split="test")
+    assert len(batches) == 3 and batches[0]["input_ids"].shape[0] == 4
+    texts = [tok.decode(row[mask.bool()]) for b in batches for row, mask in zip(b["input_ids"], b["attention_mask"])]
+    plays = dict(shakespeare_splits()["test"])
+    assert sum(t.strip() in plays["macbeth"] for t in texts) and sum(t.strip() in plays["the-tempest"] for t in texts)
+    r = run_cli(["analyze", "--model", str(work["dense"]), "--limit", "16"])
+    assert r.kind == "ok", r.err
 
 
 def test_eval_refuses_a_reference_with_another_vocabulary(work, tmp_path):

@@ -51,3 +51,29 @@ def test_smollm2_sign_is_not_sparsity_and_contribution_beats_the_gate_criterion(
             better_than_sign += err(oracle_mlp(b, "silu", "contribution", 1 - positive)) < sign_err
     assert better >= 27, f"contribution kept the output closer than |act(gate)| in only {better} of 30 layers"
     assert better_than_sign >= 27, f"contribution beat the sign set in only {better_than_sign} of 30 layers"
+
+
+def test_readme_smollm2_sparsity_commands_run_as_written(smollm2, tmp_path, monkeypatch, capsys):
+    """The README's analyze and sparsify lines for SmolLM2, with the built-in calibration text as their
+    default and a smaller calibration set than theirs (the only change)."""
+    import json
+    import re
+    import shlex
+    from pathlib import Path
+
+    from dynsparse.cli import main
+
+    monkeypatch.setenv("DYNSPARSE_CACHE", str(smollm2.cache.parent))
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## A real pretrained LLM", 1)[1].split("\n## ", 1)[0]
+    lines = re.findall(r"^dynsparse (analyze|sparsify) +(--model smollm2-135m .*?)\s*(?:#.*)?$", section, flags=re.M)
+    assert [c for c, _ in lines] == ["analyze", "sparsify", "sparsify"], lines
+    for command, rest in lines:
+        argv = [command, *shlex.split(rest.replace("runs/", f"{tmp_path}/"))]
+        argv += ["--limit", "8"] if command == "analyze" else ["--calib-limit", "8"]
+        assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "MLP activation sparsity of" in out and out.count("wrote ") == 2
+    for name, method in (("smol-cats", "cats"), ("smol-mgs", "mgs")):
+        report = json.loads((tmp_path / name / "sparsify_report.json").read_text())
+        assert report["method"] == method, report.keys()

@@ -8,7 +8,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=None, help="an HF model dir, a .gguf file, a hub id or a built-in "
                    "name (smollm2-135m); default: the built-in small DETR")
     p.add_argument("--calib", default=None, help="DETR: COCO-format root (default: the built-in synthetic set); "
-                   "text models: a text file or folder")
+                   "text models: a text file or folder, or shakespeare (the built-in plays, the default)")
     p.add_argument("--split", default="val")
     p.add_argument("--limit", type=int, default=128, help="images / lines to use")
     p.add_argument("--eps", type=float, default=1e-3, help="|a| <= eps counts as near zero")
@@ -35,9 +35,8 @@ def run(args) -> int:
 
     from ..cli import CLIError
     from ..detection.model import builtin_detr_dir
-    from ..detection.synthetic import default_synthetic_root
     from ..gating.analyze import plot, print_table, summarize, write_json
-    from ..gating.calib import calib_batches, load_model
+    from ..gating.calib import calib_batches, default_calib, load_model
     from ..gating.record import record_activations
 
     model_dir = Path(args.model) if args.model else builtin_detr_dir()
@@ -57,9 +56,7 @@ def run(args) -> int:
         prepare_output(args.out, "analyze", args.overwrite, inputs=[model_dir, args.calib], reuse_own=True)
     try:
         model, proc, kind = load_model(model_dir, trust_remote_code=args.trust_remote_code)
-        if args.calib is None and kind != "detr":
-            raise CLIError("--calib is required for text models")
-        data = args.calib if args.calib is not None else default_synthetic_root()
+        data = args.calib if args.calib is not None else default_calib(kind)
         batches = calib_batches(kind, proc, data, args.batch_size, args.limit, split=args.split)
         stats = record_activations(model, batches, eps=args.eps, activity=args.activity,
                                    target_sparsity=args.target_sparsity)

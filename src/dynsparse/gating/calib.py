@@ -1,5 +1,6 @@
 """Load a saved model and its calibration batches for the commands: a DETR directory (COCO-format
-calibration data) or any HF text model (a text file, one example per line, or a folder of .txt/.md files)."""
+calibration data) or any HF text model (a text file, one example per line, a folder of .txt/.md files, or
+``shakespeare``: the built-in plays, the default)."""
 from __future__ import annotations
 
 import json
@@ -52,6 +53,32 @@ def _is_own_lm(model_dir) -> bool:
         return False
 
 
+BUILTIN_TEXT = "shakespeare"
+
+
+def default_calib(kind: str):
+    """What a command calibrates on without --calib: the built-in synthetic COCO set for DETR, the built-in
+    Shakespeare for text models."""
+    if kind == "detr":
+        from ..detection.synthetic import default_synthetic_root
+
+        return default_synthetic_root()
+    return BUILTIN_TEXT
+
+
+def _builtin_lines(split: str, limit: int | None) -> list[str]:
+    """Lines of the built-in plays' ``split``, evenly spaced over the whole split (not one play's opening)."""
+    from ..data.shakespeare import shakespeare_splits
+
+    splits = shakespeare_splits()
+    if split not in splits:
+        raise ValueError(f"the built-in {BUILTIN_TEXT} calibration text has splits {', '.join(splits)}, not {split!r}")
+    lines = [ln.strip() for _, text in splits[split] for ln in text.splitlines() if len(ln.split()) >= 3]
+    if limit is not None and 0 < limit < len(lines):
+        lines = [lines[i * len(lines) // limit] for i in range(limit)]
+    return lines
+
+
 def _text_lines(path: Path) -> list[str]:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md"))
     if not files:
@@ -65,6 +92,8 @@ def _text_lines(path: Path) -> list[str]:
 def calib_batches(kind: str, proc, data: str | os.PathLike, batch_size: int = 8, limit: int | None = None,
                   split: str = "train", max_length: int = 128) -> list:
     """Calibration batches (dicts of model inputs); raises ValueError when there is nothing to calibrate on."""
+    if kind != "detr" and str(data) == BUILTIN_TEXT:
+        return _text_batches(proc, _builtin_lines(split, limit), batch_size, max_length)
     data = Path(data)
     if not data.exists():
         raise FileNotFoundError(f"calibration data {data} does not exist")
@@ -75,11 +104,15 @@ def calib_batches(kind: str, proc, data: str | os.PathLike, batch_size: int = 8,
         collate = make_collate(proc, with_labels=False)
         out = [collate([ds[j] for j in range(i, min(i + batch_size, len(ds)))]) for i in range(0, len(ds), batch_size)]
     else:
-        lines = _text_lines(data)[:limit]
-        out = []
-        for i in range(0, len(lines), batch_size):
-            enc = proc(lines[i:i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            out.append({k: enc[k] for k in ("input_ids", "attention_mask")})
+        out = _text_batches(proc, _text_lines(data)[:limit], batch_size, max_length)
     if not out:
         raise ValueError(f"calibration data {data} is empty")
+    return out
+
+
+def _text_batches(proc, lines: list[str], batch_size: int, max_length: int) -> list:
+    out = []
+    for i in range(0, len(lines), batch_size):
+        enc = proc(lines[i:i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        out.append({k: enc[k] for k in ("input_ids", "attention_mask")})
     return out
