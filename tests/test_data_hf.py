@@ -105,6 +105,22 @@ def test_unknown_dataset_offline_is_one_line_cli_error(tmp_path, capsys):
         text_source(f"hf:{tmp_path / 'missing'}")
 
 
+def test_failed_hub_requests_log_nothing_beside_the_error(monkeypatch, caplog):
+    """Without HF_HUB_OFFLINE, huggingface_hub warns about each failed request before giving up: that
+    warning is not a second line of the error."""
+    import logging
+
+    def load_dataset(name, config):
+        logging.getLogger("huggingface_hub.utils._http").warning("'[Errno -2]' thrown while requesting HEAD")
+        raise ConnectionError(f"Couldn't reach {name!r} on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with caplog.at_level(logging.WARNING), pytest.raises(FileNotFoundError, match="needs a connection"):
+        text_source("hf:no_such_dataset_zz")
+    assert not [r for r in caplog.records if "thrown while requesting" in r.getMessage()]
+    assert logging.getLogger("huggingface_hub").level != logging.ERROR  # restored afterwards
+
+
 def test_hub_name_and_config_reach_load_dataset(tmp_path, monkeypatch):
     """The online path, without the network: the Hub's train/validation/test splits are used as they are."""
     calls = []

@@ -18,6 +18,8 @@ never held in memory. ``datasets`` is imported only when such a source is used.
 from __future__ import annotations
 
 import hashlib
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Iterator
@@ -125,7 +127,8 @@ def _load(name: str, config: str | None):
     if not local.exists() and name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"local dataset directory not found: {name}")
     try:
-        return datasets.load_dataset(str(local) if local.exists() else name, config)
+        with _hub_warnings_off():
+            return datasets.load_dataset(str(local) if local.exists() else name, config)
     except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FileNotFoundError(
@@ -137,6 +140,18 @@ def _load(name: str, config: str | None):
         reason = " ".join(str(e).split())[:200] or type(e).__name__
         raise ValueError(f"cannot load the HF dataset {name!r}: {reason} (give data files or a "
                          "save_to_disk folder instead)") from None
+
+
+@contextmanager
+def _hub_warnings_off() -> Iterator[None]:
+    """Offline, huggingface_hub logs each failed request before the error this module turns into one line."""
+    hub = logging.getLogger("huggingface_hub")
+    level = hub.level
+    hub.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub.setLevel(level)
 
 
 def _map_splits(dataset: dict, spec: str) -> dict:
