@@ -54,3 +54,14 @@ def test_builtin_detr_detects_shapes_it_never_saw(tmp_path):
     model, proc = load_detr()
     stats = evaluate_detr(model, proc, CocoDetection(root, "val"), batch_size=8, verbose=False)
     assert stats["AP50"] > 0.7 and stats["AP"] > 0.4, stats
+
+
+def test_importing_the_detr_module_prints_nothing():
+    """Every sparsify and analyze run imports it (for the default model's path); transformers' warning about
+    its processor's backend would be a stray line before each of their one-line errors."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", "import dynsparse.detection.model"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stderr == "", res.stderr[-2000:]

@@ -11,7 +11,16 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor, ResNetConfig
+from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+from transformers.utils import is_torchvision_available
+
+if is_torchvision_available():
+    from transformers import DetrImageProcessor
+else:  # transformers >= 5 warns on every import when it falls back to its PIL processor; ask for that one
+    try:
+        from transformers import DetrImageProcessorPil as DetrImageProcessor
+    except ImportError:  # transformers 4: one processor, PIL-based
+        from transformers import DetrImageProcessor
 
 
 def small_detr_config(id2label: dict[int, str], d_model: int = 128, layers: int = 3, d_ff: int = 1024,
