@@ -20,6 +20,10 @@ def w(tmp_path_factory):
     _broken_runs(world)
     world["yaml_text"] = world["root"] / "text_number.yaml"
     world["yaml_text"].write_text("lr: 1e-3\n")  # YAML 1.1 reads this as the string "1e-3"
+    world["yaml_broken"] = world["root"] / "broken.yaml"
+    world["yaml_broken"].write_text("lr: [1, 2\n")
+    world["yaml_binary"] = world["root"] / "binary.yaml"
+    world["yaml_binary"].write_bytes(bytes(range(128, 256)))
     return world
 
 
@@ -207,6 +211,11 @@ CASES = [
     ("distill-lr-zero", lambda w: ["convert", "--model", str(w["run"] / "final"), "--depth", "2", "--init", "distill",
                                    "--distill-lr", "0", "--out", str(w["root"] / "o")], "--distill-lr must be > 0"),
     ("yaml-number-as-text", lambda w: _tr(w, "--config", str(w["yaml_text"])), "YAML reads 1e-3 as text"),
+    ("yaml-malformed", lambda w: _tr(w, "--config", str(w["yaml_broken"])),
+     "broken.yaml: not valid YAML (expected ',' or ']', but got '<stream end>' at line 2, column 1)"),
+    ("yaml-binary", lambda w: _tr(w, "--config", str(w["yaml_binary"])), "binary.yaml: not a YAML text file"),
+    ("study-depth-0", lambda w: ["study", "autoprune", "--depths", "7,0", "--out", str(w["root"] / "o")],
+     "--depths must be in [1, 24] (a depth-0 tree has no routing), got [7, 0]"),
     ("detr-json-other-file", lambda w: ["detr-eval", "--model", str(w["detr"]), "--coco", str(w["coco"]),
                                         "--json", str(w["file"])], "is not an earlier output"),
     ("eval-include-path-without-tasks", lambda w: ["eval", str(w["run"] / "final"), "--include-path", str(w["mine"])],

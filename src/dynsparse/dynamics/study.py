@@ -82,8 +82,11 @@ class StudySpec:
             raise ValueError(f"--lrs must be positive finite numbers, got {bad}")
         if not 0 <= self.warmup_frac <= 0.5:
             raise ValueError(f"--warmup-frac must be in [0, 0.5], got {self.warmup_frac}")
-        if any(not 0 <= d <= MAX_DEPTH for d in self.depths) or any(t < 1 for t in self.trees):
-            raise ValueError(f"--depths must be in [0, {MAX_DEPTH}] and --trees >= 1, got {self.depths}, {self.trees}")
+        if any(not 1 <= d <= MAX_DEPTH for d in self.depths):  # depth 0: one node, no routing to starve
+            raise ValueError(f"--depths must be in [1, {MAX_DEPTH}] (a depth-0 tree has no routing), got "
+                             f"{list(self.depths)}")
+        if any(t < 1 for t in self.trees):
+            raise ValueError(f"--trees must be >= 1, got {list(self.trees)}")
         if any(s < 0 for s in self.seeds + self.final_seeds):
             raise ValueError("--seeds and --final-seeds must be >= 0")
         for name in ("d_model", "n_layer", "n_head", "seq_len", "batch_size", "max_steps", "probe_every",

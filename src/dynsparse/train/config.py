@@ -178,12 +178,25 @@ class TrainConfig:
             path = Path(yaml_file)
             if not path.is_file():
                 raise FileNotFoundError(f"config file not found: {yaml_file}")
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = _read_yaml(path) or {}
             if not isinstance(loaded, dict):
                 raise ValueError(f"{yaml_file} must hold a mapping of option: value")
             values.update({k.replace("-", "_"): v for k, v in loaded.items()})
         values.update({k: v for k, v in flags.items() if v is not None})
         return cls.from_dict(values)
+
+
+def _read_yaml(path: Path):
+    """The YAML document in ``path``; a file that is not YAML text is one ValueError naming the place."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a YAML text file (not UTF-8)") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{path}: not valid YAML ({problem}{where})") from None
 
 
 def diff_configs(a: dict, b: dict, ignore=("max_steps",)) -> list[str]:
