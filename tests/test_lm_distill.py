@@ -127,6 +127,21 @@ def test_sequential_distillation_needs_a_list_of_decoder_layers():
         DistillConfig(inputs="chained").check()
 
 
+def test_a_calibration_set_that_cannot_fit_is_refused_before_recording(monkeypatch):
+    # SmolLM2's shape on the whole Shakespeare train split (about 1.5 M tokens) on a 24 GiB machine
+    with pytest.raises(ValueError, match=r"--calib-tokens 1,500,000: distilling on dense inputs holds about 96.6 GiB "
+                       r"of recorded inputs, more than the 24.0 GiB .* sequential holds about 12.9 GiB"):
+        distill.check_memory(30, 1_500_000, 576, "dense", available=24 * 2**30)
+    distill.check_memory(30, 1_500_000, 576, "sequential", available=24 * 2**30)  # fits
+    distill.check_memory(30, 65_536, 576, "dense", available=24 * 2**30)
+    recorded = []
+    monkeypatch.setattr(distill, "_available_bytes", lambda: 2**16)
+    monkeypatch.setattr(distill, "record_inputs", lambda *a, **k: recorded.append(1))
+    with pytest.raises(ValueError, match="more than the 0.0 GiB of memory available"):
+        convert_distilled(llama(), TreeConfig(depth=2), torch.zeros(64, 32, dtype=torch.long))
+    assert not recorded
+
+
 def test_convert_bad_shapes_are_one_line():
     model = llama()
     with pytest.raises(ValueError, match=r"--depth 0: a depth-0 tree uses 100% of its units per token"):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -157,6 +158,7 @@ def convert_distilled(model: nn.Module, tree: TreeConfig, ids: torch.Tensor, cfg
         raise ValueError(f"distillation needs calibration tokens (windows x seq_len token ids), got {shape}")
     blocks = check_convertible(model, tree)
     layers = decoder_layers(model, blocks) if cfg.inputs == "sequential" else None
+    check_memory(len(blocks), ids.numel(), next(iter(blocks.values())).d_model, cfg.inputs)
     was_training = model.training
     model.eval()
     inputs = record_inputs(model, blocks, ids, progress=progress) if layers is None else None
@@ -179,6 +181,31 @@ def convert_distilled(model: nn.Module, tree: TreeConfig, ids: torch.Tensor, cfg
         del x, y
     model.train(was_training)
     return replaced, reports
+
+
+def check_memory(layers: int, tokens: int, d_model: int, inputs: str, available: int | None = None) -> None:
+    """Refuse, before the long recording pass, a calibration set whose held inputs cannot fit in memory:
+    dense inputs hold every layer's at once, sequential ones a few tokens x d_model tables (the hidden
+    states, one layer's inputs, its targets and the fit's copies)."""
+    per_table = tokens * d_model * 4
+    need = layers * per_table if inputs == "dense" else 4 * per_table
+    available = _available_bytes() if available is None else available
+    if available is not None and need > 0.8 * available:
+        hint = (f"; --distill-inputs sequential holds about {4 * per_table / 2**30:.1f} GiB" if inputs == "dense" else "")
+        raise ValueError(f"--calib-tokens {tokens:,}: distilling on {inputs} inputs holds about {need / 2**30:.1f} GiB "
+                         f"of recorded inputs, more than the {available / 2**30:.1f} GiB of memory available; "
+                         f"use fewer tokens{hint}")
+
+
+def _available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read (the check is skipped)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def decoder_layers(model: nn.Module, blocks: dict[str, MLPBlock]) -> dict[str, nn.Module]:
