@@ -25,7 +25,14 @@ ROWS = [("original dense", "smollm2-135m", None), ("dense fine-tuned", "dense_ft
         ("tree 8x7, 65k calibration, fine-tuned at lr 3e-3", "tree8x7_c65k_ft_lr3e-3", "tree8x7_c65k_ft_lr3e-3.json"),
         ("dense fine-tuned at lr 3e-3", "dense_ft_lr3e-3", "dense_ft_lr3e-3.json"),
         ("tree 8x7, 65k calibration, fine-tuned 160 steps at lr 1e-3", "tree8x7_c65k_ft160", "tree8x7_c65k_ft160.json"),
-        ("dense fine-tuned 160 steps at lr 3e-4", "dense_ft160", "dense_ft160.json")]
+        ("dense fine-tuned 160 steps at lr 3e-4", "dense_ft160", "dense_ft160.json"),
+        # run_sequential.sh: each tree distilled on the inputs the trees before it give, then the 160-step fine-tuning
+        ("tree 8x7, 65k calibration, sequential, distilled", "tree8x7_c65k_seq", None),
+        ("tree 8x7, 65k calibration, sequential, fine-tuned 160 steps at lr 1e-3", "tree8x7_c65k_seq_ft160",
+         "tree8x7_c65k_seq_ft160.json"),
+        ("tree 8x7, 65k calibration, sequential seed 1, distilled", "tree8x7_c65k_seq_s1", None),
+        ("tree 8x7, 65k calibration, sequential seed 1, fine-tuned 160 steps at lr 1e-3", "tree8x7_c65k_seq_s1_ft160",
+         "tree8x7_c65k_seq_s1_ft160.json")]
 
 
 def load(path):
