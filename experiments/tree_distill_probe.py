@@ -33,7 +33,8 @@ import torch
 
 from dynsparse import activations
 from dynsparse.data import prepare_tokens, text_source
-from dynsparse.lm.distill import DistillConfig, dense_forward, distill_layer, record_inputs, relative_error
+from dynsparse.lm.distill import (DistillConfig, balanced_start, dense_forward, distill_layer, record_inputs,
+                                  relative_error)
 from dynsparse.lm.pretrained import resolve_model
 from dynsparse.mlps import find_mlps
 from dynsparse.tree import TreeFF
@@ -71,23 +72,6 @@ def ls_out(tree: TreeFF, x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3, 
     lam = ridge * float(ata.diagonal().mean())
     w = torch.linalg.solve(ata + lam * torch.eye(units, dtype=torch.float64), aty)
     tree.w_out.copy_(w.reshape(tree.trees, tree.nodes, -1).to(tree.w_out.dtype))
-
-
-@torch.no_grad()
-def balanced_init(tree: TreeFF, x: torch.Tensor, seed: int) -> None:
-    """Random directions; each bias splits the tokens reaching its node at their median pre-activation."""
-    g = torch.Generator().manual_seed(seed)
-    tree.w_in.copy_(torch.randn(tree.w_in.shape, generator=g) / x.shape[1] ** 0.5)
-    for t in range(tree.trees):
-        reach = {0: torch.arange(x.shape[0])}
-        for n in range(tree.nodes):
-            sel = reach.pop(n)
-            z = x[sel] @ tree.w_in[t, n] if sel.numel() else torch.zeros(1)
-            b = -z.median() if sel.numel() else torch.tensor(0.0)
-            tree.b_in[t, n] = b
-            if 2 * n + 2 < tree.nodes:
-                right = (z + b) > 0
-                reach[2 * n + 1], reach[2 * n + 2] = sel[~right], sel[right]
 
 
 def main() -> None:
@@ -163,7 +147,7 @@ def main() -> None:
                 cfg = DistillConfig(steps=a.steps, lr=a.lr, holdout=0.5 / n)  # one token: the probe holds out its own
                 if "balanced+adam" in methods:
                     start = TreeFF(x.shape[1], a.depth, trees, activation="silu")
-                    balanced_init(start, xt, seed=0)
+                    balanced_start(start, xt, seed=0)
                     emit("balanced", start, t)
                     distill_layer(start, xt, yt, cfg)
                     emit("balanced+adam", start, t, steps=a.steps, lr=a.lr)
@@ -179,7 +163,7 @@ def main() -> None:
                 if "balanced+ls" in methods:
                     tree = TreeFF(x.shape[1], a.depth, trees, activation="silu")
                     t = time.perf_counter()
-                    balanced_init(tree, xt, seed=0)
+                    balanced_start(tree, xt, seed=0)
                     for ridge in ridges:
                         ls_out(tree, xt, yt, ridge)
                         emit("balanced+ls", tree, t, ridge=ridge)

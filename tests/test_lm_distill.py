@@ -115,6 +115,30 @@ def test_sequential_distillation_fits_each_tree_on_the_inputs_it_will_see(family
     assert not torch.allclose(fitted[1][0], dense_inputs[replaced[1]], atol=1e-3)  # layer 0's tree did
 
 
+def test_balanced_start_halves_every_nodes_tokens():
+    torch.manual_seed(0)
+    tree = TreeFF(d_model=16, depth=3, trees=2, activation="silu")
+    x = torch.randn(800, 16) * torch.linspace(0.1, 3, 16)  # anisotropic, as hidden states are
+    distill.balanced_start(tree, x, seed=0)
+    tree.track_usage(True)
+    with torch.no_grad():
+        tree.eval()(x)
+    visits = tree.usage_stats().node_visits
+    for n in range(7):  # every internal node splits its tokens at their median: the kernel's rounding moves only
+        # the tokens at the median across, and the ones it moved reach their subtree's nodes as extras
+        assert visits[:, 2 * n + 1].add(visits[:, 2 * n + 2]).equal(visits[:, n])
+        assert ((visits[:, 2 * n + 1] - visits[:, 2 * n + 2]).abs() <= 0.05 * visits[:, n] + 1).all(), visits
+    assert visits[:, 7:].min() >= 90 and visits[:, 7:].max() <= 110  # 800 / 8 leaves; random w_in starves some
+    # distillation from that start: the reported initial error is the balanced tree's, and the fit improves on it
+    model = llama()
+    ids = torch.randint(0, 300, (4, 32))
+    _, reports = convert_distilled(model, TreeConfig(depth=2, trees=4), ids,
+                                   DistillConfig(steps=40, lr=1e-2, batch_tokens=64, start="balanced"))
+    _, plain = convert_distilled(llama(), TreeConfig(depth=2, trees=4), ids, DistillConfig(steps=40, lr=1e-2, batch_tokens=64))
+    assert all(r["rel_error"] < r["rel_error_init"] for r in reports)
+    assert [r["rel_error_init"] for r in reports] != [r["rel_error_init"] for r in plain]
+
+
 def test_sequential_distillation_needs_a_list_of_decoder_layers():
     class Wrapper(nn.Module):
         def __init__(self):
@@ -125,6 +149,8 @@ def test_sequential_distillation_needs_a_list_of_decoder_layers():
         decoder_layers(Wrapper(), find_mlps(Wrapper()))
     with pytest.raises(ValueError, match="distillation inputs must be one of dense, sequential, got 'chained'"):
         DistillConfig(inputs="chained").check()
+    with pytest.raises(ValueError, match="distillation start must be one of random, balanced, got 'median'"):
+        DistillConfig(start="median").check()
 
 
 def test_a_calibration_set_that_cannot_fit_is_refused_before_recording(monkeypatch):
@@ -183,7 +209,7 @@ def test_cli_convert_distill_saves_reloads_and_generates(src, tmp_path, capsys):
                  "--cache-dir", str(src / "cache"), "--out", str(out)])
     text = capsys.readouterr()
     assert code == 0, text.err
-    assert "distilling 4 x depth-2 trees on 512 calibration tokens (16 x 32), 40 steps per layer, inputs dense" in text.out
+    assert "distilling 4 x depth-2 trees on 512 calibration tokens (16 x 32), 40 steps per layer, inputs dense, start random" in text.out
     assert "replaced 2 MLP blocks (d_ff 40) with depth-2 x 4 trees (28 units, 12 active per token" in text.out
     assert "recording block inputs: 4/4 batches" in text.err  # the recording pass reports its progress
     report = json.loads((out / "distill.json").read_text())
@@ -217,15 +243,15 @@ def test_cli_convert_distill_saves_reloads_and_generates(src, tmp_path, capsys):
 def test_cli_convert_distill_sequential(src, tmp_path, capsys):
     out = tmp_path / "tree"
     code = main(["convert", "--model", str(src / "src"), "--depth", "2", "--trees", "4", "--init", "distill",
-                 "--distill-inputs", "sequential", "--calib-data", str(src / "c.txt"), "--calib-tokens", "256",
+                 "--distill-inputs", "sequential", "--distill-start", "balanced", "--calib-data", str(src / "c.txt"), "--calib-tokens", "256",
                  "--calib-seq-len", "32", "--distill-steps", "20", "--cache-dir", str(src / "cache"), "--out", str(out)])
     text = capsys.readouterr()
     assert code == 0, text.err
-    assert "20 steps per layer, inputs sequential" in text.out
+    assert "20 steps per layer, inputs sequential, start balanced" in text.out
     assert "sequential distillation passes: 8/8 layer-batches" in text.err  # 2 layers x 2 batches, twice
     assert "recording block inputs" not in text.err
     report = json.loads((out / "distill.json").read_text())
-    assert report["inputs"] == "sequential" and len(report["layers"]) == 2
+    assert report["inputs"] == "sequential" and report["start"] == "balanced" and len(report["layers"]) == 2
     assert all(isinstance(layer.mlp, TreeFF) for layer in load_model(out).model.layers)
 
 

@@ -9,7 +9,8 @@ from ..cli import CLIError
 
 MIN_CALIB_TOKENS = 32  # below this the held-out share that the reported error uses is a handful of tokens
 DISTILL_DEFAULTS = {"--calib-data": "shakespeare", "--calib-tokens": 8192, "--calib-seq-len": 256,
-                    "--distill-steps": 300, "--distill-lr": 3e-3, "--distill-batch": 1024, "--distill-inputs": "dense"}
+                    "--distill-steps": 300, "--distill-lr": 3e-3, "--distill-batch": 1024, "--distill-inputs": "dense", "--distill-start": "random"}
+CHOICES = {"--distill-inputs": ["dense", "sequential"], "--distill-start": ["random", "balanced"]}
 
 
 def register(subparsers) -> None:
@@ -33,9 +34,11 @@ def register(subparsers) -> None:
                              ("--distill-lr", float, "Adam learning rate (cosine-decayed to a tenth)"),
                              ("--distill-batch", int, "tokens per distillation step"),
                              ("--distill-inputs", str, "each tree's inputs: recorded from the dense model (dense), or "
-                              "read layer by layer behind the trees already fitted (sequential)")):
+                              "read layer by layer behind the trees already fitted (sequential)"),
+                             ("--distill-start", str, "the trees before the fit: as --seed builds them (random), or "
+                              "each node's bias at the median of the tokens reaching it (balanced: none starts starved)")):
         p.add_argument(flag, type=kind, help=f"--init distill: {text} (default {DISTILL_DEFAULTS[flag]})",
-                       **({"choices": ["dense", "sequential"]} if flag == "--distill-inputs" else {}))
+                       **({"choices": CHOICES[flag]} if flag in CHOICES else {}))
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the trees' initial weights and the distillation's batches (default 0)")
     p.add_argument("--cache-dir", help="tokenized corpus cache (default ~/.cache/dynsparse)")
@@ -86,7 +89,7 @@ def run(args) -> int:
         if args.init == "distill":
             replaced, reports = _distill(args, model, tree, ids)
             extra["distill.json"] = json.dumps({"calib_data": args.calib_data, "inputs": args.distill_inputs,
-                                                "layers": reports}, indent=1) + "\n"
+                                                "start": args.distill_start, "layers": reports}, indent=1) + "\n"
         else:
             replaced = convert_model(model, tree)
         save_converted(model, out, load_tokenizer_if_any(args.model, args.trust_remote_code), extra=extra)
@@ -124,9 +127,9 @@ def _distill(args, model, tree, ids):
 
     windows, seq = ids.shape
     cfg = DistillConfig(steps=args.distill_steps, lr=args.distill_lr, batch_tokens=args.distill_batch,
-                        seed=args.seed, inputs=args.distill_inputs)
+                        seed=args.seed, inputs=args.distill_inputs, start=args.distill_start)
     print(f"distilling {tree.trees} x depth-{tree.depth} trees on {ids.numel():,} calibration tokens "
-          f"({windows} x {seq}), {cfg.steps} steps per layer, inputs {cfg.inputs}", flush=True)
+          f"({windows} x {seq}), {cfg.steps} steps per layer, inputs {cfg.inputs}, start {cfg.start}", flush=True)
 
     def log(r):
         print(f"  {r['layer']}: relative output error {r['rel_error_init']:.3f} -> {r['rel_error']:.3f} "

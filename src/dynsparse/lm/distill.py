@@ -40,6 +40,7 @@ class DistillConfig:
     holdout: float = 0.1  # share of the recorded tokens kept for the reported error
     seed: int = 0
     inputs: str = "dense"  # where each tree's inputs come from: "dense" (the dense model) or "sequential"
+    start: str = "random"  # the trees' weights before the fit: as built, or "balanced" on the layer's inputs
 
     def check(self) -> None:
         for name in ("steps", "batch_tokens"):
@@ -52,9 +53,12 @@ class DistillConfig:
             raise ValueError(f"distillation holdout must be in (0, 1), got {self.holdout}")
         if self.inputs not in INPUTS:
             raise ValueError(f"distillation inputs must be one of {', '.join(INPUTS)}, got {self.inputs!r}")
+        if self.start not in STARTS:
+            raise ValueError(f"distillation start must be one of {', '.join(STARTS)}, got {self.start!r}")
 
 
 INPUTS = ("dense", "sequential")
+STARTS = ("random", "balanced")
 
 
 def dense_forward(block: MLPBlock, x: torch.Tensor) -> torch.Tensor:
@@ -107,6 +111,8 @@ def distill_layer(tree: TreeFF, x: torch.Tensor, y: torch.Tensor, cfg: DistillCo
     param = next(tree.parameters())
     x, y = x.to(param.device, param.dtype), y.to(param.device, param.dtype)
     scale = float(y[train].pow(2).mean().clamp_min(1e-30))
+    if cfg.start == "balanced":
+        balanced_start(tree, x[train], cfg.seed)
     with torch.no_grad():
         tree.eval()
         before = relative_error(tree(x[val]), y[val])
@@ -129,6 +135,26 @@ def distill_layer(tree: TreeFF, x: torch.Tensor, y: torch.Tensor, cfg: DistillCo
         train_err = relative_error(tree(x[train[:n_val]]), y[train[:n_val]])
     return {"rel_error_init": before, "rel_error": after, "rel_error_train": train_err,
             "train_tokens": int(train.numel()), "heldout_tokens": int(n_val), "seconds": seconds}
+
+
+@torch.no_grad()
+def balanced_start(tree: TreeFF, x: torch.Tensor, seed: int) -> None:
+    """Random unit-scale directions, and each node's bias at the median pre-activation of the tokens ``x``
+    that reach it: every node starts with half of its parent's tokens, none starved before the fit."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(tree.w_in.shape, generator=g) / x.shape[1] ** 0.5
+    tree.w_in.copy_(w.to(tree.w_in.dtype))
+    w = tree.w_in.to(x.dtype)
+    for t in range(tree.trees):
+        reach = {0: torch.arange(x.shape[0], device=x.device)}
+        for n in range(tree.nodes):
+            sel = reach.pop(n)
+            z = x[sel] @ w[t, n]
+            b = -z.median() if sel.numel() else torch.zeros((), dtype=x.dtype, device=x.device)
+            tree.b_in[t, n] = b
+            if 2 * n + 2 < tree.nodes:
+                right = (z + b) > 0
+                reach[2 * n + 1], reach[2 * n + 2] = sel[~right], sel[right]
 
 
 def _installed(model: nn.Module, block: MLPBlock) -> TreeFF:
