@@ -32,7 +32,10 @@ ROWS = [("original dense", "smollm2-135m", None), ("dense fine-tuned", "dense_ft
          "tree8x7_c65k_seq_ft160.json"),
         ("tree 8x7, 65k calibration, sequential seed 1, distilled", "tree8x7_c65k_seq_s1", None),
         ("tree 8x7, 65k calibration, sequential seed 1, fine-tuned 160 steps at lr 1e-3", "tree8x7_c65k_seq_s1_ft160",
-         "tree8x7_c65k_seq_s1_ft160.json")]
+         "tree8x7_c65k_seq_s1_ft160.json"),
+        ("tree 8x7, 65k calibration, sequential, balanced start, distilled", "tree8x7_c65k_seq_balanced", None),
+        ("tree 8x7, 65k calibration, sequential, balanced start, fine-tuned 160 steps at lr 1e-3",
+         "tree8x7_c65k_seq_balanced_ft160", "tree8x7_c65k_seq_balanced_ft160.json")]
 
 
 def load(path):
