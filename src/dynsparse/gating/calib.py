@@ -73,10 +73,15 @@ def _builtin_lines(split: str, limit: int | None) -> list[str]:
     splits = shakespeare_splits()
     if split not in splits:
         raise ValueError(f"the built-in {BUILTIN_TEXT} calibration text has splits {', '.join(splits)}, not {split!r}")
-    lines = [ln.strip() for _, text in splits[split] for ln in text.splitlines() if len(ln.split()) >= 3]
+    lines = [ln for _, text in splits[split] for ln in _examples(text)]
     if limit is not None and 0 < limit < len(lines):
         lines = [lines[i * len(lines) // limit] for i in range(limit)]
     return lines
+
+
+def _examples(text: str) -> list[str]:
+    """A text's calibration examples: its lines of three words or more (speaker tags and stage directions go)."""
+    return [ln.strip() for ln in text.splitlines() if len(ln.split()) >= 3]
 
 
 def _text_lines(path: Path) -> list[str]:
@@ -85,7 +90,7 @@ def _text_lines(path: Path) -> list[str]:
         raise ValueError(f"calibration path {path} has no .txt/.md files")
     lines = []
     for f in files:
-        lines += [ln.strip() for ln in f.read_text(errors="replace").splitlines() if len(ln.split()) >= 3]
+        lines += _examples(f.read_text(errors="replace"))
     return lines
 
 

@@ -79,7 +79,7 @@ def record_inputs(model: nn.Module, blocks: dict[str, MLPBlock], ids: torch.Tens
 
     store: dict[str, list] = {name: [] for name in blocks}
     hooks = [block.fc1.register_forward_pre_hook(
-        lambda mod, args, name=name: store[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()))
+        lambda mod, args, name=name: store[name].append(_rows(args[0])))
         for name, block in blocks.items()]
     device = next(model.parameters()).device
     try:
@@ -92,6 +92,11 @@ def record_inputs(model: nn.Module, blocks: dict[str, MLPBlock], ids: torch.Tens
         for h in hooks:
             h.remove()
     return {name: torch.cat(parts) for name, parts in store.items()}
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """A block input (..., d_model) as float rows on the CPU, the form every recorded input is kept in."""
+    return x.detach().reshape(-1, x.shape[-1]).float().cpu()
 
 
 def relative_error(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -214,10 +219,11 @@ def check_memory(layers: int, tokens: int, d_model: int, inputs: str, available:
     dense inputs hold every layer's at once, sequential ones a few tokens x d_model tables (the hidden
     states, one layer's inputs, its targets and the fit's copies)."""
     per_table = tokens * d_model * 4
-    need = layers * per_table if inputs == "dense" else 4 * per_table
+    sequential = 4 * per_table
+    need = layers * per_table if inputs == "dense" else sequential
     available = _available_bytes() if available is None else available
     if available is not None and need > 0.8 * available:
-        hint = (f"; --distill-inputs sequential holds about {4 * per_table / 2**30:.1f} GiB" if inputs == "dense" else "")
+        hint = f"; --distill-inputs sequential holds about {sequential / 2**30:.1f} GiB" if inputs == "dense" else ""
         raise ValueError(f"--calib-tokens {tokens:,}: distilling on {inputs} inputs holds about {need / 2**30:.1f} GiB "
                          f"of recorded inputs, more than the {available / 2**30:.1f} GiB of memory available; "
                          f"use fewer tokens{hint}")
@@ -269,8 +275,8 @@ def sequential_inputs(model: nn.Module, layers: dict[str, nn.Module], trees: dic
 
     calls = []  # (args, kwargs) of each batch's call into the first layer: hidden states and the rest
 
-    def catch(module, args, kwargs):
-        calls.append((args, kwargs))
+    def catch(module, args, kwargs):  # no KV cache: each layer runs twice on the same positions
+        calls.append((args, {k: (None if k in ("past_key_value", "past_key_values") else v) for k, v in kwargs.items()}))
         raise _Caught
 
     first = next(iter(layers.values()))
@@ -288,17 +294,13 @@ def sequential_inputs(model: nn.Module, layers: dict[str, nn.Module], trees: dic
     if len(calls) != -(-ids.shape[0] // batch):
         raise RuntimeError("sequential distillation: the first decoder layer was not called once per batch")
 
-    def run(layer, args, kwargs):
-        kwargs = {k: (None if k in ("past_key_value", "past_key_values") else v) for k, v in kwargs.items()}
-        return layer(*args, **kwargs)
-
     with Stage("sequential distillation passes", 2 * len(layers) * len(calls), "layer-batches",
                progress=progress) as stage:
         for name, layer in layers.items():
             xs = []
 
             def grab(module, args):
-                xs.append(args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu())
+                xs.append(_rows(args[0]))
                 raise _Caught
 
             hook = trees[name].register_forward_pre_hook(grab)
@@ -306,7 +308,7 @@ def sequential_inputs(model: nn.Module, layers: dict[str, nn.Module], trees: dic
                 with torch.no_grad():
                     for args, kwargs in calls:
                         try:
-                            run(layer, args, kwargs)
+                            layer(*args, **kwargs)
                         except _Caught:
                             pass
                         stage.advance()
@@ -316,7 +318,7 @@ def sequential_inputs(model: nn.Module, layers: dict[str, nn.Module], trees: dic
             del xs
             with torch.no_grad():
                 for k, (args, kwargs) in enumerate(calls):
-                    out = run(layer, args, kwargs)
+                    out = layer(*args, **kwargs)
                     out = out[0] if isinstance(out, tuple) else out
                     calls[k] = ((out,) + tuple(args[1:]), kwargs) if args else \
                         ((), {**kwargs, "hidden_states": out})
