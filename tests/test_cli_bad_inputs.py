@@ -24,6 +24,8 @@ def w(tmp_path_factory):
     world["yaml_broken"].write_text("lr: [1, 2\n")
     world["yaml_binary"] = world["root"] / "binary.yaml"
     world["yaml_binary"].write_bytes(bytes(range(128, 256)))
+    world["control_chars"] = world["root"] / "control.txt"
+    world["control_chars"].write_bytes(bytes(range(1, 9)))  # valid UTF-8, but no line of text in it
     return world
 
 
@@ -231,6 +233,13 @@ CASES = [
     ("bench-repeats-0", lambda w: ["bench", "tree", "--repeats", "0"], "--repeats must be >= 1"),
     ("bench-linears-not-generate", lambda w: ["bench", "tree", "--linears", "torch"],
      "--linears applies to bench generate only"),
+    ("eval-data-missing", lambda w: ["eval", str(w["run"] / "final"), "--data", str(w["root"] / "nope.txt")],
+     "data not found"),
+    ("eval-data-too-short", lambda w: ["eval", str(w["run"] / "final"), "--data", str(w["file"]), "--split", "train"],
+     "notes.txt (train split): need at least"),
+    ("sparsify-calib-no-lines", lambda w: ["sparsify", "--model", str(w["dense"] / "final"), "--method", "sibs",
+                                           "--target-sparsity", "0.5", "--calib", str(w["control_chars"]), "--out",
+                                           str(w["root"] / "o")], "control.txt has no text lines"),
     ("whiten-dense", lambda w: _tr(w, "--whiten", "--ff", "dense"), "whiten builds new tree blocks"),
     ("study-variant-modifier-typo", lambda w: ["study", "autoprune", "--variants", "node-gelu+centre", "--out",
                                                str(w["root"] / "o")], "unknown variant"),

@@ -3,6 +3,7 @@ distillation of each tree to its dense SwiGLU MLP, on a tiny Llama config."""
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import dynsparse.tree.layer as tree_layer
 from dynsparse.cli import main
-from dynsparse.lm.convert import check_convertible, load_model
+from dynsparse.lm.convert import check_convertible, check_tree_memory, load_model
 import dynsparse.lm.distill as distill
 from dynsparse import lm
 from dynsparse.lm.distill import DistillConfig, convert_distilled, decoder_layers, dense_forward, record_inputs
@@ -161,11 +162,19 @@ def test_a_calibration_set_that_cannot_fit_is_refused_before_recording(monkeypat
     distill.check_memory(30, 1_500_000, 576, "sequential", available=24 * 2**30)  # fits
     distill.check_memory(30, 65_536, 576, "dense", available=24 * 2**30)
     recorded = []
-    monkeypatch.setattr(distill, "_available_bytes", lambda: 2**16)
+    monkeypatch.setattr(distill, "available_bytes", lambda: 2**16)
     monkeypatch.setattr(distill, "record_inputs", lambda *a, **k: recorded.append(1))
     with pytest.raises(ValueError, match="more than the 0.0 GiB of memory available"):
         convert_distilled(llama(), TreeConfig(depth=2), torch.zeros(64, 32, dtype=torch.long))
     assert not recorded
+
+
+def test_trees_that_cannot_fit_are_refused_before_they_are_built():
+    smollm2 = {f"layers.{i}.mlp": SimpleNamespace(d_model=576) for i in range(30)}  # 30 blocks of width 576
+    with pytest.raises(ValueError, match=r"--depth 20 --trees 1: 2,097,151 units per block x 30 blocks hold about "
+                       r"270.2 GiB of tree weights, more than the 24.0 GiB"):
+        check_tree_memory(smollm2, TreeConfig(depth=20), available=24 * 2**30)
+    check_tree_memory(smollm2, TreeConfig(depth=7, trees=16), available=24 * 2**30)  # 0.5 GiB
 
 
 def test_convert_bad_shapes_are_one_line():
@@ -182,6 +191,8 @@ def test_convert_bad_shapes_are_one_line():
     bad.model.layers[0].mlp.gate_proj = nn.Linear(16, 30, bias=False)
     with pytest.raises(ValueError, match=r"model.layers.0.mlp: gate_proj \(30, 16\) and up_proj \(40, 16\)"):
         check_convertible(bad, TreeConfig(depth=2))
+    with pytest.raises(ValueError, match="--depth 25: at most 24"):
+        check_convertible(model, TreeConfig(depth=25))
     with pytest.raises(ValueError, match="distillation needs calibration tokens"):
         convert_distilled(llama(), TreeConfig(depth=2), torch.zeros(0, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="distillation steps must be an int >= 1"):

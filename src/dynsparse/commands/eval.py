@@ -84,6 +84,10 @@ def run(args) -> int:
         reference_dir = model_dir  # its dense files, without the gates
     result = {"model": str(model_dir)}
     if not args.no_perplexity:
+        try:  # a missing corpus is named before the model loads
+            source = text_source(args.data)
+        except (ValueError, FileNotFoundError) as e:
+            raise CLIError(str(e)) from None
         try:
             if sparsified:  # dynsparse builds it (family class + gates); the folder's own file never runs
                 model = load_sparsified(model_dir)
@@ -98,11 +102,11 @@ def run(args) -> int:
         seq_len = args.seq_len or min(256, getattr(model.config, "max_position_embeddings", 256))
         try:
             # The model's own tokenizer encodes the text, so its perplexity is in its own tokens.
-            data = prepare_tokens(text_source(args.data), tokenizer_dir=str(model_dir), cache_dir=args.cache_dir)
+            data = prepare_tokens(source, tokenizer_dir=str(model_dir), cache_dir=args.cache_dir)
             if reference_dir is None:
                 ev = evaluate_lm(model, data.splits[args.split], seq_len, args.batch_size, args.max_windows)
         except (ValueError, FileNotFoundError) as e:
-            raise CLIError(str(e)) from None
+            raise CLIError(f"--data {args.data} ({args.split} split): {e}") from None
         if reference_dir is None:
             result.update({"split": args.split, "seq_len": seq_len,
                            **{k: v for k, v in ev.to_dict().items() if k != "layers"}})
@@ -149,7 +153,7 @@ def _compare(model, reference_dir: Path, tokens, seq_len: int, args, sparsified:
     try:
         r = compare_models(model, reference, tokens, seq_len, args.batch_size, args.max_windows)
     except ValueError as e:
-        raise CLIError(str(e)) from None
+        raise CLIError(f"--data {args.data} ({args.split} split): {e}") from None
     r["reference_perplexity"] = r.pop("dense_perplexity")
     return r
 

@@ -111,7 +111,8 @@ def calib_batches(kind: str, proc, data: str | os.PathLike, batch_size: int = 8,
     else:
         out = _text_batches(proc, _text_lines(data)[:limit], batch_size, max_length)
     if not out:
-        raise ValueError(f"calibration data {data} is empty")
+        empty = data.is_file() and data.stat().st_size == 0
+        raise ValueError(f"calibration data {data} " + ("is empty" if empty else "has no text lines to calibrate on"))
     return out
 
 

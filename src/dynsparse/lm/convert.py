@@ -18,7 +18,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..atomic import atomic_dir
 from ..tree import TreeConfig, treeify_
+from ..tree.layer import MAX_DEPTH
 from .config import DynSparseLMConfig
+from .distill import available_bytes
 from .quiet import hf_bars_off
 from .remote import write_remote_code
 
@@ -32,13 +34,28 @@ def check_tree_shape(tree: TreeConfig) -> None:
     if tree.active_fraction >= 1.0:
         raise ValueError(f"--depth {tree.depth}: a depth-{tree.depth} tree uses {tree.active_fraction:.0%} of its "
                          "units per token; a tree shape must activate less than 100 % (depth >= 1)")
+    if tree.depth > MAX_DEPTH:
+        raise ValueError(f"--depth {tree.depth}: at most {MAX_DEPTH}")
+
+
+def check_tree_memory(blocks: dict, tree: TreeConfig, available: int | None = None) -> None:
+    """Refuse, before building them, trees whose fp32 weights cannot fit in memory (a deep shape on a wide
+    model is hundreds of GiB: without this the process is killed instead of told)."""
+    units = tree.trees * (2 ** (tree.depth + 1) - 1)
+    need = sum(units * (2 * b.d_model + 1) * 4 for b in blocks.values())
+    available = available_bytes() if available is None else available
+    if available is not None and need > 0.8 * available:
+        raise ValueError(f"--depth {tree.depth} --trees {tree.trees}: {units:,} units per block x {len(blocks)} blocks "
+                         f"hold about {need / 2**30:.1f} GiB of tree weights, more than the {available / 2**30:.1f} GiB "
+                         "of memory available; choose a smaller shape")
 
 
 def check_convertible(model: torch.nn.Module, tree: TreeConfig) -> dict:
     """The MLP blocks ``dynsparse convert`` would replace, after one-line checks: a tree shape that is
     sparse at all (active fraction below 100 %), one block per layer (a layer whose MLP is not found,
     e.g. because its widths do not chain in -> hidden -> in, would stay dense silently), every block
-    reading and writing the model's hidden width, and a gated block's gate as wide as its up projection."""
+    reading and writing the model's hidden width, a gated block's gate as wide as its up projection, and
+    trees that fit in memory."""
     from ..mlps import find_mlps
 
     check_tree_shape(tree)
@@ -59,6 +76,7 @@ def check_convertible(model: torch.nn.Module, tree: TreeConfig) -> dict:
         wg, _ = block.gate_weights()
         if wg is not None and tuple(wg.shape) != tuple(w1.shape):
             raise ValueError(f"{name}: gate_proj {tuple(wg.shape)} and up_proj {tuple(w1.shape)} widths do not match")
+    check_tree_memory(blocks, tree)
     return blocks
 
 

@@ -221,7 +221,7 @@ def check_memory(layers: int, tokens: int, d_model: int, inputs: str, available:
     per_table = tokens * d_model * 4
     sequential = 4 * per_table
     need = layers * per_table if inputs == "dense" else sequential
-    available = _available_bytes() if available is None else available
+    available = available_bytes() if available is None else available
     if available is not None and need > 0.8 * available:
         hint = f"; --distill-inputs sequential holds about {sequential / 2**30:.1f} GiB" if inputs == "dense" else ""
         raise ValueError(f"--calib-tokens {tokens:,}: distilling on {inputs} inputs holds about {need / 2**30:.1f} GiB "
@@ -229,7 +229,7 @@ def check_memory(layers: int, tokens: int, d_model: int, inputs: str, available:
                          f"use fewer tokens{hint}")
 
 
-def _available_bytes() -> int | None:
+def available_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (Linux); None where it cannot be read (the check is skipped)."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
