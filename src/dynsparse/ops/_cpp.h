@@ -49,16 +49,17 @@ inline float activate(float z, int64_t code) {
 }
 
 // out[q] = rows[q] . x for four rows at once: four accumulator sets keep four rows' loads in flight where one
-// row's dot product keeps one, and a walk over rows from memory is bound by loads in flight. With ahead > 0
-// each row's cache lines that many elements on are requested as it goes (a sequential walk's next rows).
+// row's dot product keeps one, and a walk over rows from memory is bound by loads in flight. next[q], where not
+// null, is the row to be read after rows[q]: its cache lines are requested one per chunk as this row is read,
+// so the following rows stream in while these compute (gemv's next rows, or the kept walk's next kept ones).
 template <typename W>
-inline void dot4(const W* const* rows, const float* __restrict__ x, int64_t d, int64_t ahead, float* out) {
+inline void dot4(const W* const* rows, const W* const* next, const float* __restrict__ x, int64_t d, float* out) {
   constexpr int64_t U = 16;
   float acc[4][U] = {};
   int64_t k = 0;
   for (; k + U <= d; k += U)
     for (int q = 0; q < 4; ++q) {
-      if (ahead) __builtin_prefetch(rows[q] + k + ahead, 0, 1);
+      if (next[q]) __builtin_prefetch(next[q] + k, 0, 1);
 #pragma omp simd
       for (int64_t u = 0; u < U; ++u) acc[q][u] += widen(rows[q][k + u]) * x[k + u];
     }
@@ -80,9 +81,13 @@ inline void act_rows(const float* x, int64_t m, int64_t d, const W* w, const flo
   int64_t j = start;
   for (; j + 4 <= end; j += 4) {
     const W* rows[4] = {w + j * d, w + (j + 1) * d, w + (j + 2) * d, w + (j + 3) * d};
+    const bool ahead = j + 12 <= end;
+    const W* next[4] = {ahead ? rows[0] + 8 * d : nullptr, ahead ? rows[1] + 8 * d : nullptr,
+                        ahead ? rows[2] + 8 * d : nullptr, ahead ? rows[3] + 8 * d : nullptr};
+    const W* none[4] = {nullptr, nullptr, nullptr, nullptr};
     for (int64_t i = 0; i < m; ++i) {
       float z[4];
-      dot4(rows, x + i * d, d, i == 0 && j + 12 <= end ? 8 * d : 0, z);
+      dot4(rows, i == 0 ? next : none, x + i * d, d, z);
       for (int q = 0; q < 4; ++q) y[i * ldy + j + q - start] = activate(z[q] + (b ? b[j + q] : 0.f), act_code);
     }
   }
@@ -95,9 +100,10 @@ inline void act_rows(const float* x, int64_t m, int64_t d, const W* w, const flo
 
 // Ask for the head of a row ahead of use: kept rows are a skipping walk through a table, which the hardware
 // prefetchers lose at every skip, so without this each kept row starts with a round trip to memory. The
-// first HEAD_LINES cache lines restart the stream and the hardware prefetcher carries on from them; asking for
-// every line of the row measured slower (the prefetches wait for free line-fill buffers). Locality hint 1
-// (prefetcht1, outer caches) measured faster here than 0, 2 or 3 (docs/results/smollm2_decode/gemv).
+// first HEAD_LINES cache lines go out early, in one burst (asking for every line of the row in one burst
+// measured slower: the prefetches wait for free line-fill buffers); the rest of the row is requested line by
+// line while the kept steps before it compute (kept_dots, add_kept_rows). Locality hint 1 (prefetcht1, outer
+// caches) measured faster here than 0, 2 or 3 (docs/results/smollm2_decode/gemv).
 constexpr int64_t HEAD_LINES = 4;
 template <typename W>
 inline void prefetch_row(const W* row, int64_t n) {
@@ -126,20 +132,30 @@ inline void prefetch_kept(const int64_t* kept, int64_t k, int64_t p, int n, int6
     }
 }
 
-// z[q] = w[start + kept[p + q]] . x for q < n (n = 4: one dot4 over the four rows; n = 1: one dot).
+// The row of table w (rows of d elements) that kept step p + KEPT_AHEAD reads, or null past the k-th.
 template <typename W>
-inline void kept_dots(const W* w, const int64_t* kept, int64_t p, int n, int64_t start, const float* x, int64_t d,
-                      float* z) {
+inline const W* row_ahead(const W* w, const int64_t* kept, int64_t k, int64_t p, int64_t start, int64_t d) {
+  return p + KEPT_AHEAD < k ? w + (start + kept[p + KEPT_AHEAD]) * d : nullptr;
+}
+
+// z[q] = w[start + kept[p + q]] . x for q < n of the k kept steps (n = 4: one dot4 over the four rows, streaming
+// in the rows KEPT_AHEAD steps on; n = 1: one dot).
+template <typename W>
+inline void kept_dots(const W* w, const int64_t* kept, int64_t k, int64_t p, int n, int64_t start, const float* x,
+                      int64_t d, float* z) {
   if (n == 1) {
     z[0] = dot(w + (start + kept[p]) * d, x, d);
     return;
   }
   const W* rows[4] = {w + (start + kept[p]) * d, w + (start + kept[p + 1]) * d, w + (start + kept[p + 2]) * d,
                       w + (start + kept[p + 3]) * d};
-  dot4(rows, x, d, 0, z);
+  const W* next[4] = {row_ahead(w, kept, k, p, start, d), row_ahead(w, kept, k, p + 1, start, d),
+                      row_ahead(w, kept, k, p + 2, start, d), row_ahead(w, kept, k, p + 3, start, d)};
+  dot4(rows, next, x, d, z);
 }
 
-// y += sum over p < k of h_p * w2_t[start + kept[p]]: the kept neurons' down rows, four per pass over y.
+// y += sum over p < k of h_p * w2_t[start + kept[p]]: the kept neurons' down rows, four per pass over y, the
+// down rows KEPT_AHEAD steps on requested line by line as these are read.
 // hidden(p, n, h) fills h[0..n) with the hidden values of kept steps p..p+n-1 (n is 4, or 1 for the last
 // few); it is called in order, so it may prefetch what later steps read.
 template <typename W, typename H>
@@ -153,9 +169,16 @@ inline void add_kept_rows(const int64_t* kept, int64_t k, int64_t start, const W
     const W* o1 = w2_t + (start + kept[p + 1]) * d_out;
     const W* o2 = w2_t + (start + kept[p + 2]) * d_out;
     const W* o3 = w2_t + (start + kept[p + 3]) * d_out;
+    const W* next[4] = {row_ahead(w2_t, kept, k, p, start, d_out), row_ahead(w2_t, kept, k, p + 1, start, d_out),
+                        row_ahead(w2_t, kept, k, p + 2, start, d_out), row_ahead(w2_t, kept, k, p + 3, start, d_out)};
+    for (int64_t c = 0; c < d_out; c += 16) {
+      for (const W* r : next)
+        if (r) __builtin_prefetch(r + c, 0, 1);
+      const int64_t e = std::min<int64_t>(c + 16, d_out);
 #pragma omp simd
-    for (int64_t q = 0; q < d_out; ++q)
-      y[q] += h[0] * widen(o0[q]) + h[1] * widen(o1[q]) + h[2] * widen(o2[q]) + h[3] * widen(o3[q]);
+      for (int64_t q = c; q < e; ++q)
+        y[q] += h[0] * widen(o0[q]) + h[1] * widen(o1[q]) + h[2] * widen(o2[q]) + h[3] * widen(o3[q]);
+    }
   }
   for (; p < k; ++p) {
     float h;

@@ -36,7 +36,7 @@ void slice(const float* x, int64_t m, int64_t d, const W* w1, const float* b1, c
     auto hidden = [&](int64_t p, int n, float* h) {
       prefetch_kept(kept.data(), k, p, n, start, {glu ? w1 : nullptr, w2_t}, {d, d_out});
       float z[4];
-      if (glu) kept_dots(w1, kept.data(), p, n, start, xi, d, z);
+      if (glu) kept_dots(w1, kept.data(), k, p, n, start, xi, d, z);
       for (int q = 0; q < n; ++q) {
         const int64_t jl = kept[p + q], j = start + jl;
         const float hq = glu ? ai[jl] * (z[q] + (b1 ? b1[j] : 0.f)) : ai[jl];

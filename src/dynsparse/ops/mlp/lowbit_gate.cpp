@@ -230,8 +230,8 @@ void slice(const float* x, const RoundedInput& r, int64_t m, int64_t d, const Ga
     auto hidden = [&](int64_t p, int n, float* h) {
       prefetch_kept(kept.data(), k, p, n, start, {wg, w1, w2_t}, {d, d, d_out});
       float z[4], g[4];
-      kept_dots(w1, kept.data(), p, n, start, xi, d, z);
-      if (glu) kept_dots(wg, kept.data(), p, n, start, xi, d, g);
+      kept_dots(w1, kept.data(), k, p, n, start, xi, d, z);
+      if (glu) kept_dots(wg, kept.data(), k, p, n, start, xi, d, g);
       for (int q = 0; q < n; ++q) {
         const int64_t j = start + kept[p + q];
         const float zq = z[q] + (b1 ? b1[j] : 0.f);
