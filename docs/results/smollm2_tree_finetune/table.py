@@ -35,7 +35,11 @@ ROWS = [("original dense", "smollm2-135m", None), ("dense fine-tuned", "dense_ft
          "tree8x7_c65k_seq_s1_ft160.json"),
         ("tree 8x7, 65k calibration, sequential, balanced start, distilled", "tree8x7_c65k_seq_balanced", None),
         ("tree 8x7, 65k calibration, sequential, balanced start, fine-tuned 160 steps at lr 1e-3",
-         "tree8x7_c65k_seq_balanced_ft160", "tree8x7_c65k_seq_balanced_ft160.json")]
+         "tree8x7_c65k_seq_balanced_ft160", "tree8x7_c65k_seq_balanced_ft160.json"),
+        # run_shape.sh: twice the trees (and active units) at the same active share, dense inputs, 160 steps
+        ("tree 16x7, 65k calibration, distilled", "tree16x7_c65k", None),
+        ("tree 16x7, 65k calibration, fine-tuned 160 steps at lr 1e-3", "tree16x7_c65k_ft160",
+         "tree16x7_c65k_ft160.json")]
 
 
 def load(path):
