@@ -114,3 +114,50 @@ def test_bf16_weight_tables_are_read_exactly(act_position):
     assert clear.float().mean() > 0.9
     assert torch.equal(l16[clear], l32[clear])
     assert torch.allclose(y16[clear], y32[clear], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("trees,depth,d,d_out,m", CASES)
+@pytest.mark.parametrize("act_position", ["node", "path"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpp_kernel_matches_masked_reference(trees, depth, d, d_out, m, act_position, threads):
+    """The C++ walk (fewer than 16 tokens; from 16 on the cpp backend hands over to numba), four trees at a
+    time with the rest one by one, trees split over threads."""
+    from dynsparse.ops._cpp import cpp_available
+    from dynsparse.ops.tree import tree_infer as infer
+
+    if not cpp_available():
+        pytest.skip("the C++ kernels did not build here")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for seed, (activation, bias) in enumerate([("gelu", True), ("relu", False), ("silu", True), ("identity", False)]):
+            w_in, b_in, w_out = _params(trees, depth, d, d_out, bias, seed)
+            for tokens in (1, min(m, 15), m):
+                x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(100 + seed))
+                want, want_leaves = tree_ff_masked(x, w_in, b_in, w_out, depth, activation, act_position)
+                y, leaves = infer(x, w_in, b_in, w_out, depth, activation, act_position, backend="cpp")
+                assert y.shape == (tokens, d_out) and leaves.shape == (tokens, trees) and leaves.dtype == torch.int64
+                clear = _margin(x, w_in, b_in, depth) > 1e-4
+                assert torch.equal(leaves[clear], want_leaves[clear])
+                scale = want[clear].abs().max() if clear.any() else 1.0
+                assert (y[clear] - want[clear]).abs().max() <= 1e-5 * scale
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("act_position", ["node", "path"])
+def test_cpp_kernel_reads_bf16_tables_exactly(act_position):
+    from dynsparse.ops._cpp import cpp_available
+
+    if not cpp_available():
+        pytest.skip("the C++ kernels did not build here")
+    w_in, b_in, w_out = (t.bfloat16() for t in _params(5, 6, 40, 24, True, 11))
+    x = torch.randn(9, 40, generator=torch.Generator().manual_seed(12)).bfloat16()
+    path = act_position == "path"
+    y16, l16 = torch.ops.dynsparse_cpp.tree_infer(x, w_in, b_in, w_out, 6, 0, path)
+    y32, l32 = torch.ops.dynsparse_cpp.tree_infer(x.float(), w_in.float(), b_in.float(), w_out.float(), 6, 0, path)
+    assert y16.dtype == torch.bfloat16
+    assert torch.equal(l16, l32)
+    torch.testing.assert_close(y16, y32.bfloat16())
+    with pytest.raises(RuntimeError, match="not the 2\\^\\(depth\\+1\\) - 1 of depth 5"):
+        torch.ops.dynsparse_cpp.tree_infer(x.float(), w_in.float(), None, w_out.float(), 5, 0, path)

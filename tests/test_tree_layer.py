@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from dynsparse import TreeFF
 from dynsparse.activations import NAMES
 from dynsparse.ops.backend import resolve
+from dynsparse.ops._cpp import cpp_available
 from dynsparse.ops.tree import supported_backends, tree_train
 from dynsparse.ops.tree.reference import route_dense
 from tree_helpers import unambiguous_inputs
@@ -151,7 +152,8 @@ def test_default_backend_choice():
     layer = TreeFF(4, 2)
     x = torch.randn(3, 4)
     assert resolve(layer.backend, x.device, supported_backends(x, layer.w_in, train=True)) == "numba"
-    assert resolve(layer.backend, x.device, supported_backends(x, layer.w_in, train=False)) == "numba"
+    inference = "cpp" if cpp_available() else "numba"  # the C++ walk; it hands 16+ tokens to numba
+    assert resolve(layer.backend, x.device, supported_backends(x, layer.w_in, train=False)) == inference
     x64, w64 = x.double(), layer.w_in.double()
     assert resolve("auto", x.device, supported_backends(x64, w64, train=False)) == "torch"  # numba rounds to fp32
     with pytest.raises(ValueError, match="'numba' does not serve"):

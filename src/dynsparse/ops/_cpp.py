@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-SOURCES = (HERE / "dense" / "gemv.cpp", HERE / "mlp" / "gate_skip.cpp", HERE / "mlp" / "lowbit_gate.cpp")
+SOURCES = (HERE / "dense" / "gemv.cpp", HERE / "mlp" / "gate_skip.cpp", HERE / "mlp" / "lowbit_gate.cpp",
+           HERE / "tree" / "tree_infer.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp")
 
 
@@ -109,6 +110,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("dynsparse_cpp::gate_skip_mlp")
     def _(x, w1, b1, w2_t, b2, wg, bg, offset, threshold, act_code):
         return x.new_empty(x.shape[0], w2_t.shape[1])
+
+    @torch.library.register_fake("dynsparse_cpp::tree_infer")
+    def _(x, w_in, b_in, w_out, depth, act_code, act_on_path):
+        return x.new_empty(x.shape[0], w_out.shape[-1]), x.new_empty(x.shape[0], w_in.shape[0], dtype=torch.int64)
 
     @torch.library.register_fake("dynsparse_cpp::lowbit_gate_mlp")
     def _(x, route_codes, route_scale, route_lo, up_codes, up_scale, up_lo, in_scale, w2_norm, b_route, b_up,

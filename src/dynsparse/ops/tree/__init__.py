@@ -1,6 +1,7 @@
 """Tree FF ops: every token walks one root-to-leaf path per tree, picking children by the sign of z.
 
-Three registered torch ops, each with the four backends of ``dynsparse.ops.backend`` side by side:
+Three registered torch ops, each with the backends of ``dynsparse.ops.backend`` side by side (inference also
+on ``cpp``: ``tree_infer.cpp`` for the few tokens of a decode step):
 
 * ``dynsparse::tree_infer``: y and the leaf each token reached (inference; no autograd);
 * ``dynsparse::tree_train_forward``: y plus the visited node indices and their pre-activations, with
@@ -19,7 +20,8 @@ from torch import Tensor
 
 from ... import activations
 from .._eager import call
-from ..backend import resolve
+from ..backend import numba_available, resolve
+from ..dense import GEMV_MAX_TOKENS as CPP_MAX_TOKENS
 from . import reference, torch_impl
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -40,6 +42,8 @@ def _impl(backend: str, kind: str):
         from . import numba_infer, numba_train
 
         return numba_infer.tree_infer_numba if kind == "infer" else getattr(numba_train, f"tree_{kind}_numba")
+    if backend == "cpp" and kind == "infer":
+        return _infer_cpp
     if backend == "triton":
         from . import triton as triton_impl
 
@@ -48,6 +52,15 @@ def _impl(backend: str, kind: str):
 
 
 # ---------------------------------------------------------------------------------------- inference
+def _infer_cpp(x, w_in, b_in, w_out, depth, act_code, act_on_path):
+    """The C++ walk for a few tokens; from CPP_MAX_TOKENS on, numba's kernel (it shares shallow rows
+    between tokens and splits tokens over threads), or torch's where numba is absent."""
+    if x.shape[0] < CPP_MAX_TOKENS:
+        return torch.ops.dynsparse_cpp.tree_infer(x, w_in, b_in, w_out, depth, act_code, act_on_path)
+    fallback = "numba" if numba_available() and "numba" in supported_backends(x, w_in, train=False) else "torch"
+    return _impl(fallback, "infer")(x, w_in, b_in, w_out, depth, act_code, act_on_path)
+
+
 def _tree_infer_body(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor, depth: int, act_code: int,
                      act_on_path: bool, backend: str) -> tuple[Tensor, Tensor]:
     y, leaves = _impl(backend, "infer")(x, w_in, b_in, w_out, depth, act_code, act_on_path)
@@ -121,6 +134,9 @@ def supported_backends(x: Tensor, w_in: Tensor, train: bool) -> tuple[str, ...]:
     if x.device.type == "cpu" and x.dtype == w_in.dtype:
         if x.dtype == torch.float32 or (not train and x.dtype == torch.bfloat16):
             out.append("numba")
+    if (not train and x.device.type == "cpu" and x.dtype == w_in.dtype
+            and x.dtype in (torch.float32, torch.bfloat16)):
+        out.append("cpp")
     if x.dtype in (torch.float32, *_LOW_PRECISION) and x.dtype == w_in.dtype:
         out.append("triton")
     return tuple(out)
@@ -130,8 +146,10 @@ def tree_infer(x, w_in, b_in, w_out, depth: int, activation: str, act_position: 
                backend: str = "auto"):
     """x (M, d) -> (y (M, d_out) in x's dtype, leaves (M, T) int64). No autograd."""
     chosen = resolve(backend, x.device, supported_backends(x, w_in, train=False))
-    return call(_tree_infer, _tree_infer_body, x, w_in, b_in, w_out, depth, activations.code(activation),
-                act_position == "path", chosen)
+    code, on_path = activations.code(activation), act_position == "path"
+    if chosen == "cpp" and x.shape[0] < CPP_MAX_TOKENS:  # a C++ op itself: no Python body to run
+        return torch.ops.dynsparse_cpp.tree_infer(x, w_in, b_in, w_out, depth, code, on_path)
+    return call(_tree_infer, _tree_infer_body, x, w_in, b_in, w_out, depth, code, on_path, chosen)
 
 
 def tree_train(x, w_in, b_in, w_out, depth: int, activation: str, act_position: str = "node",
