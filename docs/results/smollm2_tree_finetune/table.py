@@ -39,7 +39,10 @@ ROWS = [("original dense", "smollm2-135m", None), ("dense fine-tuned", "dense_ft
         # run_shape.sh: twice the trees (and active units) at the same active share, dense inputs, 160 steps
         ("tree 16x7, 65k calibration, distilled", "tree16x7_c65k", None),
         ("tree 16x7, 65k calibration, fine-tuned 160 steps at lr 1e-3", "tree16x7_c65k_ft160",
-         "tree16x7_c65k_ft160.json")]
+         "tree16x7_c65k_ft160.json"),
+        ("tree 32x7, 65k calibration, distilled", "tree32x7_c65k", None),
+        ("tree 32x7, 65k calibration, fine-tuned 160 steps at lr 1e-3", "tree32x7_c65k_ft160",
+         "tree32x7_c65k_ft160.json")]
 
 
 def load(path):

@@ -4,8 +4,9 @@
   Tests compare every other backend with it.
 * ``torch``: the sparse algorithm in torch ops (gathers only the rows it needs); any device, any dtype.
 * ``numba``: fused CPU kernels (float32 compute; bfloat16 weight tables where the op says so).
-* ``cpp``: fused CPU kernels in C++ for the decode-step ops (``gemv``, ``gate_skip_mlp``), registered as
-  torch ops of their own so a call runs no Python; built once per machine (``ops/_cpp.py``).
+* ``cpp``: fused CPU kernels in C++ for the decode-step ops (``gemv``, ``gate_skip_mlp``, ``lowbit_gate_mlp``,
+  ``tree_infer``), registered as torch ops of their own so a call runs no Python; built once per machine
+  (``ops/_cpp.py``).
 * ``triton``: fused CUDA kernels (also run on CPU tensors under ``TRITON_INTERPRET=1``, for tests).
 * ``auto``: the measured best for the tensors at hand: on CPU cpp where the op has it (and it builds),
   else numba; triton on CUDA; torch elsewhere.
