@@ -49,17 +49,19 @@ inline float activate(float z, int64_t code) {
 }
 
 // out[q] = rows[q] . x for four rows at once: four accumulator sets keep four rows' loads in flight where one
-// row's dot product keeps one, and a walk over rows from memory is bound by loads in flight. next[q], where not
-// null, is the row to be read after rows[q]: its cache lines are requested one per chunk as this row is read,
-// so the following rows stream in while these compute (gemv's next rows, or the kept walk's next kept ones).
-template <typename W>
+// row's dot product keeps one, and a walk over rows from memory is bound by loads in flight. next[a * 4 + q]
+// (a < A), where not null, is a row to be read after rows[q]: its cache lines are requested one per chunk as
+// this row is read, so the following rows stream in while these compute (gemv's next rows, the kept walk's next
+// kept ones, a tree walk's two children and its node's output row).
+template <typename W, int A = 1>
 inline void dot4(const W* const* rows, const W* const* next, const float* __restrict__ x, int64_t d, float* out) {
   constexpr int64_t U = 16;
   float acc[4][U] = {};
   int64_t k = 0;
   for (; k + U <= d; k += U)
     for (int q = 0; q < 4; ++q) {
-      if (next[q]) __builtin_prefetch(next[q] + k, 0, 1);
+      for (int a = 0; a < A; ++a)
+        if (next[a * 4 + q]) __builtin_prefetch(next[a * 4 + q] + k, 0, 1);
 #pragma omp simd
       for (int64_t u = 0; u < U; ++u) acc[q][u] += widen(rows[q][k + u]) * x[k + u];
     }

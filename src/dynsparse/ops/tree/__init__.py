@@ -57,8 +57,8 @@ def _infer_cpp(x, w_in, b_in, w_out, depth, act_code, act_on_path):
     between tokens and splits tokens over threads), or torch's where numba is absent."""
     if x.shape[0] < CPP_MAX_TOKENS:
         return torch.ops.dynsparse_cpp.tree_infer(x, w_in, b_in, w_out, depth, act_code, act_on_path)
-    fallback = "numba" if numba_available() and "numba" in supported_backends(x, w_in, train=False) else "torch"
-    return _impl(fallback, "infer")(x, w_in, b_in, w_out, depth, act_code, act_on_path)
+    # cpp serves what numba serves at inference (CPU, float32 or bfloat16 throughout)
+    return _impl("numba" if numba_available() else "torch", "infer")(x, w_in, b_in, w_out, depth, act_code, act_on_path)
 
 
 def _tree_infer_body(x: Tensor, w_in: Tensor, b_in: Tensor | None, w_out: Tensor, depth: int, act_code: int,

@@ -19,30 +19,6 @@ struct Trees {
   const float *x, *b_in;
 };
 
-// out[q] = rows[q] . x, four rows at once, requesting the cache lines of the rows in ahead[.][q] one per chunk
-// as it goes (a walk cannot know which child it takes before the dot product ends, so both are asked for).
-template <typename W>
-inline void dot4_ahead(const W* const* rows, const W* const (*ahead)[4], const float* __restrict__ x, int64_t d,
-                       float* out) {
-  constexpr int64_t U = 16;
-  float acc[4][U] = {};
-  int64_t k = 0;
-  for (; k + U <= d; k += U)
-    for (int q = 0; q < 4; ++q) {
-      for (int a = 0; a < 3; ++a)
-        if (ahead[a][q]) __builtin_prefetch(ahead[a][q] + k, 0, 1);
-#pragma omp simd
-      for (int64_t u = 0; u < U; ++u) acc[q][u] += widen(rows[q][k + u]) * x[k + u];
-    }
-  for (int q = 0; q < 4; ++q) {
-    float z = 0.f;
-#pragma omp simd reduction(+ : z)
-    for (int64_t u = 0; u < U; ++u) z += acc[q][u];
-    for (int64_t t = k; t < d; ++t) z += widen(rows[q][t]) * x[t];
-    out[q] = z;
-  }
-}
-
 // Trees [t0, t0 + n) (n <= 4) for token i: y += each tree's path output; leaves[t] = the leaf it reached.
 template <typename W>
 void walk(const Trees& s, const W* w_in, const W* w_out, int64_t i, int64_t t0, int n, float* y, float* acc,
@@ -53,16 +29,18 @@ void walk(const Trees& s, const W* w_in, const W* w_out, int64_t i, int64_t t0, 
   for (int64_t level = 0; level <= s.depth; ++level) {
     float z[4];
     const W* rows[4];
-    const W* ahead[3][4];  // streamed in while this level's rows are read: both children, this node's w_out row
+    // streamed in while this level's rows are read (the branch is known only after the dot product): both
+    // children's w_in rows and this node's w_out row
+    const W* ahead[12];
     for (int q = 0; q < 4; ++q) {
       const int64_t t = t0 + std::min(q, n - 1), row = t * s.nodes + node[q];
       rows[q] = w_in + row * s.d;
       const bool inner = level < s.depth && q < n;
-      ahead[0][q] = inner ? w_in + (row + node[q] + 1) * s.d : nullptr;  // child 2i+1, row t*N + 2i+1
-      ahead[1][q] = inner ? w_in + (row + node[q] + 2) * s.d : nullptr;
-      ahead[2][q] = q < n && s.d_out <= s.d ? w_out + row * s.d_out : nullptr;
+      ahead[q] = inner ? w_in + (row + node[q] + 1) * s.d : nullptr;  // child 2i+1, row t*N + 2i+1
+      ahead[4 + q] = inner ? w_in + (row + node[q] + 2) * s.d : nullptr;
+      ahead[8 + q] = q < n && s.d_out <= s.d ? w_out + row * s.d_out : nullptr;
     }
-    dot4_ahead(rows, ahead, xi, s.d, z);
+    dot4<W, 3>(rows, ahead, xi, s.d, z);
     for (int q = 0; q < n; ++q) {
       const int64_t t = t0 + q;
       const float zq = z[q] + (s.b_in ? s.b_in[t * s.nodes + node[q]] : 0.f);
